@@ -1,0 +1,81 @@
+"""The two primitives every actor is built from: a bounded mailbox and a one-shot reply.
+
+A caller builds a frozen message carrying a `Reply`, puts it in the actor's mailbox and awaits
+the reply. The actor owns its state and is the only task that touches it.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from models.errors import Overloaded, Unavailable
+
+T = TypeVar("T")
+M = TypeVar("M")
+
+
+class Reply(Generic[T]):
+    """A one-shot slot the actor fills with a value or an exception; the caller awaits it."""
+
+    __slots__ = ("_event", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def set(self, value: T) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._event.is_set():
+            self._error = error
+            self._event.set()
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> T:
+        """The value, or raises the exception the actor failed the reply with."""
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+class Mailbox(Generic[M]):
+    """A bounded stream of messages for one actor.
+
+    `send` waits while the mailbox is full (back-pressure for writers); `offer` fails fast with
+    `overloaded` (for reads, which should not queue without bound behind a stalled actor).
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self.name = name
+        send, receive = anyio.create_memory_object_stream[M](size)
+        self._send: ObjectSendStream[M] = send
+        self.receive: ObjectReceiveStream[M] = receive
+
+    async def send(self, message: M) -> None:
+        try:
+            await self._send.send(message)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+            raise Unavailable(f"{self.name} is shutting down") from exc
+
+    def offer(self, message: M) -> None:
+        try:
+            self._send.send_nowait(message)
+        except anyio.WouldBlock as exc:
+            raise Overloaded(f"{self.name} queue is full") from exc
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
+            raise Unavailable(f"{self.name} is shutting down") from exc
+
+    def close(self) -> None:
+        """No more messages: the actor drains what is queued, then its loop ends."""
+        self._send.close()

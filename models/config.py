@@ -1,0 +1,54 @@
+"""Limits and tuning knobs. Pure values: `server/settings.py` fills them from the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every bound a client can hit. Over a limit inside a frame answers `too_large`."""
+
+    max_text_chars: int = 100_000
+    max_batch_docs: int = 10_000
+    max_ids: int = 10_000
+    max_k: int = 1_000
+    max_filter_depth: int = 8
+    max_frame_bytes: int = 16 * MIB
+    max_id_chars: int = 256
+    max_dim: int = 4_096
+    max_ef: int = 10_000
+    max_metadata_keys: int = 256
+    max_in_flight_per_connection: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Tuning of the actors; defaults suit a 2-core machine."""
+
+    shards_per_collection: int = 1
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 64
+    hnsw_initial_capacity: int = 1_024
+    # A filtered query is answered by exact search when at most this many rows match, or when
+    # the matching fraction is below `exact_selectivity`: HNSW under a tight filter walks most
+    # of the graph and may come back short, a dot product over a few thousand rows does not.
+    exact_max_rows: int = 4_096
+    exact_selectivity: float = 0.05
+    # Ingest micro-batching: a batch is cut at this many documents or after this linger.
+    ingest_batch_docs: int = 2_000
+    ingest_linger_ms: float = 2.0
+    ingest_queue: int = 64
+    # Embedding: texts per ONNX run, worker threads, intra-op threads per run.
+    embed_batch: int = 32
+    embed_workers: int = 2
+    embed_intra_threads: int = 1
+    embed_queue: int = 1_024
+    # Threads that may run hnswlib / numpy work at once.
+    search_threads: int = 2
+    shard_mailbox: int = 1_024
+    # Largest number of queued queries one shard answers with a single knn_query call.
+    search_batch: int = 64

@@ -1,0 +1,113 @@
+"""The one exception hierarchy of Shoal and the one place that maps it to wire codes.
+
+Every error a client can see is a `ShoalError` with a stable `code` from PROTOCOL.md.
+Anything else that escapes is reported as `internal` with a fixed message: the details of an
+unexpected exception may be security-sensitive, so they go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ShoalError(Exception):
+    """Base of every client-visible error. Subclasses fix `code` and `http_status`."""
+
+    code: str = "internal"
+    http_status: int = 500
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        # Extra fields travel inside the error map (e.g. retry_after_ms for rate_limited).
+        self.extra = extra
+
+    def to_wire(self) -> dict[str, Any]:
+        """The `error` map of a reply or an HTTP error body."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        body.update(self.extra)
+        return body
+
+
+class BadFrame(ShoalError):
+    code, http_status = "bad_frame", 400
+
+
+class BadRequest(ShoalError):
+    code, http_status = "bad_request", 400
+
+
+class UnknownOp(ShoalError):
+    code, http_status = "unknown_op", 400
+
+
+class NotFound(ShoalError):
+    code, http_status = "not_found", 404
+
+
+class Exists(ShoalError):
+    code, http_status = "exists", 409
+
+
+class DimensionMismatch(ShoalError):
+    code, http_status = "dimension_mismatch", 422
+
+
+class InvalidVector(ShoalError):
+    code, http_status = "invalid_vector", 422
+
+
+class TooLarge(ShoalError):
+    code, http_status = "too_large", 413
+
+
+class Unauthorized(ShoalError):
+    code, http_status = "unauthorized", 401
+
+
+class Forbidden(ShoalError):
+    code, http_status = "forbidden", 403
+
+
+class RateLimited(ShoalError):
+    code, http_status = "rate_limited", 429
+
+
+class Unavailable(ShoalError):
+    code, http_status = "unavailable", 503
+
+
+class Overloaded(ShoalError):
+    code, http_status = "overloaded", 503
+
+
+class Internal(ShoalError):
+    code, http_status = "internal", 500
+
+
+INTERNAL_MESSAGE = "internal error"
+
+
+def as_shoal_error(exc: BaseException) -> ShoalError:
+    """Map any exception to the error the client sees; unexpected ones become `internal`."""
+    if isinstance(exc, ShoalError):
+        return exc
+    return Internal(INTERNAL_MESSAGE)
+
+
+ALL_ERRORS: tuple[type[ShoalError], ...] = (
+    BadFrame,
+    BadRequest,
+    UnknownOp,
+    NotFound,
+    Exists,
+    DimensionMismatch,
+    InvalidVector,
+    TooLarge,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    Unavailable,
+    Overloaded,
+    Internal,
+)

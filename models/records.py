@@ -1,0 +1,92 @@
+"""Records: collections, documents and hits as the engine passes them around."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NewType, Union
+
+import numpy as np
+from numpy.typing import NDArray
+
+DocId = NewType("DocId", str)
+Seq = NewType("Seq", int)
+
+# A metadata value: PROTOCOL.md allows str | int | float | bool | list of str, nothing else.
+MetaValue = Union[str, int, float, bool, list[str]]
+Metadata = dict[str, MetaValue]
+Vector = NDArray[np.float32]
+
+# The embedding model's output width; the default `dim` of a new collection.
+MODEL_DIM = 384
+
+
+class Metric(str, enum.Enum):
+    """Similarity measure of a collection. `score` is always 'higher is better'."""
+
+    COSINE = "cosine"
+    L2 = "l2"
+    IP = "ip"
+
+
+class Include(str, enum.Enum):
+    TEXT = "text"
+    METADATA = "metadata"
+    VECTOR = "vector"
+
+
+DEFAULT_INCLUDE: frozenset[Include] = frozenset({Include.TEXT, Include.METADATA})
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionInfo:
+    name: str
+    dim: int
+    metric: Metric
+    count: int = 0
+
+    def to_wire(self) -> dict[str, object]:
+        return {"name": self.name, "dim": self.dim, "metric": self.metric.value, "count": self.count}
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A validated document. `vector` is None until the embedder fills it in (text-only docs)."""
+
+    id: DocId
+    text: str | None
+    vector: Vector | None
+    metadata: Metadata = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDoc:
+    """A document as committed: it has a vector and the seq of the change that wrote it."""
+
+    id: DocId
+    text: str | None
+    vector: Vector
+    metadata: Metadata
+    seq: Seq
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: DocId
+    score: float
+    distance: float
+    text: str | None = None
+    metadata: Metadata | None = None
+    vector: Vector | None = None
+
+    def to_wire(self, include: frozenset[Include], compact_vectors: bool) -> dict[str, object]:
+        """The Hit map of PROTOCOL.md; vectors as little-endian float32 bytes when compact."""
+        out: dict[str, object] = {"id": self.id, "score": self.score, "distance": self.distance}
+        if Include.TEXT in include and self.text is not None:
+            out["text"] = self.text
+        if Include.METADATA in include and self.metadata is not None:
+            out["metadata"] = self.metadata
+        if Include.VECTOR in include and self.vector is not None:
+            vec = self.vector.astype("<f4", copy=False)
+            out["vector"] = vec.tobytes() if compact_vectors else vec.tolist()
+        return out
