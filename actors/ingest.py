@@ -1,0 +1,313 @@
+"""The write pipeline: every change to the data goes through here, in order.
+
+    mailbox -> [batcher: coalesce upserts, embed texts] -> stream(2) -> [committer: PostgreSQL
+    transaction, apply to shards, ack, publish]
+
+Two stages so that embedding batch N+1 overlaps committing batch N. The committer is the only
+task that commits, so seq order, commit order and the order shards apply changes are the same.
+Collection create/drop travel the same path, so they are ordered with the writes around them.
+
+Queue policy: the mailbox is bounded and `send` waits, so a writer faster than the database is
+slowed down (back-pressure) instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskStatus
+
+from actors.catalog import Catalog, Collection
+from actors.embedder import Embedder
+from actors.mailbox import Mailbox, Reply
+from actors.persistence import Persistence
+from models.config import EngineConfig
+from models.errors import Exists, ShoalError
+from models.filters import Filter, TextFilter
+from models.records import CollectionInfo, DocId, Document, Metric, StoredDoc
+
+log = logging.getLogger("shoal.ingest")
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What the committer applied: handed to subscribers of changes after the ack."""
+
+    collection: str
+    upserted: tuple[StoredDoc, ...]
+    deleted: tuple[tuple[DocId, int], ...]  # (id, seq)
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertJob:
+    collection: str
+    docs: tuple[Document, ...]
+    reply: Reply[tuple[int, int]]  # (count, seq)
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteJob:
+    collection: str
+    ids: tuple[DocId, ...] | None
+    where: Filter | None
+    where_text: TextFilter | None
+    reply: Reply[tuple[int, int]]  # (deleted, seq)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateJob:
+    name: str
+    dim: int
+    metric: Metric
+    if_not_exists: bool
+    reply: Reply[CollectionInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class DropJob:
+    name: str
+    reply: Reply[None]
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertBatch:
+    """Several upsert jobs for one collection, with every document's vector filled in."""
+
+    collection: str
+    docs: tuple[Document, ...]
+    jobs: tuple[UpsertJob, ...]
+
+
+Job = UpsertJob | DeleteJob | CreateJob | DropJob
+Stage2 = UpsertBatch | DeleteJob | CreateJob | DropJob
+Publisher = Callable[[Applied], Awaitable[None]]
+
+
+class Ingest:
+    def __init__(
+        self,
+        config: EngineConfig,
+        persistence: Persistence,
+        embedder: Embedder,
+        catalog: Catalog,
+        publish: Publisher | None = None,
+    ) -> None:
+        self._config = config
+        self._persistence = persistence
+        self._embedder = embedder
+        self._catalog = catalog
+        self._publish = publish
+        self._mailbox: Mailbox[Job] = Mailbox(config.ingest_queue, "ingest")
+
+    # -- public API: each call waits for the commit (and, for writes, shard visibility) --------
+
+    async def upsert(self, collection: str, docs: Sequence[Document]) -> tuple[int, int]:
+        reply: Reply[tuple[int, int]] = Reply()
+        await self._mailbox.send(UpsertJob(collection, tuple(docs), reply))
+        return await reply.wait()
+
+    async def delete(
+        self,
+        collection: str,
+        ids: Sequence[DocId] | None,
+        where: Filter | None,
+        where_text: TextFilter | None,
+    ) -> tuple[int, int]:
+        reply: Reply[tuple[int, int]] = Reply()
+        await self._mailbox.send(
+            DeleteJob(collection, None if ids is None else tuple(ids), where, where_text, reply)
+        )
+        return await reply.wait()
+
+    async def create_collection(
+        self, name: str, dim: int, metric: Metric, if_not_exists: bool
+    ) -> CollectionInfo:
+        reply: Reply[CollectionInfo] = Reply()
+        await self._mailbox.send(CreateJob(name, dim, metric, if_not_exists, reply))
+        return await reply.wait()
+
+    async def drop_collection(self, name: str) -> None:
+        reply: Reply[None] = Reply()
+        await self._mailbox.send(DropJob(name, reply))
+        await reply.wait()
+
+    def close(self) -> None:
+        """Stop taking jobs; what is queued is still committed and acked."""
+        self._mailbox.close()
+
+    @property
+    def queued(self) -> int:
+        return self._mailbox.receive.statistics().current_buffer_used
+
+    # -- the two stages ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        send, receive = anyio.create_memory_object_stream[Stage2](2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._committer, receive)
+            task_status.started()
+            await self._batcher(send)
+
+    async def _batcher(self, out: ObjectSendStream[Stage2]) -> None:
+        async with out:
+            carried: Job | None = None
+            while True:
+                if carried is not None:
+                    job, carried = carried, None
+                else:
+                    try:
+                        job = await self._mailbox.receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                if not isinstance(job, UpsertJob):
+                    await out.send(job)
+                    continue
+                jobs, carried = await self._coalesce(job)
+                batch = await self._embed(jobs)
+                if batch is not None:
+                    await out.send(batch)
+
+    async def _coalesce(self, first: UpsertJob) -> tuple[list[UpsertJob], Job | None]:
+        """Take queued upserts to the same collection until the batch is full or the linger
+        time has passed; the first job that does not fit is handed back."""
+        jobs, size = [first], len(first.docs)
+        limit = self._config.ingest_batch_docs
+        with anyio.move_on_after(self._config.ingest_linger_ms / 1000):
+            while size < limit:
+                try:
+                    job = self._mailbox.receive.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        job = await self._mailbox.receive.receive()
+                    except anyio.EndOfStream:
+                        break
+                except anyio.EndOfStream:
+                    break
+                if (
+                    isinstance(job, UpsertJob)
+                    and job.collection == first.collection
+                    and size + len(job.docs) <= limit
+                ):
+                    jobs.append(job)
+                    size += len(job.docs)
+                else:
+                    return jobs, job
+        return jobs, None
+
+    async def _embed(self, jobs: list[UpsertJob]) -> UpsertBatch | None:
+        docs = [doc for job in jobs for doc in job.docs]
+        missing = [i for i, doc in enumerate(docs) if doc.vector is None]
+        if missing:
+            try:
+                texts = [docs[i].text or "" for i in missing]
+                vectors = await self._embedder.embed_documents(texts)
+            except Exception as exc:
+                log.exception("embedding failed")
+                for job in jobs:
+                    job.reply.fail(exc)
+                return None
+            for row, i in enumerate(missing):
+                docs[i] = dataclasses.replace(docs[i], vector=np.asarray(vectors[row], dtype=np.float32))
+        return UpsertBatch(jobs[0].collection, tuple(docs), tuple(jobs))
+
+    async def _committer(self, source: ObjectReceiveStream[Stage2]) -> None:
+        async with source:
+            async for item in source:
+                replies = _replies_of(item)
+                try:
+                    await self._commit(item)
+                except ShoalError as exc:
+                    for reply in replies:
+                        reply.fail(exc)
+                except Exception as exc:
+                    log.exception("commit failed")
+                    for reply in replies:
+                        reply.fail(exc)
+
+    async def _commit(self, item: Stage2) -> None:
+        if isinstance(item, UpsertBatch):
+            await self._commit_upserts(item)
+        elif isinstance(item, DeleteJob):
+            await self._commit_delete(item)
+        elif isinstance(item, CreateJob):
+            await self._commit_create(item)
+        else:
+            await self._persistence.drop_collection(item.name)
+            await self._catalog.remove(item.name)
+            item.reply.set(None)
+
+    async def _commit_upserts(self, batch: UpsertBatch) -> None:
+        collection = self._catalog.get(batch.collection)
+        first, last = await self._persistence.commit_upserts(batch.collection, batch.docs)
+        stored = tuple(
+            StoredDoc(doc.id, doc.text, _vector(doc), doc.metadata, first + i)  # type: ignore[arg-type]
+            for i, doc in enumerate(batch.docs)
+        )
+        await _apply_upserts(collection, stored)
+        collection.last_seq = last
+        end = first - 1
+        for job in batch.jobs:
+            end += len(job.docs)
+            job.reply.set((len(job.docs), end))
+        if self._publish is not None:
+            await self._publish(Applied(batch.collection, stored, ()))
+
+    async def _commit_delete(self, job: DeleteJob) -> None:
+        collection = self._catalog.get(job.collection)
+        if job.ids is not None:
+            deleted, last = await self._persistence.commit_delete_ids(job.collection, job.ids)
+        else:
+            deleted, last = await self._persistence.commit_delete_where(
+                job.collection, job.where, job.where_text
+            )
+        by_shard: dict[int, list[DocId]] = {}
+        for doc_id in deleted:
+            by_shard.setdefault(collection.shard_index(DocId(doc_id)), []).append(DocId(doc_id))
+        for index, ids in by_shard.items():
+            await collection.shards[index].apply_deletes(ids)
+        collection.last_seq = last
+        job.reply.set((len(deleted), last))
+        if self._publish is not None and deleted:
+            first = last - len(deleted) + 1
+            changes = tuple((DocId(doc_id), first + i) for i, doc_id in enumerate(deleted))
+            await self._publish(Applied(job.collection, (), changes))
+
+    async def _commit_create(self, job: CreateJob) -> None:
+        try:
+            info = await self._persistence.create_collection(job.name, job.dim, job.metric)
+        except Exists:
+            if not job.if_not_exists:
+                raise
+            existing = self._catalog.get(job.name)
+            job.reply.set(existing.info(await self._catalog.counts(existing)))
+            return
+        await self._catalog.add(info.name, info.dim, info.metric, last_seq=0)
+        job.reply.set(info)
+
+
+def _vector(doc: Document) -> np.ndarray:  # type: ignore[type-arg]
+    assert doc.vector is not None, "documents reach the committer with vectors"
+    return doc.vector
+
+
+async def _apply_upserts(collection: Collection, docs: Sequence[StoredDoc]) -> None:
+    if len(collection.shards) == 1:
+        await collection.shards[0].apply_upserts(docs)
+        return
+    by_shard: dict[int, list[StoredDoc]] = {}
+    for doc in docs:
+        by_shard.setdefault(collection.shard_index(doc.id), []).append(doc)
+    async with anyio.create_task_group() as tg:
+        for index, part in by_shard.items():
+            tg.start_soon(collection.shards[index].apply_upserts, part)
+
+
+def _replies_of(item: Stage2) -> list[Reply[object]]:
+    if isinstance(item, UpsertBatch):
+        return [job.reply for job in item.jobs]  # type: ignore[misc]
+    return [item.reply]  # type: ignore[list-item]

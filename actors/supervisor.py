@@ -1,0 +1,204 @@
+"""The supervisor: starts the actors in order, serves the engine API, stops them in reverse.
+
+    start:  persistence -> embedder -> catalog (+ shards) -> load collections -> ingest -> ready
+    stop:   ingest (drains acked work) -> catalog -> embedder -> persistence
+
+`Engine` is the only thing the edge talks to. Its methods take validated requests and return
+typed results; they raise `ShoalError`s with wire codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+import numpy as np
+from anyio.abc import TaskGroup, TaskStatus
+
+from actors.catalog import Catalog, Collection
+from actors.embedder import Embedder
+from actors.ingest import Applied, Ingest, Publisher
+from actors.persistence import Persistence
+from actors.planner import merge_hits
+from models import requests as rq
+from models.config import EngineConfig, Limits
+from models.errors import DimensionMismatch, InvalidVector
+from models.records import MODEL_DIM, CollectionInfo, Hit, Metric, StoredDoc, Vector
+
+log = logging.getLogger("shoal.engine")
+
+
+class Actor(Protocol):
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    hits: list[Hit]
+
+
+class Engine:
+    """The running engine of one node."""
+
+    def __init__(self, dsn: str, config: EngineConfig, limits: Limits) -> None:
+        self.config = config
+        self.limits = limits
+        self.persistence = Persistence(dsn)
+        self.embedder = Embedder(config)
+        self._search_limiter = anyio.CapacityLimiter(config.search_threads)
+        self.catalog = Catalog(config, self._search_limiter)
+        self._listeners: list[Publisher] = []
+        self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog, self._publish)
+        self.ready = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def running(cls, dsn: str, config: EngineConfig, limits: Limits) -> AsyncIterator[Engine]:
+        engine = cls(dsn, config, limits)
+        started: list[tuple[Actor, anyio.Event]] = []
+        async with anyio.create_task_group() as tg:
+            try:
+                for actor in (engine.persistence, engine.embedder, engine.catalog):
+                    started.append((actor, await _start(tg, actor)))
+                await engine._load_collections()
+                started.append((engine.ingest, await _start(tg, engine.ingest)))
+                engine.ready = True
+                log.info("engine ready: %d collection(s)", len(engine.catalog.names()))
+                yield engine
+            finally:
+                engine.ready = False
+                # Reverse order; each actor finishes its queued work before the next one closes.
+                with anyio.CancelScope(shield=True):
+                    for actor, finished in reversed(started):
+                        actor.close()
+                        await finished.wait()
+
+    async def _load_collections(self) -> None:
+        """Rebuild every shard from PostgreSQL: the durable state is the source of truth."""
+        for info in await self.persistence.list_collections():
+            last_seq = await self.persistence.last_seq(info.name)
+            collection = await self.catalog.add(info.name, info.dim, info.metric, last_seq)
+            loaded = 0
+            async for batch in self.persistence.load_collection(info.name):
+                await _apply_loaded(collection, batch)
+                loaded += len(batch)
+            log.info("loaded collection %s: %d documents, seq %d", info.name, loaded, last_seq)
+
+    def add_listener(self, listener: Publisher) -> None:
+        """Called after every applied change, after its ack (subscriptions, change streams)."""
+        self._listeners.append(listener)
+
+    async def _publish(self, applied: Applied) -> None:
+        for listener in self._listeners:
+            await listener(applied)
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def create_collection(self, req: rq.CreateCollection) -> CollectionInfo:
+        dim = req.dim if req.dim is not None else MODEL_DIM
+        return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists)
+
+    async def list_collections(self) -> list[CollectionInfo]:
+        return [c.info(await self.catalog.counts(c)) for c in self.catalog.all()]
+
+    async def drop_collection(self, req: rq.DropCollection) -> None:
+        self.catalog.get(req.name)
+        await self.ingest.drop_collection(req.name)
+
+    async def upsert(self, req: rq.Upsert) -> tuple[int, int]:
+        collection = self.catalog.get(req.collection)
+        for doc in req.docs:
+            if doc.vector is None:
+                if collection.dim != MODEL_DIM:
+                    raise DimensionMismatch(
+                        f"document {doc.id!r} has only text, which embeds to {MODEL_DIM} dimensions; "
+                        f"collection {collection.name!r} has dim {collection.dim}"
+                    )
+            else:
+                _check_vector(collection, doc.vector, f"document {doc.id!r}")
+        return await self.ingest.upsert(req.collection, req.docs)
+
+    async def delete(self, req: rq.Delete) -> tuple[int, int]:
+        self.catalog.get(req.collection)
+        return await self.ingest.delete(req.collection, req.ids, req.where, req.where_text)
+
+    async def get(self, req: rq.Get) -> list[StoredDoc]:
+        collection = self.catalog.get(req.collection)
+        found: dict[str, StoredDoc] = {}
+        for shard in collection.shards:
+            for doc in await shard.get(req.ids):
+                found[doc.id] = doc
+        return [found[i] for i in dict.fromkeys(req.ids) if i in found]
+
+    async def count(self, req: rq.Count) -> int:
+        return await self.catalog.counts(self.catalog.get(req.collection))
+
+    async def query_vector(self, collection: Collection, vector: Vector | None, text: str | None) -> Vector:
+        """The query's vector: as given (checked), or the embedding of its text."""
+        if vector is not None:
+            _check_vector(collection, vector, "the query vector")
+            return vector
+        assert text is not None
+        if collection.dim != MODEL_DIM:
+            raise DimensionMismatch(
+                f"a text query embeds to {MODEL_DIM} dimensions; "
+                f"collection {collection.name!r} has dim {collection.dim}"
+            )
+        return await self.embedder.embed_query(text)
+
+    async def query(self, req: rq.Query) -> list[Hit]:
+        collection = self.catalog.get(req.collection)
+        vector = await self.query_vector(collection, req.vector, req.text)
+        shards = collection.shards
+        if len(shards) == 1:
+            return await shards[0].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
+        per_shard: list[list[Hit]] = [[] for _ in shards]
+
+        async def one(i: int) -> None:
+            per_shard[i] = await shards[i].search(
+                vector, req.k, req.ef, req.where, req.where_text, req.include
+            )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(shards)):
+                tg.start_soon(one, i)
+        return merge_hits(per_shard, req.k)
+
+
+def _check_vector(collection: Collection, vector: Vector, what: str) -> None:
+    if vector.shape[0] != collection.dim:
+        raise DimensionMismatch(
+            f"{what} has {vector.shape[0]} values; collection {collection.name!r} has dim {collection.dim}"
+        )
+    if collection.metric is Metric.COSINE and not np.any(vector):
+        raise InvalidVector(f"{what} is all zeros, which has no direction under cosine")
+
+
+async def _apply_loaded(collection: Collection, batch: list[StoredDoc]) -> None:
+    by_shard: dict[int, list[StoredDoc]] = {}
+    for doc in batch:
+        by_shard.setdefault(collection.shard_index(doc.id), []).append(doc)
+    for index, docs in by_shard.items():
+        await collection.shards[index].apply_upserts(docs)
+
+
+async def _start(tg: TaskGroup, actor: Actor) -> anyio.Event:
+    """Start an actor in `tg`; the returned event is set when its run() has returned."""
+    finished = anyio.Event()
+
+    async def runner(*, task_status: TaskStatus[None]) -> None:
+        try:
+            await actor.run(task_status=task_status)
+        finally:
+            finished.set()
+
+    await tg.start(runner)
+    return finished

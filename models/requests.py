@@ -1,0 +1,443 @@
+"""Typed requests and their validation: wire maps (already decoded) -> frozen dataclasses.
+
+Both edges (WebSocket and HTTP) call `parse_request`; nothing past this module sees an
+unvalidated value. Unknown arguments are rejected so a typo (`"were"` for `"where"`) cannot
+silently turn a filtered query into an unfiltered one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from models.config import Limits
+from models.errors import BadRequest, InvalidVector, TooLarge, UnknownOp
+from models.filters import Filter, TextFilter, parse_where, parse_where_text
+from models.records import DEFAULT_INCLUDE, DocId, Document, Include, Metadata, Metric, Vector
+
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DEFAULT_K = 10
+QueryMode = Literal["vector", "keyword", "hybrid"]
+Fusion = Literal["rrf", "weighted"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCollection:
+    name: str
+    dim: int | None
+    metric: Metric
+    if_not_exists: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ListCollections:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DropCollection:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    collection: str
+    docs: tuple[Document, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    collection: str
+    ids: tuple[DocId, ...] | None
+    where: Filter | None
+    where_text: TextFilter | None
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    collection: str
+    ids: tuple[DocId, ...]
+    include: frozenset[Include]
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    collection: str
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    collection: str
+    vector: Vector | None
+    text: str | None
+    k: int
+    where: Filter | None
+    where_text: TextFilter | None
+    include: frozenset[Include]
+    ef: int | None
+    mode: QueryMode
+    fusion: Fusion
+    alpha: float
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    collection: str
+    vector: Vector | None
+    text: str | None
+    threshold: float
+    where: Filter | None
+    where_text: TextFilter | None
+    include: frozenset[Include]
+    after_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    sub: str
+
+
+Request = (
+    Ping
+    | Auth
+    | CreateCollection
+    | ListCollections
+    | DropCollection
+    | Upsert
+    | Delete
+    | Get
+    | Count
+    | Query
+    | Subscribe
+    | Unsubscribe
+)
+
+
+class Args:
+    """Typed accessors over one request's argument map; records which keys were consumed."""
+
+    def __init__(self, raw: Mapping[str, Any], limits: Limits) -> None:
+        self.raw = raw
+        self.limits = limits
+        self.used: set[str] = set()
+
+    def _get(self, key: str) -> Any:
+        self.used.add(key)
+        return self.raw.get(key)
+
+    def has(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.raw) - self.used)
+        if unknown:
+            raise BadRequest(f"unknown argument(s): {', '.join(unknown)}")
+
+    def collection_name(self, key: str = "collection") -> str:
+        value = self._get(key)
+        if not isinstance(value, str) or not COLLECTION_NAME.fullmatch(value):
+            raise BadRequest(f"'{key}' must be a name matching [A-Za-z0-9_-]{{1,64}}")
+        return value
+
+    def string(self, key: str, *, required: bool = False) -> str | None:
+        value = self._get(key)
+        if value is None:
+            if required:
+                raise BadRequest(f"'{key}' is required")
+            return None
+        if not isinstance(value, str):
+            raise BadRequest(f"'{key}' must be a string")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise BadRequest(f"'{key}' must be a boolean")
+        return value
+
+    def integer(
+        self, key: str, *, low: int, high: int | None = None, default: int | None = None
+    ) -> int | None:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadRequest(f"'{key}' must be an integer")
+        if value < low:
+            raise BadRequest(f"'{key}' must be >= {low}")
+        if high is not None and value > high:
+            raise TooLarge(f"'{key}' must be <= {high}")
+        return value
+
+    def number(self, key: str, *, required: bool = False, default: float | None = None) -> float | None:
+        value = self._get(key)
+        if value is None:
+            if required:
+                raise BadRequest(f"'{key}' is required")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadRequest(f"'{key}' must be a finite number")
+        return float(value)
+
+    def include(self) -> frozenset[Include]:
+        value = self._get("include")
+        if value is None:
+            return DEFAULT_INCLUDE
+        if not isinstance(value, list):
+            raise BadRequest("'include' must be a list of 'text', 'metadata', 'vector'")
+        try:
+            return frozenset(Include(item) for item in value)
+        except (ValueError, TypeError) as exc:
+            raise BadRequest("'include' may only hold 'text', 'metadata', 'vector'") from exc
+
+    def ids(self, key: str = "ids", *, required: bool = True) -> tuple[DocId, ...] | None:
+        value = self._get(key)
+        if value is None:
+            if required:
+                raise BadRequest(f"'{key}' is required")
+            return None
+        if not isinstance(value, list):
+            raise BadRequest(f"'{key}' must be a list of document ids")
+        if len(value) > self.limits.max_ids:
+            raise TooLarge(f"at most {self.limits.max_ids} ids per request")
+        return tuple(doc_id(item, self.limits) for item in value)
+
+    def where(self) -> Filter | None:
+        value = self._get("where")
+        return None if value is None else parse_where(value, self.limits.max_filter_depth)
+
+    def where_text(self) -> TextFilter | None:
+        value = self._get("where_text")
+        return None if value is None else parse_where_text(value)
+
+    def vector(self, key: str = "vector") -> Vector | None:
+        value = self._get(key)
+        return None if value is None else parse_vector(value, self.limits)
+
+    def text(self, key: str = "text") -> str | None:
+        value = self.string(key)
+        if value is not None and len(value) > self.limits.max_text_chars:
+            raise TooLarge(f"'{key}' is longer than {self.limits.max_text_chars} characters")
+        return value
+
+
+def doc_id(value: object, limits: Limits) -> DocId:
+    if not isinstance(value, str) or not value:
+        raise BadRequest("a document id must be a non-empty string")
+    if len(value) > limits.max_id_chars:
+        raise TooLarge(f"a document id is at most {limits.max_id_chars} characters")
+    return DocId(value)
+
+
+def parse_vector(value: object, limits: Limits) -> Vector:
+    """A float32 vector from msgpack `bin` (little-endian float32) or a list of numbers."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        if len(raw) % 4:
+            raise BadRequest("a binary vector must hold little-endian float32 values (length % 4 == 0)")
+        vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    elif isinstance(value, list):
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            raise BadRequest("a vector must be a list of numbers")
+        vector = np.asarray(value, dtype=np.float32)
+    else:
+        raise BadRequest("a vector must be float32 bytes or a list of numbers")
+    if vector.size == 0:
+        raise BadRequest("a vector must not be empty")
+    if vector.size > limits.max_dim:
+        raise TooLarge(f"a vector has at most {limits.max_dim} values")
+    if not np.isfinite(vector).all():
+        raise InvalidVector("a vector must not contain NaN or infinity")
+    return vector
+
+
+def parse_metadata(value: object, limits: Limits) -> Metadata:
+    if not isinstance(value, dict):
+        raise BadRequest("'metadata' must be a map")
+    if len(value) > limits.max_metadata_keys:
+        raise TooLarge(f"'metadata' has at most {limits.max_metadata_keys} keys")
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or key.startswith("$"):
+            raise BadRequest("metadata keys must be non-empty strings not starting with '$'")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise BadRequest(f"metadata '{key}' must be a finite number")
+        if isinstance(item, list):
+            if not all(isinstance(x, str) for x in item):
+                raise BadRequest(f"metadata '{key}': a list may only hold strings")
+        elif not isinstance(item, (str, int, float, bool)):
+            raise BadRequest(f"metadata '{key}' must be a string, number, boolean or list of strings")
+    return value
+
+
+DOC_KEYS = frozenset({"id", "text", "vector", "metadata"})
+
+
+def parse_document(value: object, limits: Limits) -> Document:
+    if not isinstance(value, dict):
+        raise BadRequest("each document must be a map")
+    unknown = set(value) - DOC_KEYS
+    if unknown:
+        raise BadRequest(f"unknown document field(s): {', '.join(sorted(map(str, unknown)))}")
+    ident = doc_id(value.get("id"), limits)
+    text = value.get("text")
+    if text is not None:
+        if not isinstance(text, str):
+            raise BadRequest(f"document {ident!r}: 'text' must be a string")
+        if len(text) > limits.max_text_chars:
+            raise TooLarge(f"document {ident!r}: text is longer than {limits.max_text_chars} characters")
+    raw_vector = value.get("vector")
+    vector = None if raw_vector is None else parse_vector(raw_vector, limits)
+    if text is None and vector is None:
+        raise BadRequest(f"document {ident!r} needs 'text' or 'vector'")
+    raw_meta = value.get("metadata")
+    metadata = {} if raw_meta is None else parse_metadata(raw_meta, limits)
+    return Document(id=ident, text=text, vector=vector, metadata=metadata)
+
+
+def _create_collection(a: Args) -> CreateCollection:
+    metric = a.string("metric") or Metric.COSINE.value
+    try:
+        parsed_metric = Metric(metric)
+    except ValueError as exc:
+        raise BadRequest("'metric' must be one of cosine, l2, ip") from exc
+    return CreateCollection(
+        name=a.collection_name("name"),
+        dim=a.integer("dim", low=1, high=a.limits.max_dim),
+        metric=parsed_metric,
+        if_not_exists=a.boolean("if_not_exists", False),
+    )
+
+
+def _upsert(a: Args) -> Upsert:
+    name = a.collection_name()
+    docs = a._get("docs")
+    if not isinstance(docs, list) or not docs:
+        raise BadRequest("'docs' must be a non-empty list of documents")
+    if len(docs) > a.limits.max_batch_docs:
+        raise TooLarge(f"at most {a.limits.max_batch_docs} documents per upsert")
+    return Upsert(name, tuple(parse_document(d, a.limits) for d in docs))
+
+
+def _delete(a: Args) -> Delete:
+    name = a.collection_name()
+    ids = a.ids(required=False)
+    where, where_text = a.where(), a.where_text()
+    if ids is None and where is None and where_text is None:
+        raise BadRequest("delete needs 'ids' or 'where'")
+    if ids is not None and (where is not None or where_text is not None):
+        raise BadRequest("delete takes 'ids' or 'where', not both")
+    return Delete(name, ids, where, where_text)
+
+
+def _query_target(a: Args) -> tuple[Vector | None, str | None]:
+    vector, text = a.vector(), a.text()
+    if (vector is None) == (text is None):
+        raise BadRequest("give exactly one of 'vector' or 'text'")
+    return vector, text
+
+
+def _query(a: Args) -> Query:
+    name = a.collection_name()
+    vector, text = _query_target(a)
+    k = a.integer("k", low=1, high=a.limits.max_k, default=DEFAULT_K)
+    mode = a.string("mode") or "vector"
+    if mode not in ("vector", "keyword", "hybrid"):
+        raise BadRequest("'mode' must be vector, keyword or hybrid")
+    if mode != "vector":
+        raise BadRequest(f"mode '{mode}' is not available yet; use 'vector'")
+    fusion = a.string("fusion") or "rrf"
+    if fusion not in ("rrf", "weighted"):
+        raise BadRequest("'fusion' must be rrf or weighted")
+    alpha = a.number("alpha", default=0.5)
+    assert alpha is not None
+    if not 0.0 <= alpha <= 1.0:
+        raise BadRequest("'alpha' must be between 0 and 1")
+    assert k is not None
+    return Query(
+        collection=name,
+        vector=vector,
+        text=text,
+        k=k,
+        where=a.where(),
+        where_text=a.where_text(),
+        include=a.include(),
+        ef=a.integer("ef", low=1, high=a.limits.max_ef),
+        mode="vector",
+        fusion="rrf" if fusion == "rrf" else "weighted",
+        alpha=alpha,
+    )
+
+
+def _subscribe(a: Args) -> Subscribe:
+    name = a.collection_name()
+    vector, text = _query_target(a)
+    threshold = a.number("threshold", required=True)
+    assert threshold is not None
+    return Subscribe(
+        collection=name,
+        vector=vector,
+        text=text,
+        threshold=threshold,
+        where=a.where(),
+        where_text=a.where_text(),
+        include=a.include(),
+        after_seq=a.integer("after_seq", low=0),
+    )
+
+
+def _auth(a: Args) -> Auth:
+    key = a.string("key", required=True)
+    assert key is not None
+    return Auth(key)
+
+
+def _unsubscribe(a: Args) -> Unsubscribe:
+    sub = a.string("sub", required=True)
+    assert sub is not None
+    return Unsubscribe(sub)
+
+
+PARSERS: dict[str, Callable[[Args], Request]] = {
+    "ping": lambda a: Ping(),
+    "auth": _auth,
+    "create_collection": _create_collection,
+    "list_collections": lambda a: ListCollections(),
+    "drop_collection": lambda a: DropCollection(a.collection_name("name")),
+    "upsert": _upsert,
+    "delete": _delete,
+    "get": lambda a: Get(a.collection_name(), a.ids() or (), a.include()),
+    "count": lambda a: Count(a.collection_name()),
+    "query": _query,
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+}
+
+
+def parse_request(op: object, args: Mapping[str, Any], limits: Limits) -> Request:
+    """Validate one request. Raises UnknownOp, BadRequest, TooLarge or InvalidVector."""
+    if not isinstance(op, str):
+        raise BadRequest("'op' must be a string")
+    parser = PARSERS.get(op)
+    if parser is None:
+        raise UnknownOp(f"no such op: {op[:64]!r}")
+    accessor = Args(args, limits)
+    request = parser(accessor)
+    accessor.finish()
+    return request

@@ -1,0 +1,81 @@
+"""The `shoal` command: `shoal serve` runs the server; load generators live under `shoal bench`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import runpy
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings, load_settings
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, announcing the bound address (useful with --port 0) once it listens."""
+
+    async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        await super().startup(sockets=sockets)  # type: ignore[arg-type]
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                print(f"shoal: listening on http://{host}:{port}", flush=True)
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws="websockets-sansio",
+        ws_max_size=settings.limits.max_frame_bytes,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        loop="uvloop",
+        http="httptools",
+    )
+    _Server(config).run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="shoal", description="Real-time semantic search server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", help="run the server (embedded PostgreSQL unless --database-url)")
+    run.add_argument("--host", help="bind address (SHOAL_HOST, default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port, 0 picks a free one (SHOAL_PORT, default 8080)")
+    run.add_argument("--data-dir", help="data directory for the embedded PostgreSQL (SHOAL_DATA_DIR)")
+    run.add_argument(
+        "--database-url", help="use this PostgreSQL (with pgvector) instead (SHOAL_DATABASE_URL)"
+    )
+    run.add_argument("--log-level", help="debug, info, warning (SHOAL_LOG_LEVEL)")
+    bench = sub.add_parser(
+        "bench", help="run a load generator: shoal bench NAME [args] (python -m load.NAME)"
+    )
+    bench.add_argument("name")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(
+            load_settings(
+                host=args.host,
+                port=args.port,
+                data_dir=args.data_dir,
+                database_url=args.database_url,
+                log_level=args.log_level,
+            )
+        )
+    else:
+        sys.argv = [f"load.{args.name}", *args.args]
+        runpy.run_module(f"load.{args.name}", run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

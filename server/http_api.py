@@ -1,0 +1,136 @@
+"""The HTTP API: the WebSocket ops as JSON (or msgpack) requests, plus health and metrics.
+
+Body format follows `Content-Type` (`application/msgpack`, anything else is read as JSON); the
+reply is msgpack when the request was msgpack or `Accept` asks for it. Errors are
+`{"error": {"code", "message"}}` with the HTTP status of their code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import msgpack
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from models.errors import BadRequest, ShoalError, TooLarge, UnknownOp, as_shoal_error
+from models.requests import parse_request
+from server.ops import execute
+from server.state import AppState
+
+MSGPACK = "application/msgpack"
+COLLECTION_OPS = frozenset({"upsert", "delete", "get", "query", "count"})
+
+log = logging.getLogger("shoal.http")
+
+
+def _wants_msgpack(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.startswith(MSGPACK) or MSGPACK in request.headers.get("accept", "")
+
+
+def _respond(body: dict[str, Any], status: int, msgpack_reply: bool) -> Response:
+    if msgpack_reply:
+        return Response(msgpack.packb(body, use_bin_type=True), status_code=status, media_type=MSGPACK)
+    return Response(
+        json.dumps(body, separators=(",", ":"), allow_nan=False),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+async def _read_body(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}
+    try:
+        if request.headers.get("content-type", "").startswith(MSGPACK):
+            body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        else:
+            body = json.loads(raw)
+    except Exception as exc:
+        raise BadRequest("request body is not valid JSON or msgpack") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object / msgpack map")
+    return body
+
+
+async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Response:
+    state: AppState = request.app.state.shoal
+    msgpack_reply = _wants_msgpack(request)
+    started = time.perf_counter()
+    try:
+        args = (
+            await _read_body(request, state.settings.limits.max_frame_bytes)
+            if request.method != "GET"
+            else {}
+        )
+        for key, value in path_args.items():
+            if key in args and args[key] != value:
+                raise BadRequest(f"'{key}' in the body differs from the path")
+            args[key] = value
+        parsed = parse_request(op, args, state.settings.limits)
+        result = await execute(state.engine, parsed, compact=msgpack_reply)
+        response, code = _respond(result, 200, msgpack_reply), "ok"
+    except Exception as exc:
+        error = as_shoal_error(exc)
+        if not isinstance(exc, ShoalError):
+            log.exception("HTTP %s failed", op)
+        response, code = _respond({"error": error.to_wire()}, error.http_status, msgpack_reply), error.code
+    state.metrics.requests.labels("http", op, code).inc()
+    state.metrics.latency.labels(op).observe(time.perf_counter() - started)
+    return response
+
+
+async def collections(request: Request) -> Response:
+    if request.method == "GET":
+        return await _serve(request, "list_collections", {})
+    return await _serve(request, "create_collection", {})
+
+
+async def collection(request: Request) -> Response:
+    return await _serve(request, "drop_collection", {"name": request.path_params["name"]})
+
+
+async def collection_op(request: Request) -> Response:
+    op = request.path_params["op"]
+    if op not in COLLECTION_OPS:
+        error = UnknownOp(f"no such op: {op[:64]!r}")
+        return _respond({"error": error.to_wire()}, error.http_status, _wants_msgpack(request))
+    return await _serve(request, op, {"collection": request.path_params["name"]})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state: AppState | None = getattr(request.app.state, "shoal", None)
+    if state is None or not state.engine.ready:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    if not await state.engine.persistence.ping():
+        return JSONResponse({"status": "database unavailable"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    state: AppState = request.app.state.shoal
+    engine = state.engine
+    state.metrics.ready.set(1 if engine.ready else 0)
+    state.metrics.ingest_queue.set(engine.ingest.queued)
+    for info in await engine.list_collections():
+        state.metrics.documents.labels(info.name).set(info.count)
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")

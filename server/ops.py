@@ -1,0 +1,60 @@
+"""One dispatcher from typed requests to engine calls to wire results, shared by every transport.
+
+`compact` chooses how vectors travel back: msgpack `bin` (WebSocket, msgpack HTTP) or number
+arrays (JSON).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from actors.supervisor import Engine
+from models import requests as rq
+from models.errors import BadRequest
+from models.records import Include, StoredDoc
+
+
+def doc_to_wire(doc: StoredDoc, include: frozenset[Include], compact: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": doc.id}
+    if Include.TEXT in include and doc.text is not None:
+        out["text"] = doc.text
+    if Include.METADATA in include:
+        out["metadata"] = doc.metadata
+    if Include.VECTOR in include:
+        vec = doc.vector.astype("<f4", copy=False)
+        out["vector"] = vec.tobytes() if compact else vec.tolist()
+    return out
+
+
+async def execute(engine: Engine, request: rq.Request, *, compact: bool) -> dict[str, Any]:
+    """Serve one request; raises ShoalError for anything the client got wrong."""
+    if isinstance(request, rq.Ping | rq.Auth):
+        return {}
+    if isinstance(request, rq.Query):
+        started = time.perf_counter()
+        hits = await engine.query(request)
+        took_ms = (time.perf_counter() - started) * 1000.0
+        return {
+            "hits": [hit.to_wire(request.include, compact) for hit in hits],
+            "took_ms": round(took_ms, 3),
+        }
+    if isinstance(request, rq.Upsert):
+        count, seq = await engine.upsert(request)
+        return {"count": count, "seq": seq}
+    if isinstance(request, rq.Get):
+        docs = await engine.get(request)
+        return {"docs": [doc_to_wire(doc, request.include, compact) for doc in docs]}
+    if isinstance(request, rq.Count):
+        return {"count": await engine.count(request)}
+    if isinstance(request, rq.Delete):
+        deleted, seq = await engine.delete(request)
+        return {"deleted": deleted, "seq": seq}
+    if isinstance(request, rq.CreateCollection):
+        return {"collection": (await engine.create_collection(request)).to_wire()}
+    if isinstance(request, rq.ListCollections):
+        return {"collections": [info.to_wire() for info in await engine.list_collections()]}
+    if isinstance(request, rq.DropCollection):
+        await engine.drop_collection(request)
+        return {}
+    raise BadRequest(f"op {type(request).__name__} is not served on this transport")

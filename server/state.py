@@ -1,0 +1,18 @@
+"""What the edge shares across requests: settings, metrics and the running engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.supervisor import Engine
+from models.requests import PARSERS
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+@dataclass(slots=True)
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    engine: Engine
+    known_ops: frozenset[str] = field(default_factory=lambda: frozenset(PARSERS))
