@@ -29,7 +29,7 @@ from actors.persistence import Persistence
 from models.config import EngineConfig
 from models.errors import Exists, ShoalError
 from models.filters import Filter, TextFilter
-from models.records import CollectionInfo, DocId, Document, Metric, StoredDoc
+from models.records import CollectionInfo, DocId, Document, Metric, Seq, StoredDoc, Vector
 
 log = logging.getLogger("shoal.ingest")
 
@@ -245,7 +245,7 @@ class Ingest:
         collection = self._catalog.get(batch.collection)
         first, last = await self._persistence.commit_upserts(batch.collection, batch.docs)
         stored = tuple(
-            StoredDoc(doc.id, doc.text, _vector(doc), doc.metadata, first + i)  # type: ignore[arg-type]
+            StoredDoc(doc.id, doc.text, _vector(doc), doc.metadata, Seq(first + i))
             for i, doc in enumerate(batch.docs)
         )
         await _apply_upserts(collection, stored)
@@ -290,7 +290,7 @@ class Ingest:
         job.reply.set(info)
 
 
-def _vector(doc: Document) -> np.ndarray:  # type: ignore[type-arg]
+def _vector(doc: Document) -> Vector:
     assert doc.vector is not None, "documents reach the committer with vectors"
     return doc.vector
 

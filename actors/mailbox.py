@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Generic, TypeVar
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from models.errors import Overloaded, Unavailable
 
@@ -20,7 +20,7 @@ M = TypeVar("M")
 class Reply(Generic[T]):
     """A one-shot slot the actor fills with a value or an exception; the caller awaits it."""
 
-    __slots__ = ("_event", "_value", "_error")
+    __slots__ = ("_error", "_event", "_value")
 
     def __init__(self) -> None:
         self._event = anyio.Event()
@@ -59,8 +59,8 @@ class Mailbox(Generic[M]):
     def __init__(self, size: int, name: str) -> None:
         self.name = name
         send, receive = anyio.create_memory_object_stream[M](size)
-        self._send: ObjectSendStream[M] = send
-        self.receive: ObjectReceiveStream[M] = receive
+        self._send: MemoryObjectSendStream[M] = send
+        self.receive: MemoryObjectReceiveStream[M] = receive
 
     async def send(self, message: M) -> None:
         try:

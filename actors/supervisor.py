@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import numpy as np
@@ -33,14 +32,9 @@ log = logging.getLogger("shoal.engine")
 
 
 class Actor(Protocol):
-    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+    async def run(self, *, task_status: TaskStatus[Any] = ...) -> None: ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class QueryResult:
-    hits: list[Hit]
 
 
 class Engine:
@@ -66,7 +60,8 @@ class Engine:
         started: list[tuple[Actor, anyio.Event]] = []
         async with anyio.create_task_group() as tg:
             try:
-                for actor in (engine.persistence, engine.embedder, engine.catalog):
+                first: tuple[Actor, ...] = (engine.persistence, engine.embedder, engine.catalog)
+                for actor in first:
                     started.append((actor, await _start(tg, actor)))
                 await engine._load_collections()
                 started.append((engine.ingest, await _start(tg, engine.ingest)))
@@ -77,20 +72,21 @@ class Engine:
                 engine.ready = False
                 # Reverse order; each actor finishes its queued work before the next one closes.
                 with anyio.CancelScope(shield=True):
-                    for actor, finished in reversed(started):
-                        actor.close()
+                    for running, finished in reversed(started):
+                        running.close()
                         await finished.wait()
 
     async def _load_collections(self) -> None:
         """Rebuild every shard from PostgreSQL: the durable state is the source of truth."""
         for info in await self.persistence.list_collections():
-            last_seq = await self.persistence.last_seq(info.name)
-            collection = await self.catalog.add(info.name, info.dim, info.metric, last_seq)
+            collection = await self.catalog.add(info.name, info.dim, info.metric, last_seq=0)
             loaded = 0
-            async for batch in self.persistence.load_collection(info.name):
-                await _apply_loaded(collection, batch)
-                loaded += len(batch)
-            log.info("loaded collection %s: %d documents, seq %d", info.name, loaded, last_seq)
+            async with self.persistence.load_collection(info.name) as snapshot:
+                async for batch in snapshot:
+                    await _apply_loaded(collection, batch)
+                    loaded += len(batch)
+                collection.last_seq = snapshot.last_seq or 0
+            log.info("loaded collection %s: %d documents, seq %d", info.name, loaded, collection.last_seq)
 
     def add_listener(self, listener: Publisher) -> None:
         """Called after every applied change, after its ack (subscriptions, change streams)."""
@@ -194,7 +190,7 @@ async def _start(tg: TaskGroup, actor: Actor) -> anyio.Event:
     """Start an actor in `tg`; the returned event is set when its run() has returned."""
     finished = anyio.Event()
 
-    async def runner(*, task_status: TaskStatus[None]) -> None:
+    async def runner(*, task_status: TaskStatus[Any]) -> None:
         try:
             await actor.run(task_status=task_status)
         finally:

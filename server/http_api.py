@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from models.errors import BadRequest, ShoalError, TooLarge, UnknownOp, as_shoal_error
 from models.requests import parse_request
+from server.auth import bearer
 from server.ops import execute
 from server.state import AppState
 
@@ -73,6 +74,7 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
     msgpack_reply = _wants_msgpack(request)
     started = time.perf_counter()
     try:
+        grant = state.auth.lookup(bearer(request.headers.get("authorization")))
         args = (
             await _read_body(request, state.settings.limits.max_frame_bytes)
             if request.method != "GET"
@@ -83,7 +85,9 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
                 raise BadRequest(f"'{key}' in the body differs from the path")
             args[key] = value
         parsed = parse_request(op, args, state.settings.limits)
-        result = await execute(state.engine, parsed, compact=msgpack_reply)
+        state.auth.check(grant, request.client.host if request.client else "-", parsed)
+        visible = None if grant is None else grant.collections
+        result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
         response, code = _respond(result, 200, msgpack_reply), "ok"
     except Exception as exc:
         error = as_shoal_error(exc)

@@ -27,8 +27,11 @@ def doc_to_wire(doc: StoredDoc, include: frozenset[Include], compact: bool) -> d
     return out
 
 
-async def execute(engine: Engine, request: rq.Request, *, compact: bool) -> dict[str, Any]:
-    """Serve one request; raises ShoalError for anything the client got wrong."""
+async def execute(
+    engine: Engine, request: rq.Request, *, compact: bool, visible: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """Serve one request; raises ShoalError for anything the client got wrong. `visible`
+    restricts which collections a listing shows (a key scoped to some collections)."""
     if isinstance(request, rq.Ping | rq.Auth):
         return {}
     if isinstance(request, rq.Query):
@@ -53,7 +56,8 @@ async def execute(engine: Engine, request: rq.Request, *, compact: bool) -> dict
     if isinstance(request, rq.CreateCollection):
         return {"collection": (await engine.create_collection(request)).to_wire()}
     if isinstance(request, rq.ListCollections):
-        return {"collections": [info.to_wire() for info in await engine.list_collections()]}
+        infos = await engine.list_collections()
+        return {"collections": [i.to_wire() for i in infos if visible is None or i.name in visible]}
     if isinstance(request, rq.DropCollection):
         await engine.drop_collection(request)
         return {}

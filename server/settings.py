@@ -35,6 +35,9 @@ class Settings:
     log_level: str = "info"
     cors_origins: tuple[str, ...] = ()
     heartbeat_s: float = 15.0
+    api_keys: str = ""
+    rate_limit: float = 0.0
+    rate_burst: float = 0.0
     limits: Limits = field(default_factory=Limits)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -77,6 +80,12 @@ def load_settings(env: Mapping[str, str] | None = None, **flags: Any) -> Setting
         base["log_level"] = env["SHOAL_LOG_LEVEL"]
     if env.get("SHOAL_CORS_ORIGINS"):
         base["cors_origins"] = tuple(o.strip() for o in env["SHOAL_CORS_ORIGINS"].split(",") if o.strip())
+    if "SHOAL_API_KEYS" in env:
+        base["api_keys"] = env["SHOAL_API_KEYS"]
+    if "SHOAL_RATE_LIMIT" in env:
+        base["rate_limit"] = float(env["SHOAL_RATE_LIMIT"])
+    if "SHOAL_RATE_BURST" in env:
+        base["rate_burst"] = float(env["SHOAL_RATE_BURST"])
     if "SHOAL_HEARTBEAT_S" in env:
         base["heartbeat_s"] = float(env["SHOAL_HEARTBEAT_S"])
     base["limits"] = _from_env(Limits, env)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from actors.supervisor import Engine
 from models.requests import PARSERS
+from server.auth import Authenticator
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -15,4 +16,5 @@ class AppState:
     settings: Settings
     metrics: Metrics
     engine: Engine
+    auth: Authenticator
     known_ops: frozenset[str] = field(default_factory=lambda: frozenset(PARSERS))

@@ -19,8 +19,9 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from models.codec import Frame, FrameError, decode_frame, encode_error, encode_reply
-from models.errors import BadFrame, ShoalError, as_shoal_error
-from models.requests import parse_request
+from models.errors import BadFrame, ShoalError, Unauthorized, as_shoal_error
+from models.requests import Auth, parse_request
+from server.auth import ApiKey, bearer
 from server.ops import execute
 from server.state import AppState
 
@@ -46,6 +47,17 @@ class Connection:
         self.websocket = websocket
         self.state = state
         self.in_flight = anyio.Semaphore(state.settings.limits.max_in_flight_per_connection)
+        client = websocket.client
+        self.caller = client.host if client else "-"
+        self.grant: ApiKey | None = None
+        self.authenticated = not state.auth.enabled
+        key = bearer(websocket.headers.get("authorization"))
+        if key is not None and state.auth.enabled:
+            try:
+                self.grant = state.auth.lookup(key)
+                self.authenticated = True
+            except Unauthorized:
+                pass  # every op but `auth` answers unauthorized until a good key arrives
 
     async def serve(self) -> None:
         send, receive = anyio.create_memory_object_stream[bytes](OUTGOING_FRAMES)
@@ -100,8 +112,16 @@ class Connection:
 
     async def _serve(self, frame: Frame) -> tuple[bytes, str]:
         try:
+            if not self.authenticated and frame.op != "auth":
+                raise Unauthorized("authenticate first: send {op: auth, key} or an Authorization header")
             request = parse_request(frame.op, frame.args, self.state.settings.limits)
-            result: dict[str, Any] = await execute(self.state.engine, request, compact=True)
+            auth = self.state.auth
+            if isinstance(request, Auth):
+                self.grant = auth.lookup(request.key)
+                self.authenticated = True
+            auth.check(self.grant, self.caller, request)
+            visible = None if self.grant is None else self.grant.collections
+            result: dict[str, Any] = await execute(self.state.engine, request, compact=True, visible=visible)
             return encode_reply(frame.request_id, result), "ok"
         except Exception as exc:
             error = as_shoal_error(exc)

@@ -1,0 +1,150 @@
+"""The PostgreSQL schema of Shoal: DDL, table names and the SQL of the write paths.
+
+See `actors/persistence.py` for why the schema looks like this and what was measured.
+Identifiers spliced into SQL text come only from `Tables`, which builds them from the integer id
+of a catalog row; every value travels as a parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+# pg_advisory_xact_lock key that serialises schema set-up between Shoal processes.
+SCHEMA_LOCK_KEY = 0x53484F414C  # "SHOAL" in ASCII
+
+# pgvector's own limit on vector(n).
+MAX_VECTOR_DIM = 16_000
+
+# PostgreSQL moves wide values out of line (TOAST) once a row passes ~2 KB; a 384-d vector alone
+# is 1,544 bytes, so documents with a few hundred characters of text would pay an extra TOAST heap
+# and index write per row. Up to this size rows stay inline and uncompressed; beyond it the text is
+# compressed first. With 1,000-character texts 4080 wrote ~30% faster than the default; 8160 was as
+# fast but keeps long texts uncompressed at one row a page (3x the space at 3,000 characters).
+TOAST_TUPLE_TARGET = 4080
+
+# The columns of a log table in the order COPY sends them.
+LOG_COLUMNS: tuple[str, ...] = ("seq", "op", "doc_id", "text", "vector", "metadata")
+
+CATALOG_DDL: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS shoal_schema (
+        version integer NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS shoal_collections (
+        id         serial PRIMARY KEY,
+        name       text NOT NULL UNIQUE,
+        dim        integer NOT NULL CHECK (dim BETWEEN 1 AND 16000),
+        metric     text NOT NULL,
+        last_seq   bigint NOT NULL DEFAULT 0,
+        doc_count  bigint NOT NULL DEFAULT 0,
+        created_at timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """The names of one collection's tables, derived from its numeric catalog id only."""
+
+    collection_id: int
+
+    @property
+    def docs(self) -> str:
+        return f"shoal_docs_{int(self.collection_id)}"
+
+    @property
+    def log(self) -> str:
+        return f"shoal_log_{int(self.collection_id)}"
+
+    def create_ddl(self, dim: int) -> tuple[str, ...]:
+        dim = int(dim)
+        if not 1 <= dim <= MAX_VECTOR_DIM:
+            raise ValueError(f"dim out of range: {dim}")
+        return (
+            f"""
+            CREATE TABLE {self.docs} (
+                id       text PRIMARY KEY,
+                seq      bigint NOT NULL,
+                text     text,
+                vector   vector({dim}) NOT NULL,
+                metadata jsonb NOT NULL DEFAULT '{{}}'
+            ) WITH (toast_tuple_target = {TOAST_TUPLE_TARGET})
+            """,
+            f"""
+            CREATE TABLE {self.log} (
+                seq      bigint PRIMARY KEY,
+                op       text NOT NULL CHECK (op IN ('upsert', 'delete')),
+                doc_id   text NOT NULL,
+                text     text,
+                vector   vector({dim}),
+                metadata jsonb
+            ) WITH (toast_tuple_target = {TOAST_TUPLE_TARGET})
+            """,
+        )
+
+    def drop_ddl(self) -> str:
+        return f"DROP TABLE IF EXISTS {self.docs}, {self.log}"
+
+    # --- write paths -------------------------------------------------------------------------
+
+    def upsert_docs_from_log(self) -> str:
+        """Apply log rows $1..$2 to the docs table (the last change of an id wins) and add the
+        number of newly inserted ids to the catalog's doc_count. Params: first, last, collection id.
+
+        `xmax = 0` tells an inserted row from one updated by ON CONFLICT: the update stamps the
+        old version's xmax with our transaction id.
+        """
+        return f"""
+            WITH applied AS (
+                INSERT INTO {self.docs} AS d (id, seq, text, vector, metadata)
+                SELECT DISTINCT ON (doc_id) doc_id, seq, text, vector, metadata
+                FROM {self.log}
+                WHERE seq BETWEEN $1 AND $2
+                ORDER BY doc_id, seq DESC
+                ON CONFLICT (id) DO UPDATE
+                SET seq = EXCLUDED.seq, text = EXCLUDED.text,
+                    vector = EXCLUDED.vector, metadata = EXCLUDED.metadata
+                RETURNING (d.xmax = 0) AS inserted
+            )
+            UPDATE shoal_collections
+            SET doc_count = doc_count + (SELECT count(*) FROM applied WHERE inserted)
+            WHERE id = $3
+        """
+
+    def upsert_via_unnest(self) -> str:
+        """The multi-row INSERT alternative to COPY, in one statement: write the log rows from
+        arrays, apply them to the docs table, count new ids. Params: first seq, ids, texts,
+        vectors (pre-encoded), metadata, collection id."""
+        return f"""
+            WITH logged AS (
+                INSERT INTO {self.log} (seq, op, doc_id, text, vector, metadata)
+                SELECT $1 + n - 1, 'upsert', i, t, v, m
+                FROM unnest($2::text[], $3::text[], $4::vector[], $5::jsonb[])
+                     WITH ORDINALITY AS u(i, t, v, m, n)
+                RETURNING seq, doc_id, text, vector, metadata
+            ), applied AS (
+                INSERT INTO {self.docs} AS d (id, seq, text, vector, metadata)
+                SELECT DISTINCT ON (doc_id) doc_id, seq, text, vector, metadata
+                FROM logged
+                ORDER BY doc_id, seq DESC
+                ON CONFLICT (id) DO UPDATE
+                SET seq = EXCLUDED.seq, text = EXCLUDED.text,
+                    vector = EXCLUDED.vector, metadata = EXCLUDED.metadata
+                RETURNING (d.xmax = 0) AS inserted
+            )
+            UPDATE shoal_collections
+            SET doc_count = doc_count + (SELECT count(*) FROM applied WHERE inserted)
+            WHERE id = $6
+        """
+
+    def log_deletes(self) -> str:
+        """Log one 'delete' change per id, seqs $1, $1+1, ... in array order. Params: first, ids."""
+        return f"""
+            INSERT INTO {self.log} (seq, op, doc_id)
+            SELECT $1 + n - 1, 'delete', i FROM unnest($2::text[]) WITH ORDINALITY AS u(i, n)
+        """

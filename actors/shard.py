@@ -1,0 +1,378 @@
+"""The shard actor: one hnswlib index and an exact replica of its documents, owned by one task.
+
+One `Shard` per (collection, shard number). It is a replica of the durable change log: writes
+arrive already committed, in seq order, and are applied in mailbox order.
+
+Concurrency. hnswlib is not safe for concurrent add and query on one index (hnswlib #562), but
+its queries release the GIL. The actor therefore keeps a read/write discipline:
+- reads (searches, `get`, `ids_matching`) are handed to `search_threads` long-lived reader
+  tasks of the actor's own task group, each running its read in a worker thread; several reads
+  may be in flight at once;
+- a write is applied by the actor loop itself: it first waits until every in-flight read has
+  finished, and since the loop is busy with the write, no read starts until it is done;
+- the index-global `ef` is changed only while no read is in flight.
+So a read sees the state after every write queued before it and none queued after it.
+
+Throughput. While reads are in flight the loop takes no more of them than there are
+`search_threads`; queries queue in the mailbox meanwhile. When a slot frees, the loop drains the
+queued queries and answers the unfiltered ones with the same (k, ef, include) together: one
+`knn_query` over a 2-D array per free slot (up to `search_batch` queries per drain), so one
+thread hop serves many queries and every core searches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import numpy as np
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from actors.mailbox import Mailbox, Reply
+from actors.shard_state import ShardState
+from models.config import EngineConfig
+from models.errors import DimensionMismatch, Unavailable
+from models.filters import Filter, TextFilter
+from models.records import DocId, Hit, Include, Metric, StoredDoc, Vector
+
+T = TypeVar("T")
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Upsert:
+    docs: tuple[StoredDoc, ...]
+    reply: Reply[None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Delete:
+    ids: tuple[DocId, ...]
+    reply: Reply[list[DocId]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Search:
+    query: Vector
+    k: int
+    ef: int
+    where: Filter | None
+    where_text: TextFilter | None
+    include: frozenset[Include]
+    reply: Reply[list[Hit]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Get:
+    ids: tuple[DocId, ...]
+    reply: Reply[list[StoredDoc]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Count:
+    reply: Reply[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _IdsMatching:
+    where: Filter | None
+    where_text: TextFilter | None
+    reply: Reply[list[DocId]]
+
+
+_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching
+# Smallest part a group of queued queries is split into to run on several threads at once.
+_MIN_PART = 4
+# A read for a reader task: the blocking call, then what to do with its result or error.
+_Job = tuple[Callable[[], Any], Callable[[Any], None], Callable[[BaseException], None]]
+
+
+# -- the actor ------------------------------------------------------------------------------------
+
+
+class Shard:
+    """The actor owning one shard. Start `run()` in a task group; stop it with `close()`."""
+
+    def __init__(
+        self,
+        dim: int,
+        metric: Metric,
+        config: EngineConfig,
+        limiter: anyio.CapacityLimiter,
+        name: str = "shard",
+    ) -> None:
+        self.dim = dim
+        self.metric = metric
+        self._config = config
+        self._limiter = limiter
+        self._state = ShardState(dim, metric, config)
+        self._mailbox: Mailbox[_Message] = Mailbox(max(1, config.shard_mailbox), name)
+        # The mailbox is a memory stream; its non-blocking receive is what batching needs.
+        self._receive = self._mailbox.receive
+        self._pending: deque[_Message] = deque()
+        self._max_readers = max(1, config.search_threads)
+        self._batch = max(1, config.search_batch)
+        self._readers = 0  # reads handed to the reader tasks and not finished yet
+        self._waiter: anyio.Event | None = None  # set when a read finishes, if the loop waits
+        self._jobs: MemoryObjectSendStream[_Job] | None = None
+        # Messages taken from the mailbox and not yet answered or handed to a reader.
+        self._in_hand: list[_Message] = []
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def apply_upserts(self, docs: Sequence[StoredDoc]) -> None:
+        """Insert or replace documents by id; visible to every read sent after this returns."""
+        reply: Reply[None] = Reply()
+        await self._mailbox.send(_Upsert(tuple(docs), reply))
+        await reply.wait()
+
+    async def apply_deletes(self, ids: Sequence[DocId]) -> list[DocId]:
+        """Delete documents by id; returns the ids that existed (each once)."""
+        reply: Reply[list[DocId]] = Reply()
+        await self._mailbox.send(_Delete(tuple(ids), reply))
+        return await reply.wait()
+
+    async def search(
+        self,
+        query: Vector,
+        k: int,
+        ef: int | None,
+        where: Filter | None,
+        where_text: TextFilter | None,
+        include: frozenset[Include],
+    ) -> list[Hit]:
+        """The k nearest live documents passing the filters, best first.
+
+        Returns min(k, number of matching documents) hits. `ef` (None: `hnsw_ef_search`) is the
+        graph search breadth; hnswlib searches with max(ef, k). Raises `DimensionMismatch` for a
+        query of the wrong width, `Overloaded` when the mailbox is full and `Unavailable` once the
+        shard is shutting down.
+        """
+        vec = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+        if vec.shape[0] != self.dim:
+            raise DimensionMismatch(f"query has {vec.shape[0]} dimensions, the collection {self.dim}")
+        reply: Reply[list[Hit]] = Reply()
+        eff = max(1, ef if ef is not None else self._config.hnsw_ef_search)
+        self._mailbox.offer(_Search(vec, k, eff, where, where_text, include, reply))
+        return await reply.wait()
+
+    async def get(self, ids: Sequence[DocId]) -> list[StoredDoc]:
+        """The stored documents of these ids, in request order; missing ids are left out."""
+        reply: Reply[list[StoredDoc]] = Reply()
+        self._mailbox.offer(_Get(tuple(ids), reply))
+        return await reply.wait()
+
+    async def count(self) -> int:
+        reply: Reply[int] = Reply()
+        self._mailbox.offer(_Count(reply))
+        return await reply.wait()
+
+    async def ids_matching(self, where: Filter | None, where_text: TextFilter | None) -> list[DocId]:
+        """Ids of the live documents passing both filters (None passes everything)."""
+        reply: Reply[list[DocId]] = Reply()
+        self._mailbox.offer(_IdsMatching(where, where_text, reply))
+        return await reply.wait()
+
+    def close(self) -> None:
+        """No more messages: what is queued is still answered, then `run()` returns."""
+        self._mailbox.close()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve the mailbox until `close()`; in-flight reads finish before this returns."""
+        # At most `_max_readers` reads are ever handed out, so this buffer never blocks.
+        jobs, job_receive = anyio.create_memory_object_stream[_Job](self._max_readers)
+        self._jobs = jobs
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self._max_readers):
+                    tg.start_soon(self._reader, job_receive.clone())
+                task_status.started()
+                with jobs:
+                    await self._serve()
+        finally:
+            self._fail_queued(job_receive)
+
+    async def _serve(self) -> None:
+        receive = self._receive
+        while True:
+            if self._pending:
+                msg = self._pending.popleft()
+            else:
+                try:
+                    msg = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+            self._in_hand = [msg]
+            if isinstance(msg, _Search):
+                # Wait for a free slot first: queries queue meanwhile and go out as one batch.
+                await self._readers_at_most(self._max_readers - 1)
+                batch = self._drain_searches(msg)
+                self._in_hand = list(batch)
+                await self._dispatch_searches(batch)
+            elif isinstance(msg, _Count):
+                msg.reply.set(self._state.n_live)
+            elif isinstance(msg, _Get):
+                await self._readers_at_most(self._max_readers - 1)
+                self._start_read(_bind(self._state.get, msg.ids), msg.reply.set, msg.reply.fail)
+            elif isinstance(msg, _IdsMatching):
+                await self._readers_at_most(self._max_readers - 1)
+                fn = _bind(self._state.ids_matching, msg.where, msg.where_text)
+                self._start_read(fn, msg.reply.set, msg.reply.fail)
+            else:
+                await self._readers_at_most(0)
+                await self._write(msg)
+
+    def _drain_searches(self, first: _Search) -> list[_Search]:
+        """`first` and the searches queued right behind it, up to `search_batch`.
+
+        Stops at the first message that is not a search: it is kept for the loop, so writes
+        keep their place in the order.
+        """
+        batch = [first]
+        while len(batch) < self._batch:
+            try:
+                msg = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            if not isinstance(msg, _Search):
+                self._pending.append(msg)
+                break
+            batch.append(msg)
+        return batch
+
+    async def _dispatch_searches(self, batch: list[_Search]) -> None:
+        groups: dict[tuple[int, int, frozenset[Include]], list[_Search]] = {}
+        filtered: list[_Search] = []
+        for s in batch:
+            if s.where is None and s.where_text is None:
+                groups.setdefault((s.k, s.ef, s.include), []).append(s)
+            else:
+                filtered.append(s)
+        for (k, ef, include), group in groups.items():
+            await self._use_ef(ef)
+            # Spread a big group over the free slots, one single-threaded knn_query each: hnswlib
+            # runs a call of up to 4 queries per thread on one thread anyway, and the parts
+            # come back at different times, so their callers' next queries overlap the search.
+            free = self._max_readers - self._readers
+            parts = max(1, min(free, len(group) // _MIN_PART))
+            threads = self._max_readers if parts == 1 and self._readers == 0 else 1
+            size = -(-len(group) // parts)
+            for start in range(0, len(group), size):
+                part = group[start : start + size]
+                fn = _bind(self._state.search_unfiltered, [s.query for s in part], k, include, threads)
+                replies = [s.reply for s in part]
+                self._start_read(fn, _deliver_all(replies), _fail_all(replies))
+        for s in filtered:
+            await self._use_ef(s.ef)
+            fn2 = _bind(self._state.search_filtered, s.query, s.k, s.where, s.where_text, s.include)
+            self._start_read(fn2, s.reply.set, s.reply.fail)
+
+    async def _use_ef(self, ef: int) -> None:
+        """Make `ef` the index's search breadth (changed only while no read is in flight), then
+        wait for a free read slot."""
+        if ef != self._state.ef:
+            await self._readers_at_most(0)
+            self._state.set_ef(ef)
+        else:
+            await self._readers_at_most(self._max_readers - 1)
+
+    def _start_read(
+        self, fn: Callable[[], T], ok: Callable[[T], None], fail: Callable[[BaseException], None]
+    ) -> None:
+        """Hand a read to a reader task. Call only with a free slot (`_readers_at_most`)."""
+        assert self._jobs is not None and self._readers < self._max_readers
+        self._readers += 1  # counted now, so a write queued next waits for this read
+        self._jobs.send_nowait((fn, ok, fail))
+
+    async def _reader(self, jobs: MemoryObjectReceiveStream[_Job]) -> None:
+        """One of `search_threads` long-lived tasks running reads in worker threads."""
+        async with jobs:
+            async for fn, ok, fail in jobs:
+                try:
+                    result = await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+                except Exception as exc:
+                    fail(exc)
+                except BaseException:  # cancelled: the caller must not wait forever
+                    fail(Unavailable("shard is shutting down"))
+                    raise
+                else:
+                    ok(result)
+                finally:
+                    self._readers -= 1
+                    if self._waiter is not None:
+                        self._waiter.set()
+                        self._waiter = None
+
+    async def _readers_at_most(self, limit: int) -> None:
+        while self._readers > limit:
+            if self._waiter is None:
+                self._waiter = anyio.Event()
+            await self._waiter.wait()
+
+    async def _write(self, msg: _Upsert | _Delete) -> None:
+        """Apply one write in a worker thread; the loop (and so every read) waits for it."""
+        try:
+            if isinstance(msg, _Upsert):
+                await anyio.to_thread.run_sync(self._state.upsert, msg.docs, limiter=self._limiter)
+                msg.reply.set(None)
+            else:
+                existed = await anyio.to_thread.run_sync(self._state.delete, msg.ids, limiter=self._limiter)
+                msg.reply.set(existed)
+        except Exception as exc:
+            msg.reply.fail(exc)
+        except BaseException:
+            msg.reply.fail(Unavailable("shard is shutting down"))
+            raise
+
+    def _fail_queued(self, jobs: MemoryObjectReceiveStream[_Job]) -> None:
+        """On exit (normal or cancelled), nobody waits forever: reads handed out but not run and
+        queued messages fail with `unavailable`."""
+        self._mailbox.close()
+        error = Unavailable("shard is shutting down")
+        for msg in self._in_hand:  # a no-op for those already answered
+            msg.reply.fail(error)
+        with jobs:
+            while True:
+                try:
+                    _, _, fail = jobs.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                fail(error)
+        while True:
+            if self._pending:
+                msg = self._pending.popleft()
+            else:
+                try:
+                    msg = self._receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+            msg.reply.fail(error)
+        self._receive.close()
+
+
+def _bind(fn: Callable[..., T], *args: object) -> Callable[[], T]:
+    return lambda: fn(*args)
+
+
+def _deliver_all(replies: list[Reply[list[Hit]]]) -> Callable[[list[list[Hit]]], None]:
+    def deliver(results: list[list[Hit]]) -> None:
+        for reply, hits in zip(replies, results, strict=True):
+            reply.set(hits)
+
+    return deliver
+
+
+def _fail_all(replies: list[Reply[list[Hit]]]) -> Callable[[BaseException], None]:
+    def fail(exc: BaseException) -> None:
+        for reply in replies:
+            reply.fail(exc)
+
+    return fail

@@ -1,0 +1,312 @@
+"""The state of one shard and its blocking operations: hnswlib index, exact replica, metadata.
+
+Not thread-safe on its own: `actors/shard.py` runs these methods in worker threads under a
+read/write discipline (reads may overlap each other, a write overlaps nothing). `Occupancy`
+records any overlap it observes, so tests can prove the discipline holds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import hnswlib
+import numpy as np
+from numpy.typing import NDArray
+
+from actors import exact
+from actors.planner import choose_plan
+from models.config import EngineConfig
+from models.errors import DimensionMismatch
+from models.filters import Filter, MetadataColumns, TextFilter, text_mask
+from models.records import DocId, Hit, Include, Metadata, Metric, Seq, StoredDoc, Vector
+
+_SPACES = {Metric.COSINE: "cosine", Metric.L2: "l2", Metric.IP: "ip"}
+
+
+class Occupancy:
+    """Counts readers and writers inside the state's blocking operations.
+
+    The actor's discipline should make a write and a read never overlap; this records any
+    overlap it observes (`violations`), which the stress test asserts is zero.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.readers = 0
+        self.writers = 0
+        self.violations = 0
+        self.max_readers = 0  # the most reads seen overlapping one another
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._lock:
+            self.readers += 1
+            self.violations += self.writers > 0
+            self.max_readers = max(self.max_readers, self.readers)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.readers -= 1
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._lock:
+            self.writers += 1
+            self.violations += self.readers > 0 or self.writers > 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.writers -= 1
+
+
+class ShardState:
+    """Everything a shard holds. Labels (hnswlib ids) index every per-document array."""
+
+    def __init__(self, dim: int, metric: Metric, config: EngineConfig) -> None:
+        self.dim = dim
+        self.metric = metric
+        self.config = config
+        self.threads = max(1, config.search_threads)
+        cap = max(16, config.hnsw_initial_capacity)
+        self.index = hnswlib.Index(space=_SPACES[metric], dim=dim)
+        self.index.init_index(
+            max_elements=cap, M=config.hnsw_m, ef_construction=config.hnsw_ef_construction, random_seed=100
+        )
+        self.ef = max(1, config.hnsw_ef_search)
+        self.index.set_ef(self.ef)
+        # Vectors as given (not normalised) and their norms, for exact search and include=vector.
+        self.vectors = np.zeros((cap, dim), np.float32)
+        self.norms = np.zeros(cap, np.float32)
+        self.live = np.zeros(cap, np.bool_)
+        self.seqs = np.zeros(cap, np.int64)
+        self.texts: list[str | None] = [None] * cap
+        self.metas: list[Metadata | None] = [None] * cap
+        self.ids: list[DocId | None] = [None] * cap
+        self.labels: dict[DocId, int] = {}
+        self.free: list[int] = []  # labels of deleted documents, reused first
+        self.high = 0  # labels below this have been handed out
+        self.n_live = 0
+        self.columns = MetadataColumns()
+        self.occupancy = Occupancy()
+
+    @property
+    def capacity(self) -> int:
+        return int(self.vectors.shape[0])
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def upsert(self, docs: Sequence[StoredDoc]) -> None:
+        latest: dict[DocId, StoredDoc] = {}
+        for doc in docs:  # the same id twice in one batch: the last one wins
+            latest[doc.id] = doc
+        if not latest:
+            return
+        batch = list(latest.values())
+        vecs = np.stack([np.asarray(doc.vector, dtype=np.float32).reshape(-1) for doc in batch])
+        if vecs.shape[1] != self.dim:
+            raise DimensionMismatch(f"vector has {vecs.shape[1]} dimensions, the collection {self.dim}")
+        with self.occupancy.writing():
+            labels = np.empty(len(batch), np.int64)
+            for i, doc in enumerate(batch):
+                label = self.labels.get(doc.id)
+                if label is None:
+                    label = self.free.pop() if self.free else self._new_label()
+                    self.labels[doc.id] = label
+                    self.n_live += 1
+                labels[i] = label
+            self._ensure_capacity(self.high)
+            # An existing label is updated in place; a reused (deleted) one is unmarked too.
+            self.index.add_items(vecs, labels, num_threads=min(self.threads, len(batch)))
+            self.vectors[labels] = vecs
+            self.norms[labels] = exact.row_norms(vecs)
+            self.live[labels] = True
+            for label, doc in zip(labels.tolist(), batch, strict=True):
+                self.ids[label] = doc.id
+                self.seqs[label] = doc.seq
+                self.texts[label] = doc.text
+                self.metas[label] = doc.metadata
+                self.columns.set_row(label, doc.metadata)
+
+    def delete(self, ids: Sequence[DocId]) -> list[DocId]:
+        existed: list[DocId] = []
+        with self.occupancy.writing():
+            for doc_id in ids:
+                label = self.labels.pop(doc_id, None)
+                if label is None:
+                    continue
+                existed.append(doc_id)
+                self.index.mark_deleted(label)
+                self.live[label] = False
+                self.texts[label] = self.metas[label] = self.ids[label] = None
+                self.columns.clear_row(label)
+                self.free.append(label)
+                self.n_live -= 1
+        return existed
+
+    def set_ef(self, ef: int) -> None:
+        with self.occupancy.writing():
+            self.index.set_ef(ef)
+            self.ef = ef
+
+    def _new_label(self) -> int:
+        self.high += 1
+        return self.high - 1
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < needed:
+            cap *= 2
+        self.index.resize_index(cap)
+        extra = cap - self.capacity
+        self.vectors = np.concatenate([self.vectors, np.zeros((extra, self.dim), np.float32)])
+        self.norms = np.concatenate([self.norms, np.zeros(extra, np.float32)])
+        self.live = np.concatenate([self.live, np.zeros(extra, np.bool_)])
+        self.seqs = np.concatenate([self.seqs, np.zeros(extra, np.int64)])
+        self.texts.extend([None] * extra)
+        self.metas.extend([None] * extra)
+        self.ids.extend([None] * extra)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def search_unfiltered(
+        self, queries: Sequence[Vector], k: int, include: frozenset[Include], threads: int = 1
+    ) -> list[list[Hit]]:
+        """Best-first hits of each query; min(k, live documents) each. `threads` is hnswlib's
+        num_threads for the batch (it parallelises only above 4 queries per thread)."""
+        with self.occupancy.reading():
+            if self.n_live == 0 or k <= 0:
+                return [[] for _ in queries]
+            q = np.stack(queries)
+            plan = choose_plan(self.n_live, self.n_live, k, self.config)
+            k_eff = min(k, self.n_live)
+            if plan == "hnsw":
+                try:
+                    labels, raw = self.index.knn_query(q, k=k_eff, num_threads=threads)
+                except RuntimeError:  # came back short (deleted elements, tiny ef): answer exactly
+                    pass
+                else:
+                    scores, dists = exact.from_hnsw(raw, self.metric)
+                    return self._hits_rows(labels.tolist(), scores.tolist(), dists.tolist(), include)
+            tops = exact.search(self.vectors, self.norms, q, k, self.metric, mask=self.live[: self.high])
+            return [self._hits(t.labels, t.scores, t.distances, include) for t in tops]
+
+    def search_filtered(
+        self,
+        query: Vector,
+        k: int,
+        where: Filter | None,
+        where_text: TextFilter | None,
+        include: frozenset[Include],
+    ) -> list[Hit]:
+        """Best-first hits among the matching documents: exactly min(k, matches) of them."""
+        with self.occupancy.reading():
+            mask = self._mask(where, where_text)
+            n_match = int(np.count_nonzero(mask))
+            k_eff = min(k, n_match)
+            if k_eff <= 0:
+                return []
+            plan = choose_plan(self.n_live, n_match, k, self.config)
+            if plan != "exact":
+                # A filter that matches every live document needs no callback.
+                allowed = mask.tolist().__getitem__ if plan == "hnsw_filtered" else None
+                try:
+                    labels, raw = self.index.knn_query(query, k=k_eff, num_threads=1, filter=allowed)
+                except RuntimeError:
+                    pass  # short: fall through to exact
+                else:
+                    if labels.shape[1] == k_eff and bool(mask[labels[0].astype(np.int64)].all()):
+                        scores, dists = exact.from_hnsw(raw, self.metric)
+                        return self._hits(labels[0], scores[0], dists[0], include)
+            top = exact.search(self.vectors, self.norms, query, k, self.metric, mask=mask)[0]
+            return self._hits(top.labels, top.scores, top.distances, include)
+
+    def get(self, ids: Sequence[DocId]) -> list[StoredDoc]:
+        with self.occupancy.reading():
+            out: list[StoredDoc] = []
+            for doc_id in ids:
+                label = self.labels.get(doc_id)
+                if label is None:
+                    continue
+                meta = self.metas[label]
+                out.append(
+                    StoredDoc(
+                        id=doc_id,
+                        text=self.texts[label],
+                        vector=self.vectors[label].copy(),
+                        metadata=meta if meta is not None else {},
+                        seq=Seq(int(self.seqs[label])),
+                    )
+                )
+            return out
+
+    def ids_matching(self, where: Filter | None, where_text: TextFilter | None) -> list[DocId]:
+        with self.occupancy.reading():
+            mask = self._mask(where, where_text)
+            return [self._id(label) for label in np.flatnonzero(mask).tolist()]
+
+    def _mask(self, where: Filter | None, where_text: TextFilter | None) -> NDArray[np.bool_]:
+        """Live documents passing both filters, as a bool per label below `high`."""
+        n = self.high
+        mask = self.live[:n].copy()
+        if where is not None:
+            mask &= self.columns.mask(where, n)
+        if where_text is not None:
+            mask &= text_mask(where_text, self.texts[:n])
+        return mask
+
+    def _id(self, label: int) -> DocId:
+        doc_id = self.ids[label]
+        assert doc_id is not None, "a search returned a label with no document"
+        return doc_id
+
+    def _hits(
+        self,
+        labels: NDArray[Any],
+        scores: NDArray[np.float32],
+        dists: NDArray[np.float32],
+        include: frozenset[Include],
+    ) -> list[Hit]:
+        return self._hits_rows([labels.tolist()], [scores.tolist()], [dists.tolist()], include)[0]
+
+    def _hits_rows(
+        self,
+        labels: list[list[int]],
+        scores: list[list[float]],
+        dists: list[list[float]],
+        include: frozenset[Include],
+    ) -> list[list[Hit]]:
+        """Hits of many queries at once: this is per-hit Python work, so it is kept lean."""
+        # Labels come from the index or the live mask, so they always name a document.
+        ids = cast(list[DocId], self.ids)
+        texts = self.texts if Include.TEXT in include else _NONES
+        metas = self.metas if Include.METADATA in include else _NONES
+        if Include.VECTOR in include:
+            vectors = self.vectors
+            return [
+                [
+                    Hit(ids[x], s, d, texts[x], metas[x], vectors[x].copy())
+                    for x, s, d in zip(lab, sco, dis, strict=True)
+                ]
+                for lab, sco, dis in zip(labels, scores, dists, strict=True)
+            ]
+        return [
+            [Hit(ids[x], s, d, texts[x], metas[x], None) for x, s, d in zip(lab, sco, dis, strict=True)]
+            for lab, sco, dis in zip(labels, scores, dists, strict=True)
+        ]
+
+
+class _Nones:
+    """Indexing gives None: stands in for a column the caller did not ask for."""
+
+    def __getitem__(self, label: int) -> None:
+        return None
+
+
+_NONES = _Nones()

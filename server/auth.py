@@ -1,0 +1,136 @@
+"""API keys with per-collection scopes, and token-bucket rate limits.
+
+Keys come from `SHOAL_API_KEYS`: either a comma-separated list of keys with full access, or a
+JSON list of `{"key": "...", "collections": ["a", "b"] | "*", "access": "read"|"write"|"admin"}`.
+`read` serves list/get/count/query/subscribe, `write` adds upsert/delete, `admin` adds
+create/drop. With no keys configured, auth is off.
+
+`SHOAL_RATE_LIMIT` (requests per second, 0 = off) and `SHOAL_RATE_BURST` bound each caller: a key,
+or the client address when auth is off. Over the rate a request answers `rate_limited` with
+`retry_after_ms`, the time until a token is available.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from models import requests as rq
+from models.errors import Forbidden, RateLimited, Unauthorized
+
+
+class Access(enum.IntEnum):
+    NONE = 0
+    READ = 1
+    WRITE = 2
+    ADMIN = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    key: str
+    collections: frozenset[str] | None  # None: every collection
+    access: Access
+
+    def allows(self, collection: str | None) -> bool:
+        return self.collections is None or collection is None or collection in self.collections
+
+
+def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
+    """Parse SHOAL_API_KEYS. Raises ValueError with a readable reason."""
+    raw = raw.strip()
+    if not raw:
+        return ()
+    if not raw.startswith("["):
+        return tuple(ApiKey(k.strip(), None, Access.ADMIN) for k in raw.split(",") if k.strip())
+    keys = []
+    for entry in json.loads(raw):
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not entry["key"]:
+            raise ValueError("each API key entry needs a non-empty 'key'")
+        scope = entry.get("collections", "*")
+        collections = None if scope == "*" else frozenset(str(c) for c in scope)
+        access = Access[str(entry.get("access", "admin")).upper()]
+        keys.append(ApiKey(entry["key"], collections, access))
+    return tuple(keys)
+
+
+def required_access(request: rq.Request) -> tuple[Access, str | None]:
+    """What an op needs, and on which collection."""
+    match request:
+        case rq.Ping() | rq.Auth() | rq.Unsubscribe():
+            return Access.NONE, None
+        case rq.CreateCollection(name=name) | rq.DropCollection(name=name):
+            return Access.ADMIN, name
+        case rq.Upsert(collection=name) | rq.Delete(collection=name):
+            return Access.WRITE, name
+        case rq.ListCollections():
+            return Access.READ, None
+        case rq.Get(collection=name) | rq.Count(collection=name) | rq.Query(collection=name):
+            return Access.READ, name
+        case rq.Subscribe(collection=name):
+            return Access.READ, name
+    return Access.ADMIN, None
+
+
+class TokenBuckets:
+    """One token bucket per caller; the table is bounded (least recently seen callers go first)."""
+
+    def __init__(self, rate: float, burst: float, max_callers: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.max_callers = max_callers
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def charge(self, caller: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.pop(caller, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[caller] = (tokens, now)
+            retry_ms = int((1.0 - tokens) / self.rate * 1000) + 1
+            raise RateLimited("request rate over the limit", retry_after_ms=retry_ms)
+        self._buckets[caller] = (tokens - 1.0, now)
+        while len(self._buckets) > self.max_callers:
+            self._buckets.popitem(last=False)
+
+
+class Authenticator:
+    def __init__(self, keys: tuple[ApiKey, ...], rate: float = 0.0, burst: float = 0.0) -> None:
+        self.keys = keys
+        self.buckets = TokenBuckets(rate, burst or rate)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def lookup(self, key: str | None) -> ApiKey | None:
+        """The key's grant; None when auth is off. Raises Unauthorized for a missing/unknown key."""
+        if not self.enabled:
+            return None
+        if key:
+            for candidate in self.keys:
+                if hmac.compare_digest(candidate.key.encode(), key.encode()):
+                    return candidate
+        raise Unauthorized("a valid API key is required")
+
+    def check(self, grant: ApiKey | None, caller: str, request: rq.Request) -> None:
+        """Raise Forbidden if `grant` may not run `request`, RateLimited if over the rate."""
+        needed, collection = required_access(request)
+        if grant is not None and needed is not Access.NONE:
+            if grant.access < needed:
+                raise Forbidden(f"this key allows {grant.access.name.lower()} access only")
+            if not grant.allows(collection):
+                raise Forbidden(f"this key has no access to collection {collection!r}")
+        self.buckets.charge(grant.key if grant is not None else caller)
+
+
+def bearer(header: str | None) -> str | None:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None

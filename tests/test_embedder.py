@@ -1,0 +1,378 @@
+"""The embedding model (real all-MiniLM-L6-v2 int8) and the embedder actor, through its API.
+
+Ordering and batching are observed through a wrapper around the real model that records every
+batch and can hold the worker at a gate, so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+import numpy as np
+import pytest
+from anyio.abc import TaskStatus
+from numpy.typing import NDArray
+
+from actors.embedder import Embedder, EmbeddingModel
+from actors.onnx_model import MAX_TOKENS, MiniLM, TokenIds
+from models.config import EngineConfig
+from models.errors import Overloaded, Unavailable
+from models.records import MODEL_DIM
+
+pytestmark = pytest.mark.timeout(60)
+
+Vectors = NDArray[np.float32]
+
+SENTENCES = [
+    "a cat sits on the mat",
+    "The quarterly tax filing deadline is approaching for small businesses.",
+    "Mean pooling averages the token embeddings weighted by the attention mask.",
+    "hello",
+    "PostgreSQL commits the transaction and the write becomes durable on disk before the ack.",
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> MiniLM:
+    return MiniLM(intra_threads=1)
+
+
+def cosine(a: Vectors, b: Vectors) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+class Recorder:
+    """The real model, plus a log of batches, a gate to hold workers and a failure trigger."""
+
+    def __init__(self, inner: MiniLM, fail_on: str | None = None) -> None:
+        self.inner = inner
+        self.fail_on = fail_on
+        self.calls: list[tuple[str, int]] = []
+        self.entered = threading.Event()
+        self._gate = threading.Event()
+        self._gate.set()
+
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    async def wait_entered(self) -> None:
+        """Until a batch has reached the model (then re-arms for the next one)."""
+        assert await anyio.to_thread.run_sync(self.entered.wait, 10.0)
+        self.entered.clear()
+
+    def _enter(self, kind: str, n: int) -> None:
+        self.calls.append((kind, n))
+        self.entered.set()
+        if not self._gate.wait(20.0):
+            raise TimeoutError("gate never opened")
+
+    def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
+        if self.fail_on is not None and self.fail_on in texts:
+            raise RuntimeError("tokenizer exploded")
+        return self.inner.tokenize(texts)
+
+    def encode_ids(self, rows: Sequence[TokenIds]) -> Vectors:
+        self._enter("bulk", len(rows))
+        return self.inner.encode_ids(rows)
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        self._enter("query", len(texts))
+        if self.fail_on is not None and self.fail_on in texts:
+            raise RuntimeError("model exploded")
+        return self.inner.encode(texts)
+
+
+@asynccontextmanager
+async def running(
+    factory: Callable[[], EmbeddingModel], **config: int
+) -> AsyncIterator[tuple[Embedder, anyio.Event]]:
+    """A started embedder; on exit it is closed and its `run()` must have returned."""
+    embedder = Embedder(EngineConfig(**config), model_factory=factory)  # type: ignore[arg-type]
+    finished = anyio.Event()
+
+    async def run(*, task_status: TaskStatus[None]) -> None:
+        try:
+            await embedder.run(task_status=task_status)
+        finally:
+            finished.set()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(run)
+            try:
+                yield embedder, finished
+            finally:
+                embedder.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Polls a condition on the actor's state (bounded by the test's timeout)."""
+    with anyio.fail_after(10):
+        while not condition():
+            await anyio.sleep(0.002)
+
+
+def queued(embedder: Embedder) -> tuple[int, int]:
+    """(queries, bulk chunks) waiting in the lanes."""
+    return (
+        embedder._query_rx.statistics().current_buffer_used,
+        embedder._bulk_rx.statistics().current_buffer_used,
+    )
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def test_vectors_are_unit_length_384d(model: MiniLM) -> None:
+    vectors = model.encode(SENTENCES)
+    assert vectors.shape == (len(SENTENCES), MODEL_DIM)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert model.encode([]).shape == (0, MODEL_DIM)
+
+
+def test_close_meanings_score_higher(model: MiniLM) -> None:
+    cat, kitten, tax = model.encode(
+        ["a cat sits on the mat", "a kitten is on the rug", "quarterly tax filing deadline"]
+    )
+    assert cosine(cat, kitten) > 0.5
+    assert cosine(cat, kitten) > cosine(cat, tax) + 0.3
+    assert cosine(cat, kitten) > cosine(kitten, tax) + 0.3
+
+
+def test_batching_and_padding_do_not_change_results(model: MiniLM) -> None:
+    long_texts = [
+        " ".join(["padding makes every other row in this batch much longer"] * k) for k in (3, 8, 20)
+    ]
+    for text in SENTENCES:
+        alone = model.encode([text])[0]
+        batched = model.encode([*long_texts, text, *long_texts])[len(long_texts)]
+        assert cosine(alone, batched) > 0.999
+
+
+def test_padding_is_to_the_longest_not_to_128(model: MiniLM) -> None:
+    counts = model.token_counts(["hello", "hello world"])
+    assert counts == [3, 4]  # [CLS] hello [SEP]: the shipped tokenizer.json would pad to 128
+
+
+def test_truncation_at_256_tokens(model: MiniLM) -> None:
+    words = [f"word{i % 97}" if i % 3 else "river" for i in range(5000)]
+    huge = " ".join(words)
+    assert model.token_counts([huge]) == [MAX_TOKENS]
+    assert model.token_counts([" ".join(["river"] * 200)]) == [202]  # not cut at the file's 128
+    vectors = model.encode([huge, " ".join(words[:600])])
+    assert vectors.shape == (2, MODEL_DIM)
+    # Both are cut to the same first 256 tokens, so they embed identically.
+    assert cosine(vectors[0], vectors[1]) > 0.9999
+
+
+# ------------------------------------------------------------------------------ the actor
+
+
+async def test_actor_matches_the_model_in_caller_order(model: MiniLM) -> None:
+    texts = [f"{s} (variant {i})" if i % 2 else s for i, s in enumerate(SENTENCES * 5)]
+    expected = model.encode(texts)
+    async with running(lambda: model, embed_batch=4) as (embedder, _):
+        got = await embedder.embed_documents(texts)
+        query = await embedder.embed_query(SENTENCES[2])
+        empty = await embedder.embed_documents([])
+    assert got.shape == (len(texts), MODEL_DIM)
+    for i in range(len(texts)):
+        assert cosine(got[i], expected[i]) > 0.999
+    assert query.shape == (MODEL_DIM,)
+    assert cosine(query, expected[2]) > 0.999
+    assert empty.shape == (0, MODEL_DIM)
+
+
+async def test_queries_jump_ahead_of_queued_bulk(model: MiniLM) -> None:
+    recorder = Recorder(model)
+    done: list[str] = []
+    texts = [f"document number {i} about rivers and mountains" for i in range(40)]
+    async with running(lambda: recorder, embed_batch=4, embed_workers=1, embed_queue=64) as (embedder, _):
+        recorder.hold()
+        async with anyio.create_task_group() as tg:
+
+            async def bulk() -> None:
+                await embedder.embed_documents(texts)
+                done.append("bulk")
+
+            async def query() -> None:
+                await embedder.embed_query("where do rivers start?")
+                done.append("query")
+
+            tg.start_soon(bulk)
+            await recorder.wait_entered()
+            await until(lambda: queued(embedder) == (0, 9))  # one chunk runs, nine wait
+            tg.start_soon(query)
+            await until(lambda: queued(embedder) == (1, 9))
+            recorder.release()
+    assert done == ["query", "bulk"]
+    assert recorder.calls[0] == ("bulk", 4)
+    assert recorder.calls[1] == ("query", 1)  # next in line, ahead of nine queued chunks
+    assert sum(n for kind, n in recorder.calls if kind == "bulk") == len(texts)
+
+
+async def test_pending_queries_form_one_batch(model: MiniLM) -> None:
+    recorder = Recorder(model)
+    async with running(lambda: recorder, embed_batch=16, embed_workers=1) as (embedder, _):
+        recorder.hold()
+        results: dict[int, Vectors] = {}
+        async with anyio.create_task_group() as tg:
+
+            async def query(i: int) -> None:
+                results[i] = await embedder.embed_query(SENTENCES[i % len(SENTENCES)])
+
+            tg.start_soon(query, 0)
+            await recorder.wait_entered()
+            for i in range(1, 11):
+                tg.start_soon(query, i)
+            await anyio.wait_all_tasks_blocked()
+            recorder.release()
+        assert embedder.stats.largest_batch == 10
+    assert recorder.calls == [("query", 1), ("query", 10)]
+    expected = model.encode(SENTENCES)
+    for i, vector in results.items():
+        assert cosine(vector, expected[i % len(SENTENCES)]) > 0.999
+
+
+async def test_concurrent_callers_get_their_own_results(model: MiniLM) -> None:
+    docs = [[f"{s} #{caller}-{j}" for j, s in enumerate(SENTENCES)] for caller in range(6)]
+    expected = [model.encode(d) for d in docs]
+    async with running(lambda: model, embed_batch=8, embed_workers=2) as (embedder, _):
+        got: dict[tuple[str, int], Vectors] = {}
+        async with anyio.create_task_group() as tg:
+
+            async def bulk(i: int) -> None:
+                got["bulk", i] = await embedder.embed_documents(docs[i])
+
+            async def query(i: int) -> None:
+                got["query", i] = await embedder.embed_query(docs[i][0])
+
+            for i in range(len(docs)):
+                tg.start_soon(bulk, i)
+                tg.start_soon(query, i)
+    for i in range(len(docs)):
+        for j in range(len(SENTENCES)):
+            assert cosine(got["bulk", i][j], expected[i][j]) > 0.999
+        assert cosine(got["query", i], expected[i][0]) > 0.999
+
+
+async def test_cancelled_callers_do_not_break_the_actor(model: MiniLM) -> None:
+    recorder = Recorder(model)
+    async with running(lambda: recorder, embed_batch=4, embed_workers=1) as (embedder, _):
+        recorder.hold()
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(embedder.embed_query, "running when cancelled")
+                await recorder.wait_entered()
+                tg.start_soon(embedder.embed_query, "queued when cancelled")
+                tg.start_soon(embedder.embed_documents, [f"bulk text {i}" for i in range(10)])
+                await until(lambda: queued(embedder) == (1, 3))
+                scope.cancel()
+        recorder.release()
+        vector = await embedder.embed_query("still serving")
+        docs = await embedder.embed_documents(["and bulk too", "yes"])
+        assert vector.shape == (MODEL_DIM,)
+        assert docs.shape == (2, MODEL_DIM)
+        # The queued query and the three queued chunks were skipped, not run.
+        assert embedder.stats.abandoned == 1 + 10
+    assert [kind for kind, _ in recorder.calls] == ["query", "query", "bulk"]
+
+
+async def test_model_errors_reach_only_the_affected_callers(model: MiniLM) -> None:
+    recorder = Recorder(model, fail_on="BOOM")
+    async with running(lambda: recorder, embed_workers=1) as (embedder, _):
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await embedder.embed_query("BOOM")
+        with pytest.raises(RuntimeError, match="tokenizer exploded"):
+            await embedder.embed_documents(["fine", "BOOM"])
+        assert (await embedder.embed_query("fine")).shape == (MODEL_DIM,)
+        assert (await embedder.embed_documents(["fine", "also fine"])).shape == (2, MODEL_DIM)
+        assert embedder.stats.failed_batches == 1
+
+
+async def test_a_failed_model_load_fails_run_and_callers() -> None:
+    def broken() -> EmbeddingModel:
+        raise FileNotFoundError("no model here")
+
+    embedder = Embedder(EngineConfig(), model_factory=broken)
+    with anyio.fail_after(10):
+        with pytest.raises(FileNotFoundError):
+            await embedder.run()
+        with pytest.raises(Unavailable):
+            await embedder.embed_documents(["x"])
+        with pytest.raises(Unavailable):
+            await embedder.embed_query("x")
+
+
+async def test_full_query_lane_is_overloaded(model: MiniLM) -> None:
+    recorder = Recorder(model)
+    async with running(lambda: recorder, embed_workers=1, embed_queue=2) as (embedder, _):
+        recorder.hold()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(embedder.embed_query, "running")
+            await recorder.wait_entered()
+            tg.start_soon(embedder.embed_query, "queued 1")
+            tg.start_soon(embedder.embed_query, "queued 2")
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(Overloaded):
+                await embedder.embed_query("one too many")
+            recorder.release()
+
+
+async def test_full_bulk_lane_pushes_back(model: MiniLM) -> None:
+    recorder = Recorder(model)
+    finished: list[int] = []
+    async with running(lambda: recorder, embed_batch=2, embed_workers=1, embed_queue=4) as (embedder, _):
+        recorder.hold()
+        async with anyio.create_task_group() as tg:
+
+            async def bulk(n: int) -> None:
+                await embedder.embed_documents([f"text {i}" for i in range(n)])
+                finished.append(n)
+
+            tg.start_soon(bulk, 2)
+            await recorder.wait_entered()
+            tg.start_soon(bulk, 20)  # ten chunks, the lane holds two: the caller waits
+            await until(lambda: embedder._bulk_rx.statistics().tasks_waiting_send == 1)
+            assert queued(embedder) == (0, 2)
+            assert finished == []
+            recorder.release()
+    assert finished == [2, 20]
+
+
+async def test_close_drains_queued_work_and_refuses_new(model: MiniLM) -> None:
+    recorder = Recorder(model)
+    results: list[int] = []
+    async with running(lambda: recorder, embed_batch=4, embed_workers=1) as (embedder, finished):
+        recorder.hold()
+        async with anyio.create_task_group() as tg:
+
+            async def query(i: int) -> None:
+                await embedder.embed_query(f"query {i}")
+                results.append(1)
+
+            async def bulk() -> None:
+                out = await embedder.embed_documents([f"doc {i}" for i in range(8)])
+                results.append(len(out))
+
+            tg.start_soon(query, 0)
+            await recorder.wait_entered()
+            tg.start_soon(query, 1)
+            tg.start_soon(bulk)
+            await until(lambda: queued(embedder) == (1, 2))
+            embedder.close()
+            with pytest.raises(Unavailable):
+                await embedder.embed_query("too late")
+            with pytest.raises(Unavailable):
+                await embedder.embed_documents(["too late"])
+            assert not finished.is_set()
+            recorder.release()
+        await finished.wait()
+    assert sorted(results) == [1, 1, 8]
