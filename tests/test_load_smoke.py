@@ -1,0 +1,151 @@
+"""The load generators, run small and bounded against the session's real server, so they do not rot.
+
+Each run uses synthetic vectors (nothing to build or cache), a few hundred requests at most, and
+checks the JSON it writes: the expected fields, and no errors.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from load import core_bench, ingest, query
+from load.common import Histogram, format_table
+from load.server import ROOT
+from tests.server_process import ServerProcess
+
+LATENCY_KEYS = {"count", "mean", "min", "p50", "p90", "p99", "p99_9", "max"}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_histogram_percentiles_match_the_order_statistics() -> None:
+    rng = np.random.default_rng(3)
+    samples = np.concatenate([rng.lognormal(np.log(0.002), 1.0, 50_000), [0.75, 1.5]])
+    hist = Histogram()
+    hist.record_many(samples.tolist())
+    micros = np.round(samples * 1e6)
+    for q in (50.0, 90.0, 99.0, 99.9):
+        exact = float(np.percentile(micros, q, method="inverted_cdf"))
+        assert abs(hist.percentile_us(q) - exact) <= max(1.0, 0.002 * exact), q
+    assert hist.count == len(samples)
+    assert hist.max_us == 1_500_000
+    other = Histogram()
+    other.record(10.0)
+    hist.merge(other)
+    assert hist.percentile_us(100.0) == 10_000_000
+    summary = hist.summary_ms()
+    assert set(summary) == LATENCY_KEYS and summary["p50"] <= summary["p99"] <= summary["max"]
+    assert "p50" in format_table(["metric", "value"], [["p50", 1.5]])
+
+
+def test_query_closed_loop(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "query.json"
+    code = query.main(
+        [
+            *("--url", server.url, "--source", "synthetic", "--size", "600", "--queries", "40"),
+            *("--clients", "4", "--requests", "300", "--seconds", "20", "--warmup", "0.2"),
+            *("--include", "", "--json", str(out), "--quiet"),
+        ]
+    )
+    r = _read(out)
+    assert code == 0
+    assert r["benchmark"] == "query" and r["mode"] == "closed"
+    assert r["requests"] == 300 and r["error_count"] == 0 and r["errors"] == {}
+    assert r["qps"] > 0 and r["seconds"] > 0
+    assert set(r["latency_ms"]) == LATENCY_KEYS
+    assert r["server_took_ms"]["count"] == 300
+    # 600 documents: the server searches them exactly.
+    assert r["recall_at_k"] == 1.0
+    assert {"client_share", "server_share", "wall_s"} <= set(r["cpu"])
+
+
+def test_query_open_loop_with_filter(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "query_open.json"
+    code = query.main(
+        [
+            *("--url", server.url, "--source", "synthetic", "--size", "500", "--queries", "40"),
+            *("--mode", "open", "--rate", "150", "--requests", "150", "--seconds", "5", "--clients", "3"),
+            *("--warmup", "0", "--filter", "--json", str(out), "--quiet"),
+        ]
+    )
+    r = _read(out)
+    assert code == 0
+    assert r["mode"] == "open" and r["filtered"] is True
+    assert r["requests"] == 150 and r["error_count"] == 0
+    assert set(r["latency_ms"]) == LATENCY_KEYS
+    assert set(r["send_lag_ms"]) == LATENCY_KEYS and set(r["service_ms"]) == LATENCY_KEYS
+    assert r["achieved_rate"] > 0
+    # Latency counts from the scheduled send time, so it is never below the service time.
+    assert r["latency_ms"]["p50"] >= r["service_ms"]["p50"] - 0.01
+    assert r["recall_at_k"] == 1.0
+
+
+@pytest.mark.parametrize(("mode", "docs", "batch"), [("vector", "1000", "250"), ("text", "48", "16")])
+def test_ingest(server: ServerProcess, tmp_path: Path, mode: str, docs: str, batch: str) -> None:
+    out = tmp_path / f"ingest_{mode}.json"
+    code = ingest.main(
+        [
+            *("--url", server.url, "--source", "synthetic", "--size", "700", "--mode", mode),
+            *("--docs", docs, "--batch", batch, "--clients", "2", "--json", str(out), "--quiet"),
+        ]
+    )
+    r = _read(out)
+    assert code == 0
+    assert r["benchmark"] == "ingest" and r["mode"] == mode
+    assert r["docs"] == int(docs) and r["error_count"] == 0
+    assert r["batches"] == -(-int(docs) // int(batch))
+    assert r["docs_per_s"] > 0 and r["count_check"] is True
+    assert set(r["ack_ms"]) == LATENCY_KEYS
+
+
+def test_core_bench_tiny(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "core.json"
+    code = core_bench.main(
+        [
+            *("--url", server.url, "--source", "synthetic", "--size", "800", "--queries", "30"),
+            *("--clients", "2", "--batch", "200", "--rounds", "1", "--query-seconds", "0.6"),
+            *("--raw-seconds", "0.2", "--text-docs", "24", "--text-rounds", "1", "--text-clients", "1"),
+            *("--json", str(out), "--quiet"),
+        ]
+    )
+    r = _read(out)
+    assert code == 0
+    assert r["recall"]["unfiltered"] == 1.0 and r["recall"]["filtered_1pct"] == 1.0
+    assert r["recall"]["errors"] == 0
+    median = r["query"]["median"]
+    for key in ("shoal_qps", "raw_batch_2_threads_qps", "ratio_vs_batch_2_threads", "ratio_vs_single_1_thread"):
+        assert median[key] > 0, key
+    assert r["query"]["rounds"][0]["shoal"]["error_count"] == 0
+    assert r["ingest_vector"]["clients_1"]["count_check"] is True
+    assert r["ingest_text"]["median"]["ratio"] > 0
+    assert r["ingest_text"]["rounds"][0]["shoal"]["error_count"] == 0
+
+
+def test_shoal_bench_runs_a_load_script(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "cli.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "server.cli", "bench", "ingest", "--url", server.url),
+            *("--source", "synthetic", "--size", "100", "--docs", "100", "--batch", "50"),
+            *("--json", str(out), "--quiet"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "docs/s" in done.stdout
+    assert _read(out)["docs"] == 100
