@@ -62,10 +62,7 @@ def _eq_any(ref: str, values: tuple[Scalar, ...], params: _Params) -> str:
         parts.append(f"COALESCE({ref} ?| {params.add(strs)}::text[], false)")
     if nums:
         # CASE (unlike AND) guarantees the cast runs only on numbers; float8 matches the float64 mask.
-        if len(nums) == 1:
-            test = f"= {params.add(nums[0])}::float8"
-        else:
-            test = f"= ANY({params.add(nums)}::float8[])"
+        test = f"= {params.add(nums[0])}::float8" if len(nums) == 1 else f"= ANY({params.add(nums)}::float8[])"
         parts.append(f"CASE WHEN {_is_number(ref)} THEN ({ref})::float8 {test} ELSE false END")
     if bools:
         if len(set(bools)) == 1:

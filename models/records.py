@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal, NewType, Union
+from typing import Literal, NewType
 
 import numpy as np
 from numpy.typing import NDArray
@@ -13,7 +13,7 @@ DocId = NewType("DocId", str)
 Seq = NewType("Seq", int)
 
 # A metadata value: PROTOCOL.md allows str | int | float | bool | list of str, nothing else.
-MetaValue = Union[str, int, float, bool, list[str]]
+MetaValue = str | int | float | bool | list[str]
 Metadata = dict[str, MetaValue]
 Vector = NDArray[np.float32]
 
@@ -21,7 +21,7 @@ Vector = NDArray[np.float32]
 MODEL_DIM = 384
 
 
-class Metric(str, enum.Enum):
+class Metric(enum.StrEnum):
     """Similarity measure of a collection. `score` is always 'higher is better'."""
 
     COSINE = "cosine"
@@ -29,7 +29,7 @@ class Metric(str, enum.Enum):
     IP = "ip"
 
 
-class Include(str, enum.Enum):
+class Include(enum.StrEnum):
     TEXT = "text"
     METADATA = "metadata"
     VECTOR = "vector"

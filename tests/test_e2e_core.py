@@ -48,7 +48,7 @@ async def test_text_documents_are_embedded_and_found(client: ShoalClient) -> Non
     result = await client.upsert(name, docs)
     assert result.count == 3 and result.seq == 3
     hits = (await client.query(name, text="a kitten napping by the window", k=3)).hits
-    assert [h.id for h in hits][0] == "cat"
+    assert next(h.id for h in hits) == "cat"
     assert hits[0].text == docs[0]["text"] and hits[0].metadata == {"kind": "pet"}
     assert hits[0].score == pytest.approx(1 - hits[0].distance, abs=1e-5)
     assert hits[0].score > hits[1].score >= hits[2].score
