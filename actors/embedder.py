@@ -3,19 +3,19 @@
 Two lanes feed one dispatcher task:
 - the query lane holds single texts from searches. It is bounded (`embed_queue` texts) and a full
   lane fails fast with `Overloaded`: a search should not queue without bound behind ingest;
-- the bulk lane holds chunks of at most `embed_batch` already tokenized texts from ingest. It is
-  bounded (`embed_queue // embed_batch` chunks, at least 2) and a full lane makes the caller
-  wait: ingest is pushed back, never dropped.
+- the bulk lane holds chunks of texts from ingest. It is bounded (`embed_queue // embed_batch`
+  chunks, at least 2) and a full lane makes the caller wait: ingest is pushed back, never dropped.
 
-The dispatcher waits for a free worker first and only then forms a batch from what is pending at
-that moment: every pending query (up to `embed_batch`) if there is any, otherwise bulk chunks
-merged up to `embed_batch` texts. So there is no linger delay, batches grow by themselves while
-the workers are busy, and a query waits for at most the batches already running. Up to
-`embed_workers` batches run at once, each in a worker thread behind a `CapacityLimiter`.
+Callers tokenize their texts (in a worker thread) before queueing them. A bulk request is sorted
+by token count and cut into chunks of at most `embed_batch` texts and `embed_batch_tokens` padded
+tokens, so each chunk holds texts of similar length, pads little, and takes a bounded time to run.
 
-A bulk request is tokenized (in a worker thread) before it is queued so its texts can be sorted
-by token count: each chunk then holds texts of similar length and pads little. Results are put
-back in the caller's order.
+The dispatcher starts a batch whenever a worker is free and work is pending, from what is pending
+at that moment: every queued query (within the same limits) if there is any, otherwise bulk chunks
+merged within the limits. There is no linger delay; batches grow by themselves while the workers
+are busy. Up to `embed_workers` batches run at once, each in a worker thread. When all workers
+are busy with bulk work, query batches may also use `embed_express_slots` extra threads, so a
+search is not stuck behind ingest batches (it shares the cores with them for a few milliseconds).
 
 Lifecycle: `run()` loads the model in a thread, reports `started`, and serves until `close()`;
 then it finishes everything queued and in flight and returns. Calls made after `close()` raise
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, cast
+from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 import numpy as np
@@ -49,27 +49,23 @@ Vectors = NDArray[np.float32]
 
 
 class EmbeddingModel(Protocol):
-    """What the actor needs from a model (`actors.onnx_model.MiniLM`); thread-safe methods."""
+    """What the actor needs from a model (`actors.onnx_model.MiniLM`); both are thread-safe."""
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenIds]: ...
 
     def encode_ids(self, rows: Sequence[TokenIds]) -> Vectors: ...
 
-    def encode(self, texts: Sequence[str]) -> Vectors: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Query:
-    text: str
-    reply: Reply[Vector]
-
 
 @dataclass(frozen=True, slots=True)
 class _Chunk:
-    """Up to `embed_batch` tokenized texts of one bulk request, similar in length."""
+    """Tokenized texts of one request (a query is a chunk of one), longest first."""
 
     rows: tuple[TokenIds, ...]
     reply: Reply[Vectors]
+
+    @property
+    def width(self) -> int:
+        return len(self.rows[0])
 
 
 @dataclass(slots=True)
@@ -79,9 +75,45 @@ class EmbedderStats:
     batches: int = 0
     query_texts: int = 0
     bulk_texts: int = 0
+    express_batches: int = 0
     failed_batches: int = 0
     abandoned: int = 0
     largest_batch: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    chunks: list[_Chunk]
+    query: bool
+    express: bool
+
+
+@dataclass(slots=True)
+class _Lane:
+    """The dispatcher's side of one lane, with room to hold back a chunk that did not fit."""
+
+    rx: MemoryObjectReceiveStream[_Chunk]
+    done: bool = False
+    held: _Chunk | None = None
+
+    def next(self) -> _Chunk | None:
+        """The next chunk without waiting, or None if there is none right now."""
+        if self.held is not None:
+            chunk, self.held = self.held, None
+            return chunk
+        if self.done:
+            return None
+        try:
+            return self.rx.receive_nowait()
+        except anyio.WouldBlock:
+            return None
+        except anyio.EndOfStream:
+            self.done = True
+            return None
+
+    @property
+    def drained(self) -> bool:
+        return self.done and self.held is None
 
 
 class _Abandoned(Exception):
@@ -96,16 +128,6 @@ def _abandon(reply: Reply[Vectors]) -> None:
     reply.fail(_ABANDONED)
 
 
-@dataclass(slots=True)
-class _Lanes:
-    """The dispatcher's view of both lanes; only the dispatcher task touches it."""
-
-    query_done: bool = False
-    bulk_done: bool = False
-    held: _Chunk | None = None
-    stats: EmbedderStats = field(default_factory=EmbedderStats)
-
-
 class Embedder:
     """The embedding actor. Start `run()` in a task group; stop it with `close()`."""
 
@@ -115,33 +137,42 @@ class Embedder:
         *,
         model_factory: Callable[[], EmbeddingModel] | None = None,
     ) -> None:
-        if config.embed_batch < 1 or config.embed_workers < 1 or config.embed_queue < 1:
-            raise ValueError("embed_batch, embed_workers and embed_queue must be >= 1")
+        if min(config.embed_batch, config.embed_workers, config.embed_queue, config.embed_batch_tokens) < 1:
+            raise ValueError("embed_batch, embed_batch_tokens, embed_workers and embed_queue must be >= 1")
+        if config.embed_express_slots < 0:
+            raise ValueError("embed_express_slots must be >= 0")
         self._batch = config.embed_batch
+        self._batch_tokens = config.embed_batch_tokens
         self._workers = config.embed_workers
+        self._express = config.embed_express_slots
         intra = config.embed_intra_threads
         self._factory: Callable[[], EmbeddingModel] = model_factory or (lambda: MiniLM(intra_threads=intra))
-        self._queries: Mailbox[_Query] = Mailbox(config.embed_queue, "embedder query lane")
+        self._queries: Mailbox[_Chunk] = Mailbox(config.embed_queue, "embedder query lane")
         bulk_chunks = max(2, config.embed_queue // config.embed_batch)
         self._bulk: Mailbox[_Chunk] = Mailbox(bulk_chunks, "embedder bulk lane")
         # The dispatcher polls both lanes without waiting (there is no select over two streams).
-        self._query_rx = cast(MemoryObjectReceiveStream[_Query], self._queries.receive)
-        self._bulk_rx = cast(MemoryObjectReceiveStream[_Chunk], self._bulk.receive)
-        self._limiter = anyio.CapacityLimiter(config.embed_workers)
-        # Tokenizing a bulk request (~1% of the cost of embedding it) has its own limiter, so a
-        # request can be prepared while the model threads are busy instead of stalling behind them.
+        self._query_rx = self._queries.receive
+        self._bulk_rx = self._bulk.receive
+        self._query_lane = _Lane(self._query_rx)
+        self._bulk_lane = _Lane(self._bulk_rx)
+        self._busy = 0
+        self._express_busy = 0
+        self._stats = EmbedderStats()
+        # Model runs: the dispatcher's slot counts already bound them; this caps the threads.
+        self._limiter = anyio.CapacityLimiter(config.embed_workers + config.embed_express_slots)
+        # Tokenizing (~1% of the cost of embedding) has its own threads, so callers prepare their
+        # work while the model threads are busy instead of queueing behind them.
         self._tokenize_limiter = anyio.CapacityLimiter(config.embed_workers)
-        # Set whenever a lane may have changed; the dispatcher replaces it before each look.
+        # Set whenever work arrives or a batch ends; the dispatcher replaces it before each look.
         self._bell = anyio.Event()
         self._ready = anyio.Event()
         self._model: EmbeddingModel | None = None
         self._started = False
         self._closed = False
-        self._lanes = _Lanes()
 
     @property
     def stats(self) -> EmbedderStats:
-        return self._lanes.stats
+        return self._stats
 
     # ------------------------------------------------------------------ public API
 
@@ -151,13 +182,17 @@ class Embedder:
         Raises `Overloaded` when the query lane is full, `Unavailable` once the actor is closing,
         and whatever the model raised if its batch failed.
         """
-        reply: Reply[Vector] = Reply()
-        self._queries.offer(_Query(text, reply))
+        model = await self._loaded_model()
+        (row,) = await anyio.to_thread.run_sync(model.tokenize, [text], limiter=self._tokenize_limiter)
+        reply: Reply[Vectors] = Reply()
+        self._queries.offer(_Chunk((row,), reply))
         self._bell.set()
         try:
-            return await reply.wait()
+            vectors = await reply.wait()
         finally:
             _abandon(reply)
+        vector: Vector = vectors[0]
+        return vector
 
     async def embed_documents(self, texts: Sequence[str]) -> Vectors:
         """Unit vectors `(len(texts), 384)` in the order of `texts`.
@@ -169,12 +204,15 @@ class Embedder:
             return np.zeros((0, MODEL_DIM), dtype=np.float32)
         model = await self._loaded_model()
         rows = await anyio.to_thread.run_sync(model.tokenize, list(texts), limiter=self._tokenize_limiter)
-        # Longest first: the widest batches start early and the tail of the request is cheap.
+        # Longest first: each chunk's first row sets its width, and the widest chunks start early.
         order = np.argsort([-len(r) for r in rows], kind="stable")
         pending: list[tuple[NDArray[np.intp], Reply[Vectors]]] = []
         try:
-            for start in range(0, len(order), self._batch):
-                index = order[start : start + self._batch]
+            start = 0
+            while start < len(order):
+                take = self._fit(len(rows[order[start]]))
+                index = order[start : start + take]
+                start += take
                 reply: Reply[Vectors] = Reply()
                 await self._bulk.send(_Chunk(tuple(rows[i] for i in index), reply))
                 self._bell.set()
@@ -206,22 +244,21 @@ class Embedder:
         self._started = True
         try:
             try:
-                self._model = await anyio.to_thread.run_sync(self._factory)
+                model = self._model = await anyio.to_thread.run_sync(self._factory)
             finally:
                 # Callers waiting for the model learn either way (a failed load leaves it None).
                 self._ready.set()
             task_status.started()
-            slots = anyio.Semaphore(self._workers)
             async with anyio.create_task_group() as tg:
                 while True:
-                    # A free worker first, then the batch: work that arrives meanwhile (queries
-                    # above all) is still eligible for it.
-                    await slots.acquire()
-                    batch = await self._next_batch()
-                    if batch is None:
-                        slots.release()
-                        break
-                    tg.start_soon(self._run_batch, self._model, batch, slots)
+                    self._bell = anyio.Event()
+                    batch = self._next_batch()
+                    if batch is not None:
+                        tg.start_soon(self._run_batch, model, batch)
+                        continue
+                    if self._query_lane.drained and self._bulk_lane.drained:
+                        break  # closed and drained; the task group waits for running batches
+                    await self._bell.wait()
         finally:
             # After a drain this finds nothing; after a failed load or a cancellation it fails
             # whatever is still queued, so that nobody waits forever.
@@ -236,113 +273,82 @@ class Embedder:
             raise Unavailable("embedder is not running")
         return self._model
 
-    async def _next_batch(self) -> list[_Query] | list[_Chunk] | None:
-        """The next batch to run, waiting for work; None once both lanes are closed and empty."""
-        lanes = self._lanes
-        while True:
-            self._bell = anyio.Event()
-            queries = self._take_queries()
-            if queries:
-                return queries
-            chunks = self._take_chunks()
-            if chunks:
-                return chunks
-            if lanes.query_done and lanes.bulk_done and lanes.held is None:
-                return None
-            await self._bell.wait()
+    def _fit(self, width: int) -> int:
+        """How many rows of at most `width` tokens fit in one batch."""
+        return max(1, min(self._batch, self._batch_tokens // max(width, 1)))
 
-    def _take_queries(self) -> list[_Query]:
-        lanes = self._lanes
-        taken: list[_Query] = []
-        while len(taken) < self._batch and not lanes.query_done:
-            try:
-                query = self._query_rx.receive_nowait()
-            except anyio.WouldBlock:
-                break
-            except anyio.EndOfStream:
-                lanes.query_done = True
-                break
-            if query.reply.done:
-                lanes.stats.abandoned += 1
-            else:
-                taken.append(query)
-        return taken
+    def _next_batch(self) -> _Batch | None:
+        """A batch to start now, if a thread is free for it and work is pending."""
+        if self._busy < self._workers:
+            express = False
+            chunks = self._take(self._query_lane)
+            query = bool(chunks)
+            if not query:
+                chunks = self._take(self._bulk_lane)
+        elif self._express_busy < self._express:
+            express = query = True
+            chunks = self._take(self._query_lane)
+        else:
+            return None
+        if not chunks:
+            return None
+        # Counted here, not when the task starts: the dispatcher looks again right away.
+        if express:
+            self._express_busy += 1
+        else:
+            self._busy += 1
+        return _Batch(chunks, query=query, express=express)
 
-    def _take_chunks(self) -> list[_Chunk]:
-        """Whole chunks, in arrival order, merged while they fit in one batch."""
-        lanes = self._lanes
+    def _take(self, lane: _Lane) -> list[_Chunk]:
+        """Whole chunks from one lane, in arrival order, while they fit in one batch."""
         taken: list[_Chunk] = []
-        count = 0
-        while count < self._batch:
-            chunk, lanes.held = lanes.held, None
-            if chunk is None:
-                if lanes.bulk_done:
-                    break
-                try:
-                    chunk = self._bulk_rx.receive_nowait()
-                except anyio.WouldBlock:
-                    break
-                except anyio.EndOfStream:
-                    lanes.bulk_done = True
-                    break
+        count = width = 0
+        while count < self._batch and (chunk := lane.next()) is not None:
             if chunk.reply.done:
-                lanes.stats.abandoned += len(chunk.rows)
+                self._stats.abandoned += len(chunk.rows)
                 continue
-            if taken and count + len(chunk.rows) > self._batch:
-                lanes.held = chunk
+            grown = max(width, chunk.width)
+            if taken and count + len(chunk.rows) > self._fit(grown):
+                lane.held = chunk  # it starts the next batch from this lane
                 break
             taken.append(chunk)
             count += len(chunk.rows)
+            width = grown
         return taken
 
-    async def _run_batch(
-        self, model: EmbeddingModel, batch: list[_Query] | list[_Chunk], slots: anyio.Semaphore
-    ) -> None:
-        stats = self._lanes.stats
+    async def _run_batch(self, model: EmbeddingModel, batch: _Batch) -> None:
+        stats = self._stats
+        rows = [row for chunk in batch.chunks for row in chunk.rows]
         try:
-            if isinstance(batch[0], _Query):
-                queries = [q for q in batch if isinstance(q, _Query)]
-                texts = [q.text for q in queries]
-                vectors = await anyio.to_thread.run_sync(model.encode, texts, limiter=self._limiter)
-                for i, query in enumerate(queries):
-                    query.reply.set(vectors[i])
-                stats.query_texts += len(texts)
-                size = len(texts)
-            else:
-                chunks = [c for c in batch if isinstance(c, _Chunk)]
-                rows = [row for c in chunks for row in c.rows]
-                vectors = await anyio.to_thread.run_sync(model.encode_ids, rows, limiter=self._limiter)
-                offset = 0
-                for chunk in chunks:
-                    chunk.reply.set(vectors[offset : offset + len(chunk.rows)])
-                    offset += len(chunk.rows)
-                stats.bulk_texts += len(rows)
-                size = len(rows)
+            vectors = await anyio.to_thread.run_sync(model.encode_ids, rows, limiter=self._limiter)
+            offset = 0
+            for chunk in batch.chunks:
+                chunk.reply.set(vectors[offset : offset + len(chunk.rows)])
+                offset += len(chunk.rows)
             stats.batches += 1
-            stats.largest_batch = max(stats.largest_batch, size)
+            stats.express_batches += batch.express
+            if batch.query:
+                stats.query_texts += len(rows)
+            else:
+                stats.bulk_texts += len(rows)
+            stats.largest_batch = max(stats.largest_batch, len(rows))
         except Exception as exc:
             stats.failed_batches += 1
-            log.exception("embedding batch of %d request(s) failed", len(batch))
-            for job in batch:
-                job.reply.fail(exc)
+            log.exception("embedding batch of %d text(s) failed", len(rows))
+            for chunk in batch.chunks:
+                chunk.reply.fail(exc)
         except BaseException:
-            for job in batch:
-                job.reply.fail(Unavailable("embedder stopped"))
+            for chunk in batch.chunks:
+                chunk.reply.fail(Unavailable("embedder stopped"))
             raise
         finally:
-            slots.release()
+            if batch.express:
+                self._express_busy -= 1
+            else:
+                self._busy -= 1
+            self._bell.set()
 
     def _fail_queued(self, error: Exception) -> None:
-        lanes = self._lanes
-        if lanes.held is not None:
-            lanes.held.reply.fail(error)
-            lanes.held = None
-        receivers: tuple[MemoryObjectReceiveStream[_Query] | MemoryObjectReceiveStream[_Chunk], ...]
-        receivers = (self._query_rx, self._bulk_rx)
-        for receive in receivers:
-            while True:
-                try:
-                    job = receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-                job.reply.fail(error)
+        for lane in (self._query_lane, self._bulk_lane):
+            while not lane.drained and (chunk := lane.next()) is not None:
+                chunk.reply.fail(error)

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from models.config import EngineConfig
+
 SEED = "shoal-corpus-v1"
 # Bumped whenever extraction or splitting changes, so old caches are not reused by mistake.
 BUILDER_VERSION = 1
@@ -48,7 +50,6 @@ TOP_K = 100
 MAX_PASSAGE_CHARS = 800
 MIN_PASSAGE_CHARS = 40
 MIN_PASSAGE_WORDS = 6
-EMBED_BATCH = 64
 
 # Path parts that mark tests, GUI demos and vendored copies: skipped by every source.
 _SKIP_PARTS = frozenset(
@@ -67,9 +68,7 @@ _SKIP_PARTS = frozenset(
     }
 )
 # Modules never to import (side effects: a browser, the Zen printed, a GUI, a REPL).
-_NEVER_IMPORT = frozenset(
-    {"antigravity", "this", "idlelib", "tkinter", "_tkinter", "turtle", "turtledemo", "__main__"}
-)
+_NEVER_IMPORT = frozenset({"antigravity", "this", "idlelib", "tkinter", "_tkinter", "turtle", "turtledemo", "__main__"})
 _DOC_SUFFIXES = (".txt", ".rst", ".md", ".txt.gz", ".rst.gz", ".md.gz")
 _DOC_STEMS = ("readme", "news", "changes", "faq", "todo", "thanks", "authors", "history")
 _MAX_DOC_BYTES = 4 * 1024 * 1024
@@ -448,7 +447,15 @@ def _embed(texts: list[str], label: str) -> NDArray[np.float32]:
     model = MiniLM(intra_threads=1)
     tokens = model.tokenize(texts)
     order = np.argsort([len(t) for t in tokens], kind="stable")
-    batches = [order[i : i + EMBED_BATCH] for i in range(0, len(order), EMBED_BATCH)]
+    # The engine's batching: at most embed_batch texts and embed_batch_tokens padded tokens.
+    config = EngineConfig()
+    batches: list[NDArray[np.intp]] = []
+    start = 0
+    while start < len(order):
+        widest = len(tokens[order[min(start + config.embed_batch, len(order)) - 1]])
+        take = max(1, min(config.embed_batch, config.embed_batch_tokens // widest))
+        batches.append(order[start : start + take])
+        start += take
     out = np.zeros((len(texts), 384), dtype=np.float32)
     started = last = time.perf_counter()
     done = 0
@@ -465,9 +472,7 @@ def _embed(texts: list[str], label: str) -> NDArray[np.float32]:
     return out
 
 
-def exact_top_k(
-    corpus: NDArray[np.float32], queries: NDArray[np.float32], k: int = TOP_K
-) -> NDArray[np.int64]:
+def exact_top_k(corpus: NDArray[np.float32], queries: NDArray[np.float32], k: int = TOP_K) -> NDArray[np.int64]:
     """Row indices of the k highest cosines per query, best first (vectors are unit length)."""
     k = min(k, len(corpus))
     result = np.zeros((len(queries), k), dtype=np.int64)
@@ -535,9 +540,7 @@ def _write(path: Path, texts: list[str], query_texts: list[str]) -> None:
             raise
 
 
-def load_corpus(
-    size: int = 20_000, queries: int = 1_000, *, out: Path | None = None, rebuild: bool = False
-) -> Corpus:
+def load_corpus(size: int = 20_000, queries: int = 1_000, *, out: Path | None = None, rebuild: bool = False) -> Corpus:
     """The corpus of `size` passages and `queries` held-out query passages, built once and cached.
 
     Raises `RuntimeError` if the machine yields fewer than `size + queries` passages.
@@ -562,7 +565,9 @@ def load_corpus(
     if rebuild or not all((path / f).exists() for f in _FILES):
         _write(path, texts, query_texts)
     index.parent.mkdir(parents=True, exist_ok=True)
-    index.write_text(json.dumps({"dir": key, "available": len(everything)}), encoding="utf-8")
+    tmp_index = index.with_name(index.name + f".tmp{os.getpid()}")
+    tmp_index.write_text(json.dumps({"dir": key, "available": len(everything)}), encoding="utf-8")
+    tmp_index.replace(index)
     return _read(path)
 
 

@@ -42,10 +42,17 @@ class EngineConfig:
     ingest_batch_docs: int = 2_000
     ingest_linger_ms: float = 2.0
     ingest_queue: int = 64
-    # Embedding: texts per ONNX run, worker threads, intra-op threads per run.
-    embed_batch: int = 32
+    # Embedding: texts per ONNX run, worker threads, intra-op threads per run. On 2 cores, two
+    # single-threaded runs beat one two-threaded run, and batches of ~16 length-sorted texts are
+    # the most work per CPU-second (load/embed_bench.py measures both).
+    embed_batch: int = 16
+    # Padded tokens per ONNX run (texts x longest text): long texts go in smaller batches, so
+    # every run takes a bounded time.
+    embed_batch_tokens: int = 1_024
     embed_workers: int = 2
     embed_intra_threads: int = 1
+    # Extra threads only query batches may use while every worker is busy with bulk work.
+    embed_express_slots: int = 1
     embed_queue: int = 1_024
     # Threads that may run hnswlib / numpy work at once.
     search_threads: int = 2

@@ -45,17 +45,21 @@ def cosine(a: Vectors, b: Vectors) -> float:
 
 
 class Recorder:
-    """The real model, plus a log of batches, a gate to hold workers and a failure trigger."""
+    """The real model, plus a log of the texts in every batch, a gate that holds chosen batches
+    in their worker thread, and failure triggers."""
 
     def __init__(self, inner: MiniLM, fail_on: str | None = None) -> None:
         self.inner = inner
         self.fail_on = fail_on
-        self.calls: list[tuple[str, int]] = []
+        self.calls: list[list[str]] = []
         self.entered = threading.Event()
+        self._texts: dict[tuple[int, ...], str] = {}
         self._gate = threading.Event()
         self._gate.set()
+        self._gated: Callable[[list[str]], bool] = lambda texts: True
 
-    def hold(self) -> None:
+    def hold(self, when: Callable[[list[str]], bool] = lambda texts: True) -> None:
+        self._gated = when
         self._gate.clear()
 
     def release(self) -> None:
@@ -66,34 +70,29 @@ class Recorder:
         assert await anyio.to_thread.run_sync(self.entered.wait, 10.0)
         self.entered.clear()
 
-    def _enter(self, kind: str, n: int) -> None:
-        self.calls.append((kind, n))
-        self.entered.set()
-        if not self._gate.wait(20.0):
-            raise TimeoutError("gate never opened")
-
     def tokenize(self, texts: Sequence[str]) -> list[TokenIds]:
-        if self.fail_on is not None and self.fail_on in texts:
+        if self.fail_on is not None and f"tokenizer {self.fail_on}" in texts:
             raise RuntimeError("tokenizer exploded")
-        return self.inner.tokenize(texts)
+        rows = self.inner.tokenize(texts)
+        for text, row in zip(texts, rows, strict=True):
+            self._texts[tuple(row.tolist())] = text
+        return rows
 
     def encode_ids(self, rows: Sequence[TokenIds]) -> Vectors:
-        self._enter("bulk", len(rows))
-        return self.inner.encode_ids(rows)
-
-    def encode(self, texts: Sequence[str]) -> Vectors:
-        self._enter("query", len(texts))
+        texts = [self._texts[tuple(r.tolist())] for r in rows]
+        self.calls.append(texts)
+        self.entered.set()
+        if self._gated(texts) and not self._gate.wait(20.0):
+            raise TimeoutError("gate never opened")
         if self.fail_on is not None and self.fail_on in texts:
             raise RuntimeError("model exploded")
-        return self.inner.encode(texts)
+        return self.inner.encode_ids(rows)
 
 
 @asynccontextmanager
-async def running(
-    factory: Callable[[], EmbeddingModel], **config: int
-) -> AsyncIterator[tuple[Embedder, anyio.Event]]:
+async def running(factory: Callable[[], EmbeddingModel], **config: int) -> AsyncIterator[tuple[Embedder, anyio.Event]]:
     """A started embedder; on exit it is closed and its `run()` must have returned."""
-    embedder = Embedder(EngineConfig(**config), model_factory=factory)  # type: ignore[arg-type]
+    embedder = Embedder(EngineConfig(**config), model_factory=factory)
     finished = anyio.Event()
 
     async def run(*, task_status: TaskStatus[None]) -> None:
@@ -147,9 +146,7 @@ def test_close_meanings_score_higher(model: MiniLM) -> None:
 
 
 def test_batching_and_padding_do_not_change_results(model: MiniLM) -> None:
-    long_texts = [
-        " ".join(["padding makes every other row in this batch much longer"] * k) for k in (3, 8, 20)
-    ]
+    long_texts = [" ".join(["padding makes every other row in this batch much longer"] * k) for k in (3, 8, 20)]
     for text in SENTENCES:
         alone = model.encode([text])[0]
         batched = model.encode([*long_texts, text, *long_texts])[len(long_texts)]
@@ -182,19 +179,23 @@ async def test_actor_matches_the_model_in_caller_order(model: MiniLM) -> None:
         got = await embedder.embed_documents(texts)
         query = await embedder.embed_query(SENTENCES[2])
         empty = await embedder.embed_documents([])
+        huge = await embedder.embed_query(" ".join(["river"] * 5000))
     assert got.shape == (len(texts), MODEL_DIM)
     for i in range(len(texts)):
         assert cosine(got[i], expected[i]) > 0.999
     assert query.shape == (MODEL_DIM,)
     assert cosine(query, expected[2]) > 0.999
     assert empty.shape == (0, MODEL_DIM)
+    assert cosine(huge, model.encode([" ".join(["river"] * 300)])[0]) > 0.9999
 
 
 async def test_queries_jump_ahead_of_queued_bulk(model: MiniLM) -> None:
     recorder = Recorder(model)
     done: list[str] = []
     texts = [f"document number {i} about rivers and mountains" for i in range(40)]
-    async with running(lambda: recorder, embed_batch=4, embed_workers=1, embed_queue=64) as (embedder, _):
+    question = "where do rivers start?"
+    config = {"embed_batch": 4, "embed_workers": 1, "embed_express_slots": 0, "embed_queue": 64}
+    async with running(lambda: recorder, **config) as (embedder, _):
         recorder.hold()
         async with anyio.create_task_group() as tg:
 
@@ -203,7 +204,7 @@ async def test_queries_jump_ahead_of_queued_bulk(model: MiniLM) -> None:
                 done.append("bulk")
 
             async def query() -> None:
-                await embedder.embed_query("where do rivers start?")
+                await embedder.embed_query(question)
                 done.append("query")
 
             tg.start_soon(bulk)
@@ -213,32 +214,69 @@ async def test_queries_jump_ahead_of_queued_bulk(model: MiniLM) -> None:
             await until(lambda: queued(embedder) == (1, 9))
             recorder.release()
     assert done == ["query", "bulk"]
-    assert recorder.calls[0] == ("bulk", 4)
-    assert recorder.calls[1] == ("query", 1)  # next in line, ahead of nine queued chunks
-    assert sum(n for kind, n in recorder.calls if kind == "bulk") == len(texts)
+    assert len(recorder.calls[0]) == 4
+    assert recorder.calls[1] == [question]  # next in line, ahead of nine queued chunks
+    assert sorted(t for call in recorder.calls[2:] for t in call) == sorted(set(texts) - set(recorder.calls[0]))
+
+
+async def test_a_query_does_not_wait_for_busy_workers(model: MiniLM) -> None:
+    recorder = Recorder(model)
+    texts = [f"ingested text {i}" for i in range(8)]
+    async with running(lambda: recorder, embed_batch=4, embed_workers=1, embed_express_slots=1) as (
+        embedder,
+        _,
+    ):
+        recorder.hold(when=lambda batch: batch[0].startswith("ingested"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(embedder.embed_documents, texts)
+            await recorder.wait_entered()
+            # The only worker is held by a bulk batch; the query runs beside it, on the express slot.
+            vector = await embedder.embed_query("is anyone there?")
+            assert vector.shape == (MODEL_DIM,)
+            assert embedder.stats.express_batches == 1
+            assert embedder.stats.bulk_texts == 0
+            recorder.release()
+    assert recorder.calls[1] == ["is anyone there?"]
 
 
 async def test_pending_queries_form_one_batch(model: MiniLM) -> None:
     recorder = Recorder(model)
-    async with running(lambda: recorder, embed_batch=16, embed_workers=1) as (embedder, _):
+    async with running(lambda: recorder, embed_batch=16, embed_workers=1, embed_express_slots=0) as (
+        embedder,
+        _,
+    ):
         recorder.hold()
         results: dict[int, Vectors] = {}
         async with anyio.create_task_group() as tg:
 
             async def query(i: int) -> None:
-                results[i] = await embedder.embed_query(SENTENCES[i % len(SENTENCES)])
+                results[i] = await embedder.embed_query(f"{SENTENCES[i % len(SENTENCES)]} {i}")
 
             tg.start_soon(query, 0)
             await recorder.wait_entered()
             for i in range(1, 11):
                 tg.start_soon(query, i)
-            await anyio.wait_all_tasks_blocked()
+            await until(lambda: queued(embedder) == (10, 0))
             recorder.release()
         assert embedder.stats.largest_batch == 10
-    assert recorder.calls == [("query", 1), ("query", 10)]
-    expected = model.encode(SENTENCES)
+    assert [len(call) for call in recorder.calls] == [1, 10]
     for i, vector in results.items():
-        assert cosine(vector, expected[i % len(SENTENCES)]) > 0.999
+        assert cosine(vector, model.encode([f"{SENTENCES[i % len(SENTENCES)]} {i}"])[0]) > 0.999
+
+
+async def test_batches_respect_the_token_budget(model: MiniLM) -> None:
+    recorder = Recorder(model)
+    texts = [" ".join(["word"] * n) for n in (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 3, 2, 1)]
+    async with running(lambda: recorder, embed_batch=8, embed_batch_tokens=64) as (embedder, _):
+        got = await embedder.embed_documents(texts)
+    for call in recorder.calls:
+        padded = len(call) * max(len(t.split()) + 2 for t in call)
+        assert len(call) <= 8
+        assert padded <= 64 or len(call) == 1
+    assert sum(len(call) for call in recorder.calls) == len(texts)
+    expected = model.encode(texts)
+    for i in range(len(texts)):
+        assert cosine(got[i], expected[i]) > 0.999
 
 
 async def test_concurrent_callers_get_their_own_results(model: MiniLM) -> None:
@@ -265,7 +303,8 @@ async def test_concurrent_callers_get_their_own_results(model: MiniLM) -> None:
 
 async def test_cancelled_callers_do_not_break_the_actor(model: MiniLM) -> None:
     recorder = Recorder(model)
-    async with running(lambda: recorder, embed_batch=4, embed_workers=1) as (embedder, _):
+    config = {"embed_batch": 4, "embed_workers": 1, "embed_express_slots": 0}
+    async with running(lambda: recorder, **config) as (embedder, _):
         recorder.hold()
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
@@ -282,7 +321,7 @@ async def test_cancelled_callers_do_not_break_the_actor(model: MiniLM) -> None:
         assert docs.shape == (2, MODEL_DIM)
         # The queued query and the three queued chunks were skipped, not run.
         assert embedder.stats.abandoned == 1 + 10
-    assert [kind for kind, _ in recorder.calls] == ["query", "query", "bulk"]
+    assert recorder.calls == [["running when cancelled"], ["still serving"], ["and bulk too", "yes"]]
 
 
 async def test_model_errors_reach_only_the_affected_callers(model: MiniLM) -> None:
@@ -290,11 +329,13 @@ async def test_model_errors_reach_only_the_affected_callers(model: MiniLM) -> No
     async with running(lambda: recorder, embed_workers=1) as (embedder, _):
         with pytest.raises(RuntimeError, match="model exploded"):
             await embedder.embed_query("BOOM")
-        with pytest.raises(RuntimeError, match="tokenizer exploded"):
+        with pytest.raises(RuntimeError, match="model exploded"):
             await embedder.embed_documents(["fine", "BOOM"])
+        with pytest.raises(RuntimeError, match="tokenizer exploded"):
+            await embedder.embed_documents(["fine", "tokenizer BOOM"])
         assert (await embedder.embed_query("fine")).shape == (MODEL_DIM,)
         assert (await embedder.embed_documents(["fine", "also fine"])).shape == (2, MODEL_DIM)
-        assert embedder.stats.failed_batches == 1
+        assert embedder.stats.failed_batches == 2
 
 
 async def test_a_failed_model_load_fails_run_and_callers() -> None:
@@ -313,14 +354,15 @@ async def test_a_failed_model_load_fails_run_and_callers() -> None:
 
 async def test_full_query_lane_is_overloaded(model: MiniLM) -> None:
     recorder = Recorder(model)
-    async with running(lambda: recorder, embed_workers=1, embed_queue=2) as (embedder, _):
+    config = {"embed_workers": 1, "embed_express_slots": 0, "embed_queue": 2}
+    async with running(lambda: recorder, **config) as (embedder, _):
         recorder.hold()
         async with anyio.create_task_group() as tg:
             tg.start_soon(embedder.embed_query, "running")
             await recorder.wait_entered()
             tg.start_soon(embedder.embed_query, "queued 1")
             tg.start_soon(embedder.embed_query, "queued 2")
-            await anyio.wait_all_tasks_blocked()
+            await until(lambda: queued(embedder) == (2, 0))
             with pytest.raises(Overloaded):
                 await embedder.embed_query("one too many")
             recorder.release()
@@ -350,7 +392,8 @@ async def test_full_bulk_lane_pushes_back(model: MiniLM) -> None:
 async def test_close_drains_queued_work_and_refuses_new(model: MiniLM) -> None:
     recorder = Recorder(model)
     results: list[int] = []
-    async with running(lambda: recorder, embed_batch=4, embed_workers=1) as (embedder, finished):
+    config = {"embed_batch": 4, "embed_workers": 1, "embed_express_slots": 0}
+    async with running(lambda: recorder, **config) as (embedder, finished):
         recorder.hold()
         async with anyio.create_task_group() as tg:
 
@@ -376,3 +419,46 @@ async def test_close_drains_queued_work_and_refuses_new(model: MiniLM) -> None:
             recorder.release()
         await finished.wait()
     assert sorted(results) == [1, 1, 8]
+
+
+# ------------------------------------------------------------------------------ the benchmark corpus
+
+
+def test_corpus_passages_keep_prose_and_drop_code() -> None:
+    from load.corpus import MAX_PASSAGE_CHARS, passages
+
+    doc = """Frobnicate the widget.
+
+    This function turns every widget into a frobnicated widget. It never fails on valid input!
+    See the `reference` manual for all of the details.
+
+    >>> frobnicate(widget)
+    <Widget frobnicated=True>
+
+        for x in range(10): print(x)
+
+    - Fixed a crash when the widget was empty and the caller passed no options at all.
+      The fix also covers nested widgets.
+    """
+    import inspect
+
+    got = list(passages(inspect.cleandoc(doc)))
+    assert got, "prose passages expected"
+    assert all(">>>" not in p and "print(" not in p for p in got)
+    assert all(len(p) <= MAX_PASSAGE_CHARS for p in got)
+    joined = " ".join(got)
+    assert "turns every widget into a frobnicated widget" in joined
+    assert "See the reference manual for all of the details." in joined
+    assert "Fixed a crash when the widget was empty" in joined and "covers nested widgets." in joined
+
+
+def test_corpus_ground_truth_is_exact_top_k() -> None:
+    from load.corpus import exact_top_k
+
+    rng = np.random.default_rng(7)
+    corpus = rng.normal(size=(500, 16)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = corpus[:20] + 0.1 * rng.normal(size=(20, 16)).astype(np.float32)
+    truth = exact_top_k(corpus, queries, k=10)
+    expected = np.argsort(-(queries @ corpus.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(truth, expected)
