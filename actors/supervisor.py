@@ -1,7 +1,8 @@
 """The supervisor: starts the actors in order, serves the engine API, stops them in reverse.
 
-    start:  persistence -> embedder -> catalog (+ shards) -> load collections -> ingest -> ready
-    stop:   ingest (drains acked work) -> catalog -> embedder -> persistence
+    start:  persistence -> embedder -> catalog (+ shards) -> load collections -> subscriptions
+            -> ingest -> ready
+    stop:   ingest (drains acked work) -> subscriptions -> catalog -> embedder -> persistence
 
 `Engine` is the only thing the edge talks to. Its methods take validated requests and return
 typed results; they raise `ShoalError`s with wire codes.
@@ -21,11 +22,14 @@ from anyio.abc import TaskGroup, TaskStatus
 from actors.catalog import Catalog, Collection
 from actors.embedder import Embedder
 from actors.ingest import Applied, Ingest, Publisher
+from actors.matching import StandingQuery
 from actors.persistence import Persistence
 from actors.planner import merge_hits
+from actors.subscriber import Subscriber
+from actors.subscriptions import SubscriptionConfig, Subscriptions
 from models import requests as rq
 from models.config import EngineConfig, Limits
-from models.errors import DimensionMismatch, InvalidVector
+from models.errors import DimensionMismatch, InvalidVector, NotFound
 from models.records import MODEL_DIM, CollectionInfo, Hit, Metric, StoredDoc, Vector
 
 log = logging.getLogger("shoal.engine")
@@ -40,7 +44,9 @@ class Actor(Protocol):
 class Engine:
     """The running engine of one node."""
 
-    def __init__(self, dsn: str, config: EngineConfig, limits: Limits) -> None:
+    def __init__(
+        self, dsn: str, config: EngineConfig, limits: Limits, subscriptions: SubscriptionConfig | None = None
+    ) -> None:
         self.config = config
         self.limits = limits
         self.persistence = Persistence(dsn)
@@ -49,14 +55,18 @@ class Engine:
         self.catalog = Catalog(config, self._search_limiter)
         self._listeners: list[Publisher] = []
         self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog, self._publish)
+        self.subscriptions = Subscriptions(self.persistence, subscriptions)
+        self.add_listener(self.subscriptions.publish)
         self.ready = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     @classmethod
     @asynccontextmanager
-    async def running(cls, dsn: str, config: EngineConfig, limits: Limits) -> AsyncIterator[Engine]:
-        engine = cls(dsn, config, limits)
+    async def running(
+        cls, dsn: str, config: EngineConfig, limits: Limits, subscriptions: SubscriptionConfig | None = None
+    ) -> AsyncIterator[Engine]:
+        engine = cls(dsn, config, limits, subscriptions)
         started: list[tuple[Actor, anyio.Event]] = []
         async with anyio.create_task_group() as tg:
             try:
@@ -64,6 +74,7 @@ class Engine:
                 for actor in first:
                     started.append((actor, await _start(tg, actor)))
                 await engine._load_collections()
+                started.append((engine.subscriptions, await _start(tg, engine.subscriptions)))
                 started.append((engine.ingest, await _start(tg, engine.ingest)))
                 engine.ready = True
                 log.info("engine ready: %d collection(s)", len(engine.catalog.names()))
@@ -108,6 +119,7 @@ class Engine:
     async def drop_collection(self, req: rq.DropCollection) -> None:
         self.catalog.get(req.name)
         await self.ingest.drop_collection(req.name)
+        self.subscriptions.collection_dropped(req.name)
 
     async def upsert(self, req: rq.Upsert) -> tuple[int, int]:
         collection = self.catalog.get(req.collection)
@@ -167,6 +179,28 @@ class Engine:
             for i in range(len(shards)):
                 tg.start_soon(one, i)
         return merge_hits(per_shard, req.k)
+
+    # -- standing queries -----------------------------------------------------------------------
+
+    async def subscribe(self, req: rq.Subscribe, *, close_on_overflow: bool) -> Subscriber:
+        """A registered match subscriber (see `Subscriptions.register`); a text query is embedded
+        once, here. Raises NotFound, DimensionMismatch, InvalidVector, Overloaded, Unavailable."""
+        collection = self.catalog.get(req.collection)
+        vector = await self.query_vector(collection, req.vector, req.text)
+        if self.catalog.get(req.collection) is not collection:  # dropped while embedding
+            raise NotFound(f"no collection named {req.collection!r}")
+        query = StandingQuery(vector, req.threshold, req.where, req.where_text)
+        return self.subscriptions.register(
+            collection,
+            query,
+            include=req.include,
+            after_seq=req.after_seq,
+            close_on_overflow=close_on_overflow,
+        )
+
+    def changes(self, name: str, after_seq: int | None) -> Subscriber:
+        """A registered change-feed subscriber (closed, not counted, when it overflows)."""
+        return self.subscriptions.register(self.catalog.get(name), None, after_seq=after_seq, close_on_overflow=True)
 
 
 def _check_vector(collection: Collection, vector: Vector, what: str) -> None:

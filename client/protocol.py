@@ -286,6 +286,8 @@ class ClientProtocol:
             self._closing.discard(entry.sub)
 
     def _push(self, message: dict[str, Any]) -> list[Happening]:
+        if message.get("event") == "ended":
+            return self._ended(message)
         try:
             event = parse_push(message)
         except ProtocolError as exc:
@@ -303,3 +305,18 @@ class ClientProtocol:
             early = self._early[event.sub] = SubscriptionBuffer(event.sub, self.queue_size)
         early.push(event)
         return []
+
+    def _ended(self, message: dict[str, Any]) -> list[Happening]:
+        """The server ended a subscription (its collection was dropped, the server is stopping):
+        the consumer reads what is buffered, then gets the error."""
+        sub = message.get("sub")
+        if not isinstance(sub, str):
+            return [Unrouted(ProtocolError(f"ended push without a sub: {message!r}"))]
+        code = message.get("code")
+        reason = message.get("reason")
+        error = error_from_wire({"code": code if isinstance(code, str) else "internal", "message": str(reason or "")})
+        buffer = self.subscriptions.pop(sub, None)
+        if buffer is None:
+            return []
+        buffer.close(error)
+        return [Pushed(sub)]

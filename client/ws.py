@@ -55,7 +55,9 @@ class Subscription:
 
     `close()` (or leaving `async with`) unsubscribes and ends the iteration. If the connection is
     lost, iteration raises `ConnectionClosed` after the events already received; reconnect and
-    subscribe again with `after_seq=<last seq seen>` to miss nothing.
+    subscribe again with `after_seq=<last seq seen>` to miss nothing. If the server ends the
+    subscription (an `ended` push), iteration raises its error after the buffered events:
+    `NotFound` when the collection was dropped, `Unavailable` when the server is stopping.
     """
 
     def __init__(self, client: ShoalClient, buffer: SubscriptionBuffer, collection: str) -> None:
@@ -369,6 +371,4 @@ class _Connect:
 def _handshake_error(exc: websockets.InvalidStatus) -> Exception:
     """A refused handshake as the `ShoalError` of its JSON error body, or of its status."""
     response = exc.response
-    return error_from_body(
-        response.status_code, bytes(response.body or b""), response.headers.get("Content-Type", "")
-    )
+    return error_from_body(response.status_code, bytes(response.body or b""), response.headers.get("Content-Type", ""))

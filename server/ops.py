@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from actors.subscriber import MatchEvent
 from actors.supervisor import Engine
 from models import requests as rq
 from models.errors import BadRequest
-from models.records import Include, StoredDoc
+from models.records import Hit, Include, StoredDoc
 
 
 def doc_to_wire(doc: StoredDoc, include: frozenset[Include], compact: bool) -> dict[str, Any]:
@@ -25,6 +26,13 @@ def doc_to_wire(doc: StoredDoc, include: frozenset[Include], compact: bool) -> d
         vec = doc.vector.astype("<f4", copy=False)
         out["vector"] = vec.tobytes() if compact else vec.tolist()
     return out
+
+
+def match_hit(event: MatchEvent, include: frozenset[Include], compact: bool) -> dict[str, Any]:
+    """The Hit map of a subscription match: the same fields a query for that document returns."""
+    doc = event.upserted.doc
+    hit = Hit(doc.id, event.score, event.distance, doc.text, doc.metadata, doc.vector)
+    return hit.to_wire(include, compact)
 
 
 async def execute(

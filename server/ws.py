@@ -6,6 +6,18 @@ ones; each request is served by its own task in the connection's task group. Bou
 that, so a flooding client is slowed by TCP back-pressure), and the outgoing queue holds at most
 `OUTGOING_FRAMES` frames. Frames larger than the frame limit are closed with 1009 by the server
 before they reach us.
+
+Subscriptions: `subscribe` registers a subscriber (see `actors.subscriptions`), answers
+`{"sub": id}`, replays `after_seq` from the log in the request's own task, then hands the
+subscriber to the connection's push pump. The pump is one task per connection: it takes events
+from every subscriber that has some (at most `PUMP_TAKE` at a time, round robin) and puts push
+frames on the outgoing queue. At most `PUSH_WINDOW` push frames wait in that queue (a credit is
+taken per push and given back once the writer has sent it), so replies are never stuck behind a
+wall of pushes, and when the socket is slow the subscribers' own bounded buffers are what fill up;
+what overflows is reported as one `lagged` push per gap. A slow socket never blocks the
+subscriptions actor. A subscription ends with
+`unsubscribe`, with the connection, or (pushed as `{"event": "ended", "sub", "reason"}`) when
+its collection is dropped or the server stops (`code` is `not_found` / `unavailable`).
 """
 
 from __future__ import annotations
@@ -18,15 +30,20 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from models.codec import Frame, FrameError, decode_frame, encode_error, encode_reply
-from models.errors import BadFrame, ShoalError, Unauthorized, as_shoal_error
-from models.requests import Auth, parse_request
+from actors.subscriber import ChangeEvent, Item, Lagged, Subscriber
+from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
+from models.errors import BadFrame, NotFound, ShoalError, TooLarge, Unauthorized, as_shoal_error
+from models.requests import Auth, Subscribe, Unsubscribe, parse_request
 from server.auth import ApiKey, bearer
-from server.ops import execute
+from server.ops import execute, match_hit
 from server.state import AppState
 
 SUBPROTOCOL = "shoal.v1"
 OUTGOING_FRAMES = 1024
+PUMP_TAKE = 64
+PUSH_WINDOW = 64
+# Subscriptions that end for these reasons are not told with an `ended` push.
+_SILENT_ENDS = frozenset({"unsubscribed", "connection closed"})
 
 log = logging.getLogger("shoal.ws")
 
@@ -58,15 +75,26 @@ class Connection:
                 self.authenticated = True
             except Unauthorized:
                 pass  # every op but `auth` answers unauthorized until a good key arrives
+        self.subs: dict[str, Subscriber] = {}
+        self._reserved = 0  # subscribes registering right now (counted against the limit)
+        self._ready: dict[Subscriber, None] = {}  # live subscribers with events, in arrival order
+        self._wake = anyio.Event()
+        self._push_credits = anyio.Semaphore(PUSH_WINDOW)
 
     async def serve(self) -> None:
         send, receive = anyio.create_memory_object_stream[bytes](OUTGOING_FRAMES)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._writer, receive)
-            try:
-                await self._reader(tg, send)
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer, receive)
+                tg.start_soon(self._pump, send)
+                try:
+                    await self._reader(tg, send)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            for sub in list(self.subs.values()):
+                sub.close("connection closed")
+            self.subs.clear()
 
     async def _writer(self, outgoing: ObjectReceiveStream[bytes]) -> None:
         async with outgoing:
@@ -75,6 +103,8 @@ class Connection:
                     await self.websocket.send_bytes(data)
                 except (WebSocketDisconnect, RuntimeError, OSError):
                     return
+                if isinstance(data, _Push):
+                    self._push_credits.release()
 
     async def _reader(self, tg: TaskGroup, out: ObjectSendStream[bytes]) -> None:
         while True:
@@ -99,18 +129,20 @@ class Connection:
         op = frame.op if isinstance(frame.op, str) else "-"
         started = time.perf_counter()
         try:
-            data, code = await self._serve(frame)
+            data, code, sub = await self._serve(frame)
             await out.send(data)
+            metrics = self.state.metrics
+            label = op if op in self.state.known_ops else "-"
+            metrics.requests.labels("ws", label, code).inc()
+            metrics.latency.labels(label).observe(time.perf_counter() - started)
+            if sub is not None:
+                await self._replay(sub, out)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return
         finally:
             self.in_flight.release()
-        metrics = self.state.metrics
-        label = op if op in self.state.known_ops else "-"
-        metrics.requests.labels("ws", label, code).inc()
-        metrics.latency.labels(label).observe(time.perf_counter() - started)
 
-    async def _serve(self, frame: Frame) -> tuple[bytes, str]:
+    async def _serve(self, frame: Frame) -> tuple[bytes, str, Subscriber | None]:
         try:
             if not self.authenticated and frame.op != "auth":
                 raise Unauthorized("authenticate first: send {op: auth, key} or an Authorization header")
@@ -120,11 +152,104 @@ class Connection:
                 self.grant = auth.lookup(request.key)
                 self.authenticated = True
             auth.check(self.grant, self.caller, request)
+            if isinstance(request, Subscribe):
+                sub = await self._subscribe(request)
+                return encode_reply(frame.request_id, {"sub": sub.id}), "ok", sub
+            if isinstance(request, Unsubscribe):
+                self._unsubscribe(request.sub)
+                return encode_reply(frame.request_id, {}), "ok", None
             visible = None if self.grant is None else self.grant.collections
             result: dict[str, Any] = await execute(self.state.engine, request, compact=True, visible=visible)
-            return encode_reply(frame.request_id, result), "ok"
+            return encode_reply(frame.request_id, result), "ok", None
         except Exception as exc:
             error = as_shoal_error(exc)
             if not isinstance(exc, ShoalError):
                 log.exception("request %r failed", frame.op)
-            return encode_error(frame.request_id, error), error.code
+            return encode_error(frame.request_id, error), error.code, None
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    async def _subscribe(self, request: Subscribe) -> Subscriber:
+        limit = self.state.engine.subscriptions.config.max_subscriptions_per_connection
+        if len(self.subs) + self._reserved >= limit:
+            raise TooLarge(f"at most {limit} subscriptions per connection")
+        self._reserved += 1
+        try:
+            sub = await self.state.engine.subscribe(request, close_on_overflow=False)
+        finally:
+            self._reserved -= 1
+        self.subs[sub.id] = sub
+        sub.waker = self._on_ready
+        return sub
+
+    def _unsubscribe(self, sub_id: str) -> None:
+        sub = self.subs.pop(sub_id, None)
+        if sub is None:
+            raise NotFound(f"no subscription {sub_id!r} on this connection")
+        sub.close("unsubscribed")
+        self._ready.pop(sub, None)
+
+    async def _replay(self, sub: Subscriber, out: ObjectSendStream[bytes]) -> None:
+        """Send the matches of `after_seq < seq <= S` from the log, then let the pump go live."""
+        try:
+            while sub.replaying and not sub.closed:
+                for event in await self.state.engine.subscriptions.replay_page(sub):
+                    if sub.closed:
+                        break
+                    await self._send_push(out, sub, event)
+        except ShoalError as exc:  # the collection is gone, or the log cannot be read
+            sub.close(f"replay failed: {exc.message}", exc.code)
+        if sub.closed and sub.replaying:
+            # Ended before reaching the live point: what is buffered lies past a gap.
+            if self.subs.pop(sub.id, None) is not None and sub.reason not in _SILENT_ENDS:
+                await out.send(self._ended(sub))
+            return
+        sub.go_live()
+
+    def _on_ready(self, sub: Subscriber) -> None:
+        self._ready[sub] = None
+        self._wake.set()
+
+    async def _pump(self, out: ObjectSendStream[bytes]) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            while self._ready:
+                sub = next(iter(self._ready))
+                del self._ready[sub]
+                for item in sub.take(PUMP_TAKE):
+                    await self._send_push(out, sub, item)
+                if sub.pending and sub.reason not in _SILENT_ENDS:
+                    self._ready[sub] = None
+                elif sub.closed and self.subs.pop(sub.id, None) is not None and sub.reason not in _SILENT_ENDS:
+                    await out.send(self._ended(sub))
+
+    async def _send_push(self, out: ObjectSendStream[bytes], sub: Subscriber, item: Item) -> None:
+        """Queue a push within the connection's push window (waits while it is full); nothing once
+        the subscription was unsubscribed (its reply may already be queued)."""
+        if not self._push_credits.statistics().tasks_waiting and self._push_credits.value:
+            self._push_credits.acquire_nowait()  # no checkpoint per frame while there is room
+        else:
+            await self._push_credits.acquire()
+        if sub.reason in _SILENT_ENDS:
+            self._push_credits.release()
+            return
+        await out.send(self._push(sub, item))
+
+    @staticmethod
+    def _ended(sub: Subscriber) -> bytes:
+        return encode_push("ended", {"sub": sub.id, "code": sub.code or "internal", "reason": sub.reason or ""})
+
+    @staticmethod
+    def _push(sub: Subscriber, item: Item) -> _Push:
+        if isinstance(item, Lagged):
+            return _Push(encode_push("lagged", {"sub": sub.id, "dropped": item.dropped}))
+        assert not isinstance(item, ChangeEvent), "WebSocket subscriptions carry matches only"
+        body = {"sub": sub.id, "seq": item.seq, "op": "upsert", "hit": match_hit(item, sub.include, compact=True)}
+        return _Push(encode_push("match", body))
+
+
+class _Push(bytes):
+    """A push frame: the writer gives its credit back once it is sent."""
+
+    __slots__ = ()

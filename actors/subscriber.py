@@ -1,0 +1,254 @@
+"""One subscriber's delivery state, and the events it carries.
+
+A `Subscriber` is filled by the subscriptions actor (`offer`, synchronous, never waits) and
+drained by exactly one consumer: a WebSocket connection's push pump or an SSE stream. Its buffer
+holds at most `capacity` events; what does not fit is either counted and reported as one
+`Lagged` item where the gap is (WebSocket), or ends the subscriber with reason "lagged" (SSE,
+whose client resumes from its last id).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import anyio
+
+from actors.matching import StandingQuery
+from models.records import DocId, Include, Metric, StoredDoc
+
+if TYPE_CHECKING:
+    from actors.catalog import Collection
+
+Kind = Literal["match", "changes"]
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Upserted:
+    """A matched document, shared by every subscriber it matched. `wire_cache` lets the edge encode
+    identical payloads once (e.g. 10,000 SSE streams with the same query)."""
+
+    doc: StoredDoc
+    wire_cache: dict[object, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MatchEvent:
+    upserted: Upserted
+    score: float
+    distance: float
+
+    @property
+    def seq(self) -> int:
+        return int(self.upserted.doc.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """Consecutive changes of one kind: `ids[i]` took seq `first_seq + i`."""
+
+    op: Literal["upsert", "delete"]
+    first_seq: int
+    ids: tuple[DocId, ...]
+
+    @property
+    def seq(self) -> int:
+        return self.first_seq + len(self.ids) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Lagged:
+    """`dropped` events were not buffered for this subscriber; the gap is where this stands."""
+
+    dropped: int
+
+
+Event = MatchEvent | ChangeEvent
+Item = MatchEvent | ChangeEvent | Lagged
+
+
+# --- one subscriber ----------------------------------------------------------------------------
+
+
+class Subscriber:
+    """The delivery state of one subscription: filled by the actor, drained by one consumer.
+
+    Consumer protocol: replay with `Subscriptions.replay_page` while `replaying`, call
+    `go_live()`, then loop on `wait()` / `take()` until `finished`. A subscriber ends with
+    `close(reason)`, from either side; buffered events stay readable after it.
+    """
+
+    __slots__ = (
+        "_detach",
+        "_events",
+        "_gap",
+        "_live",
+        "_waiter",
+        "capacity",
+        "close_hooks",
+        "close_on_overflow",
+        "closed",
+        "code",
+        "collection",
+        "counters",
+        "dropped_total",
+        "id",
+        "include",
+        "kind",
+        "live_from",
+        "metric",
+        "query",
+        "reason",
+        "replay_after",
+        "replay_until",
+        "waker",
+    )
+
+    def __init__(
+        self,
+        sub_id: str,
+        collection: Collection,
+        kind: Kind,
+        query: StandingQuery | None,
+        include: frozenset[Include],
+        capacity: int,
+        close_on_overflow: bool,
+    ) -> None:
+        self.id = sub_id
+        self.collection = collection.name
+        self.metric: Metric = collection.metric
+        self.kind = kind
+        self.query = query
+        self.include = include
+        self.capacity = max(1, capacity)
+        self.close_on_overflow = close_on_overflow
+        self.live_from = 0
+        self.replay_after: int | None = None
+        self.replay_until = 0
+        self._events: deque[Item] = deque()
+        self._gap = 0
+        self._live = False
+        self._waiter: anyio.Event | None = None
+        self.waker: Callable[[Subscriber], None] | None = None
+        self.close_hooks: list[Callable[[Subscriber], None]] = []
+        self._detach: Callable[[Subscriber], None] | None = None
+        self.dropped_total = 0
+        # The actor's counters ("dropped" is added to), for the server's metrics.
+        self.counters: dict[str, int] | None = None
+        self.closed = False
+        self.reason: str | None = None
+        self.code: str | None = None  # an error code when it ended abnormally (e.g. not_found)
+
+    def __repr__(self) -> str:
+        return f"<Subscriber {self.id} {self.kind} on {self.collection!r}>"
+
+    @property
+    def replaying(self) -> bool:
+        return self.replay_after is not None and self.replay_after < self.replay_until
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._events) or self._gap > 0
+
+    @property
+    def finished(self) -> bool:
+        """Closed and nothing left to read."""
+        return self.closed and not self.pending
+
+    # -- the actor's side (synchronous, on the event loop) ----------------------------------
+
+    def offer(self, event: Event) -> None:
+        """Queue a live event; never waits. Events at or before `live_from` were replayed (or
+        precede the subscription) and are skipped."""
+        if self.closed or event.seq <= self.live_from:
+            return
+        if isinstance(event, ChangeEvent) and event.first_seq <= self.live_from:
+            skip = self.live_from - event.first_seq + 1
+            event = ChangeEvent(event.op, self.live_from + 1, event.ids[skip:])
+        if len(self._events) >= self.capacity:
+            self.dropped_total += 1
+            if self.counters is not None:
+                self.counters["dropped"] += 1
+            if self.close_on_overflow:
+                self.close("lagged")
+            else:
+                self._gap += 1
+            return
+        if self._gap:
+            self._events.append(Lagged(self._gap))
+            self._gap = 0
+        self._events.append(event)
+        self._notify()
+
+    def lag(self, dropped: int) -> None:
+        """Changes were lost before they could be matched (the log could not be read)."""
+        if self.closed:
+            return
+        self.dropped_total += dropped
+        if self.counters is not None:
+            self.counters["dropped"] += dropped
+        if self.close_on_overflow:
+            self.close("lagged")
+        else:
+            self._gap += dropped
+            self._notify()
+
+    # -- the consumer's side ------------------------------------------------------------------
+
+    def go_live(self) -> None:
+        """Replay is done: buffered and future live events are for the consumer now."""
+        self.replay_after = None
+        self._live = True
+        if self.pending or self.closed:
+            self._notify()
+
+    def take(self, limit: int) -> list[Item]:
+        """Up to `limit` buffered items, oldest first (a `Lagged` marks a gap)."""
+        out: list[Item] = []
+        while self._events and len(out) < limit:
+            out.append(self._events.popleft())
+        if not self._events and self._gap and len(out) < limit:
+            out.append(Lagged(self._gap))
+            self._gap = 0
+        return out
+
+    async def wait(self) -> None:
+        """Return once something is buffered or the subscriber is closed."""
+        if self.pending or self.closed:
+            return
+        waiter = self._waiter = anyio.Event()
+        try:
+            await waiter.wait()
+        finally:
+            self._waiter = None
+
+    def nudge(self) -> None:
+        """Wake the consumer with nothing new (e.g. to write a heartbeat)."""
+        if self._waiter is not None:
+            self._waiter.set()
+
+    def close(self, reason: str, code: str | None = None) -> None:
+        """End the subscription (idempotent): no more events are queued; consumers are woken.
+        `code` is the error code to tell the client when the end is not its own doing."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self.code = code
+        if self._detach is not None:
+            self._detach(self)
+            self._detach = None
+        for hook in self.close_hooks:
+            hook(self)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+        if self._live and self.waker is not None:
+            self.waker(self)

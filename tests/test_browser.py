@@ -1,0 +1,128 @@
+"""The browser page at `/`, driven in headless Chromium (Debian's chromium + chromium-driver,
+installed by scripts/setup-browser): search over the WebSocket with msgpack, then a live
+subscription over EventSource that shows a document upserted through the API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from tests.server_process import ServerProcess
+
+pytestmark = pytest.mark.timeout(180)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+)
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: run scripts/setup-browser (Debian chromium + chromium-driver)")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser or a driver
+    profile = tempfile.mkdtemp(prefix="shoal-chromium-", dir="/tmp")
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def api(server: ServerProcess, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    reply = httpx.post(f"{server.url}{path}", json=body, timeout=60.0)
+    assert reply.status_code == 200, reply.text
+    result: dict[str, Any] = reply.json()
+    return result
+
+
+def test_search_and_live_matches_in_the_page(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    name = f"browser_{uuid.uuid4().hex[:8]}"
+    api(server, "/v1/collections", {"name": name})
+    api(
+        server,
+        f"/v1/collections/{name}/upsert",
+        {
+            "docs": [
+                {"id": "cat", "text": "A cat is sleeping on the warm windowsill.", "metadata": {"kind": "pet"}},
+                {"id": "tax", "text": "The quarterly tax filing deadline is next Monday."},
+                {"id": "ship", "text": "The container ship docked in the harbour at dawn."},
+            ]
+        },
+    )
+    wait = WebDriverWait(browser, 30)
+    try:
+        browser.get(f"{server.url}/")
+        assert browser.title == "Shoal"
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#collection option[value='{name}']"))
+        Select(browser.find_element(By.ID, "collection")).select_by_value(name)
+
+        # Search: the WebSocket + msgpack path.
+        browser.find_element(By.ID, "query").send_keys("a kitten napping by the window")
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results li.hit"))
+        results = browser.find_elements(By.CSS_SELECTOR, "#results li.hit")
+        assert results[0].get_attribute("data-id") == "cat"
+        assert "windowsill" in results[0].text and '"kind":"pet"' in results[0].text
+
+        # Live: an EventSource on the SSE subscribe endpoint.
+        threshold = browser.find_element(By.ID, "threshold")
+        threshold.clear()
+        threshold.send_keys("0.4")
+        browser.find_element(By.ID, "watch").click()
+        wait.until(lambda d: d.find_element(By.ID, "live-status").text.startswith("Live:"))
+        api(
+            server,
+            f"/v1/collections/{name}/upsert",
+            {
+                "docs": [
+                    {"id": "bonds", "text": "Bond yields rose after the central bank meeting."},
+                    {"id": "kitten", "text": "A tiny kitten naps by the sunny window."},
+                ]
+            },
+        )
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live li.match[data-id='kitten']"))
+        live = [li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#live li.match")]
+        assert live == ["kitten"]
+
+        # Everything the page loaded came from Shoal itself (the msgpack library included).
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert any(url.endswith("/static/vendor/msgpack.min.js") for url in loaded)
+        assert all(url.startswith(server.url) or url.startswith("ws") for url in loaded), loaded
+        assert browser.execute_script("return typeof window.MessagePack.encode") == "function"
+    except Exception:
+        shot = server.data_dir / "browser-failure.png"
+        browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}\npage:\n{browser.page_source[:4000]}")
+        raise
