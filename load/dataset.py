@@ -25,7 +25,8 @@ from load.common import unit_rows
 BUCKETS = 100
 DEFAULT_SIZE = 20_000
 DEFAULT_QUERIES = 1_000
-_WORDS = [
+# Vocabulary of the synthetic texts (also used by load/persist_bench.py).
+WORDS = [
     "stream",
     "index",
     "shard",
@@ -146,7 +147,7 @@ def synthetic(size: int, queries: int, dim: int = 384, seed: int = 7) -> Dataset
     rng = np.random.default_rng(seed + 2)
 
     def text(n: int) -> str:
-        return " ".join(rng.choice(_WORDS, size=12 + n % 20)).capitalize() + "."
+        return " ".join(rng.choice(WORDS, size=12 + n % 20)).capitalize() + "."
 
     return Dataset(
         source="synthetic",

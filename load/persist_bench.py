@@ -44,35 +44,12 @@ from actors.persistence import Persistence
 from actors.pg_codecs import encode_metadata, encode_vector
 from actors.pg_server import open_database
 from actors.schema import Tables
+from load.dataset import WORDS
 from models.errors import NotFound
 from models.records import DocId, Document, Metric
 
 Writer = Callable[[Persistence, str, Sequence[Document]], Awaitable[tuple[int, int]]]
 
-WORDS = [
-    "stream",
-    "index",
-    "shard",
-    "vector",
-    "query",
-    "search",
-    "semantic",
-    "durable",
-    "commit",
-    "batch",
-    "replica",
-    "latency",
-    "throughput",
-    "socket",
-    "protocol",
-    "filter",
-    "metadata",
-    "embedding",
-    "cosine",
-    "neighbour",
-    "graph",
-    "layer",
-]
 
 
 def make_batches(
