@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from load import core_bench, ingest, query
+from load import core_bench, ingest, mixed, query
 from load.common import Histogram, format_table
 from load.server import ROOT
 from tests.server_process import ServerProcess
@@ -149,3 +149,26 @@ def test_shoal_bench_runs_a_load_script(server: ServerProcess, tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert "docs/s" in done.stdout
     assert _read(out)["docs"] == 100
+
+
+def test_mixed(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "mixed.json"
+    code = mixed.main(
+        [
+            *("--url", server.url, "--source", "synthetic", "--size", "400", "--queries", "20"),
+            *("--readers", "2", "--writers", "1", "--write-rate", "100", "--batch", "10"),
+            *("--subscribers", "10", "--sub-conns", "2", "--seconds", "2", "--drain", "5"),
+            *("--json", str(out), "--quiet"),
+        ]
+    )
+    r = _read(out)
+    assert code == 0
+    assert r["benchmark"] == "mixed" and r["error_count"] == 0 and r["errors"] == {}
+    assert r["query"]["requests"] > 0 and r["query"]["qps"] > 0
+    assert set(r["query"]["latency_ms"]) == LATENCY_KEYS
+    assert r["write"]["docs"] == 200 and r["write"]["docs_per_s"] > 0
+    assert set(r["write"]["ack_ms"]) == LATENCY_KEYS
+    subs = r["subscriptions"]
+    assert subs["subscriptions"] == 10 and subs["pushes_delivered"] >= 1
+    assert subs["lagged_events"] == 0
+    assert set(subs["delivery_ms"]) == LATENCY_KEYS
