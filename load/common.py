@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -585,3 +585,30 @@ def recall_at_k(
         else:
             total += 1.0 if len(rows) == 0 else 0.0
     return total / len(found)
+
+
+def print_report(rows: list[list[Any]], result: Mapping[str, Any]) -> None:
+    """Print a generator's metric/value table, with the CPU shares and the errors by code."""
+    cpu = result.get("cpu") or {}
+    for who in ("client", "server", "postgres", "others"):
+        share = cpu.get(f"{who}_share")
+        if share is not None:
+            rows.append([f"{who} CPU (share of cores)", share])
+    print(format_table(["metric", "value"], rows))
+    if result["errors"]:
+        print("errors by code: " + ", ".join(f"{k}={v}" for k, v in result["errors"].items()))
+
+
+def run_and_report(
+    args: argparse.Namespace,
+    bench: Callable[[Target], Coroutine[Any, Any, dict[str, Any]]],
+    print_summary: Callable[[dict[str, Any]], None],
+) -> int:
+    """The common `main` tail: run `bench` against --url (or a local server), print the summary,
+    write --json; exit status 1 when any request failed."""
+    with target(args.url, quiet=args.quiet) as t:
+        result = run_async(lambda: bench(t))
+    print_summary(result)
+    if args.json is not None:
+        print(f"results written to {write_json(Path(args.json), result)}")
+    return 1 if result["error_count"] else 0

@@ -27,7 +27,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from client import ShoalClient
@@ -39,13 +38,11 @@ from load.common import (
     Progress,
     Target,
     add_target_args,
-    format_table,
     log,
     machine_info,
-    run_async,
-    target,
+    print_report,
+    run_and_report,
     unique_name,
-    write_json,
 )
 from load.dataset import Dataset, load_dataset
 from load.query import close_clients, open_clients
@@ -193,14 +190,7 @@ def print_summary(r: dict[str, Any]) -> None:
     for key in ("p50", "p90", "p99", "p99_9", "max"):
         rows.append([f"ack latency {key.replace('_', '.')} ms", ack.get(key)])
     rows.append(["count check", {True: "ok", False: "FAILED", None: "-"}[r["count_check"]]])
-    cpu = r.get("cpu") or {}
-    for who in ("client", "server", "postgres", "others"):
-        share = cpu.get(f"{who}_share")
-        if share is not None:
-            rows.append([f"{who} CPU (share of cores)", share])
-    print(format_table(["metric", "value"], rows))
-    if r["errors"]:
-        print("errors by code: " + ", ".join(f"{k}={v}" for k, v in r["errors"].items()))
+    print_report(rows, r)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -228,12 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "text" and args.source == "synthetic" and args.dim != 384:
         raise SystemExit("text mode embeds to 384 dimensions: use --dim 384")
     ds = load_dataset(args.source, args.size, 10 if args.source == "synthetic" else 1_000, dim=args.dim)
-    with target(args.url, quiet=args.quiet) as t:
-        result = run_async(lambda: bench(t, ds, args))
-    print_summary(result)
-    if args.json is not None:
-        print(f"results written to {write_json(Path(args.json), result)}")
-    return 1 if result["error_count"] else 0
+    return run_and_report(args, lambda t: bench(t, ds, args), print_summary)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,10 +50,8 @@ from load.common import (
     format_table,
     machine_info,
     positive_bounds,
-    run_async,
-    target,
+    run_and_report,
     unique_name,
-    write_json,
 )
 from load.dataset import Dataset, load_dataset
 from load.query import close_clients, fill_collection, open_clients, query_requests, run_closed
@@ -348,12 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 < args.match_fraction < 1.0:
         raise SystemExit("--match-fraction must be between 0 and 1")
     ds = load_dataset(args.source, args.size, args.queries, dim=args.dim)
-    with target(args.url, quiet=args.quiet) as t:
-        result = run_async(lambda: bench(t, ds, args))
-    print_summary(result)
-    if args.json is not None:
-        print(f"results written to {write_json(Path(args.json), result)}")
-    return 1 if result["error_count"] else 0
+    return run_and_report(args, lambda t: bench(t, ds, args), print_summary)
 
 
 if __name__ == "__main__":

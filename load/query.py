@@ -34,7 +34,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from client import ShoalClient
@@ -47,15 +46,13 @@ from load.common import (
     Progress,
     Target,
     add_target_args,
-    format_table,
     log,
     machine_info,
     positive_bounds,
+    print_report,
     recall_at_k,
-    run_async,
-    target,
+    run_and_report,
     unique_name,
-    write_json,
 )
 from load.dataset import BUCKETS, Dataset, load_dataset
 
@@ -433,14 +430,7 @@ def print_summary(r: dict[str, Any]) -> None:
         rows.append(["achieved rate /s", r["achieved_rate"]])
     if r.get("recall_at_k") is not None:
         rows.append([f"recall@{r['k']}", r["recall_at_k"]])
-    cpu = r.get("cpu") or {}
-    for who in ("client", "server", "postgres", "others"):
-        share = cpu.get(f"{who}_share")
-        if share is not None:
-            rows.append([f"{who} CPU (share of cores)", share])
-    print(format_table(["metric", "value"], rows))
-    if r["errors"]:
-        print("errors by code: " + ", ".join(f"{k}={v}" for k, v in r["errors"].items()))
+    print_report(rows, r)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -481,12 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.clients < 1 or args.k < 1:
         raise SystemExit("--clients and --k must be >= 1")
     ds = load_dataset(args.source, args.size, args.queries, dim=args.dim)
-    with target(args.url, quiet=args.quiet) as t:
-        result = run_async(lambda: bench(t, ds, args))
-    print_summary(result)
-    if args.json is not None:
-        print(f"results written to {write_json(Path(args.json), result)}")
-    return 1 if result["error_count"] else 0
+    return run_and_report(args, lambda t: bench(t, ds, args), print_summary)
 
 
 if __name__ == "__main__":
