@@ -99,22 +99,7 @@ class Tables:
         `xmax = 0` tells an inserted row from one updated by ON CONFLICT: the update stamps the
         old version's xmax with our transaction id.
         """
-        return f"""
-            WITH applied AS (
-                INSERT INTO {self.docs} AS d (id, seq, text, vector, metadata)
-                SELECT DISTINCT ON (doc_id) doc_id, seq, text, vector, metadata
-                FROM {self.log}
-                WHERE seq BETWEEN $1 AND $2
-                ORDER BY doc_id, seq DESC
-                ON CONFLICT (id) DO UPDATE
-                SET seq = EXCLUDED.seq, text = EXCLUDED.text,
-                    vector = EXCLUDED.vector, metadata = EXCLUDED.metadata
-                RETURNING (d.xmax = 0) AS inserted
-            )
-            UPDATE shoal_collections
-            SET doc_count = doc_count + (SELECT count(*) FROM applied WHERE inserted)
-            WHERE id = $3
-        """
+        return "WITH " + self._fold(f"{self.log} WHERE seq BETWEEN $1 AND $2", "$3")
 
     def upsert_via_unnest(self) -> str:
         """The multi-row INSERT alternative to COPY, in one statement: write the log rows from
@@ -127,10 +112,16 @@ class Tables:
                 FROM unnest($2::text[], $3::text[], $4::vector[], $5::jsonb[])
                      WITH ORDINALITY AS u(i, t, v, m, n)
                 RETURNING seq, doc_id, text, vector, metadata
-            ), applied AS (
+            ), """ + self._fold("logged", "$6")
+
+    def _fold(self, source: str, collection_param: str) -> str:
+        """`applied AS (...)` folding the change rows of `source` into the docs table (the last
+        change of an id wins), then the catalog update adding the new ids to doc_count."""
+        return f"""
+            applied AS (
                 INSERT INTO {self.docs} AS d (id, seq, text, vector, metadata)
                 SELECT DISTINCT ON (doc_id) doc_id, seq, text, vector, metadata
-                FROM logged
+                FROM {source}
                 ORDER BY doc_id, seq DESC
                 ON CONFLICT (id) DO UPDATE
                 SET seq = EXCLUDED.seq, text = EXCLUDED.text,
@@ -139,7 +130,7 @@ class Tables:
             )
             UPDATE shoal_collections
             SET doc_count = doc_count + (SELECT count(*) FROM applied WHERE inserted)
-            WHERE id = $6
+            WHERE id = {collection_param}
         """
 
     def log_deletes(self) -> str:

@@ -12,6 +12,7 @@ that matches 1 % of the documents.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -188,3 +189,12 @@ def load_dataset(source: str, size: int, queries: int, *, dim: int = 384, seed: 
     if source == "corpus":
         return real_corpus(size, queries)
     raise ValueError(f"unknown data source {source!r} (corpus | synthetic)")
+
+
+def add_dataset_args(p: argparse.ArgumentParser, *, size: int, size_help: str, queries: int | None) -> None:
+    """--source, --size, (--queries,) --dim: where a generator's vectors come from."""
+    p.add_argument("--source", choices=["corpus", "synthetic"], default="corpus")
+    p.add_argument("--size", type=int, default=size, help=f"{size_help} (default {size})")
+    if queries is not None:
+        p.add_argument("--queries", type=int, default=queries, help=f"distinct query vectors (default {queries})")
+    p.add_argument("--dim", type=int, default=384, help="synthetic vectors' dimension")

@@ -44,7 +44,7 @@ from load.common import (
     run_and_report,
     unique_name,
 )
-from load.dataset import Dataset, load_dataset
+from load.dataset import Dataset, add_dataset_args, load_dataset
 from load.query import close_clients, open_clients
 
 REQUEST_TIMEOUT = 120.0
@@ -205,9 +205,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vector-only", action="store_true", help="vector mode: send no text with the vectors")
     p.add_argument("--collection", default=None, help="write into this collection (created if missing, kept)")
     p.add_argument("--keep", action="store_true", help="keep the collection written to")
-    p.add_argument("--source", choices=["corpus", "synthetic"], default="corpus")
-    p.add_argument("--size", type=int, default=20_000, help="distinct documents to draw from")
-    p.add_argument("--dim", type=int, default=384, help="synthetic vectors' dimension")
+    add_dataset_args(p, size=20_000, size_help="distinct documents to draw from", queries=None)
     return p
 
 

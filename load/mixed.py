@@ -53,7 +53,7 @@ from load.common import (
     run_and_report,
     unique_name,
 )
-from load.dataset import Dataset, load_dataset
+from load.dataset import Dataset, add_dataset_args, load_dataset
 from load.query import close_clients, fill_collection, open_clients, query_requests, run_closed
 
 REQUEST_TIMEOUT = 30.0
@@ -331,10 +331,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="duration (default 10)")
     p.add_argument("--requests", type=int, default=None, help="at most this many queries")
     p.add_argument("--drain", type=float, default=10.0, help="seconds to wait for pushes after writing (default 10)")
-    p.add_argument("--source", choices=["corpus", "synthetic"], default="corpus")
-    p.add_argument("--size", type=int, default=5_000, help="documents loaded before the run (default 5000)")
-    p.add_argument("--queries", type=int, default=200, help="distinct query vectors (default 200)")
-    p.add_argument("--dim", type=int, default=384, help="synthetic vectors' dimension")
+    add_dataset_args(p, size=5_000, size_help="documents loaded before the run", queries=200)
     return p
 
 

@@ -54,7 +54,7 @@ from load.common import (
     run_and_report,
     unique_name,
 )
-from load.dataset import BUCKETS, Dataset, load_dataset
+from load.dataset import BUCKETS, Dataset, add_dataset_args, load_dataset
 
 REQUEST_TIMEOUT = 30.0
 
@@ -459,10 +459,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--collection", default=None, help="query this existing collection instead")
     p.add_argument("--keep", action="store_true", help="keep the loaded collection")
-    p.add_argument("--source", choices=["corpus", "synthetic"], default="corpus")
-    p.add_argument("--size", type=int, default=20_000, help="documents to load (default 20000)")
-    p.add_argument("--queries", type=int, default=1_000, help="distinct queries (default 1000)")
-    p.add_argument("--dim", type=int, default=384, help="synthetic vectors' dimension")
+    add_dataset_args(p, size=20_000, size_help="documents to load", queries=1_000)
     return p
 
 

@@ -53,18 +53,24 @@ async def _write_until_cut(url: str, acked: dict[str, int], batch: int, writers:
     assert all(r is None for r in results), results
 
 
+async def _start_streaming(url: str, acked: dict[str, int], batch: int, writers: int, until: int) -> asyncio.Task[None]:
+    """Create the two collections, start the writers, return once `until` documents are acked."""
+    async with ShoalClient.connect(url) as c:
+        await c.create_collection("durable", dim=DIM, metric="l2")
+        await c.create_collection("durable_text")
+    stream = asyncio.create_task(_write_until_cut(url.replace("http", "ws") + "/v1/ws", acked, batch, writers))
+    while len(acked) < until:
+        await asyncio.sleep(0.05)
+    return stream
+
+
 async def test_sigkill_mid_stream_loses_no_acked_write() -> None:
     data_dir = temp_data_dir()
     proc = ServerProcess(data_dir)
     url = proc.start()
     try:
-        async with ShoalClient.connect(url) as c:
-            await c.create_collection("durable", dim=DIM, metric="l2")
-            await c.create_collection("durable_text")
         acked: dict[str, int] = {}
-        stream = asyncio.create_task(_write_until_cut(url.replace("http", "ws") + "/v1/ws", acked, 50, 4))
-        while len(acked) < 3_000:
-            await asyncio.sleep(0.05)
+        stream = await _start_streaming(url, acked, batch=50, writers=4, until=3_000)
         proc.kill()  # SIGKILL: no shutdown code runs at all
         await asyncio.wait_for(stream, 60)
         assert len(acked) >= 3_000
@@ -98,13 +104,8 @@ async def test_sigterm_finishes_acked_work_and_restarts_clean() -> None:
     proc = ServerProcess(data_dir)
     url = proc.start()
     try:
-        async with ShoalClient.connect(url) as c:
-            await c.create_collection("durable", dim=DIM, metric="l2")
-            await c.create_collection("durable_text")
         acked: dict[str, int] = {}
-        stream = asyncio.create_task(_write_until_cut(url.replace("http", "ws") + "/v1/ws", acked, 100, 3))
-        while len(acked) < 1_000:
-            await asyncio.sleep(0.05)
+        stream = await _start_streaming(url, acked, batch=100, writers=3, until=1_000)
         code = await asyncio.to_thread(proc.stop, signal.SIGTERM)
         assert code in (0, -signal.SIGTERM), proc.log_tail()
         await asyncio.wait_for(stream, 60)
