@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from actors.read_pool import ReadPool
 from actors.shard import Shard
 from models.config import EngineConfig
 from models.errors import NotFound
@@ -43,21 +44,24 @@ class Collection:
 
 
 class Catalog:
-    def __init__(self, config: EngineConfig, search_limiter: anyio.CapacityLimiter) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self._config = config
-        self._limiter = search_limiter
+        # The threads every shard's searches and writes run on; the catalog owns them because it
+        # owns the shards: they start before the first shard and stop after the last.
+        self._pool = ReadPool(config.search_threads)
         self._collections: dict[str, Collection] = {}
         self._task_group: TaskGroup | None = None
         self._closed = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            task_status.started()
-            await self._closed.wait()
-            for collection in list(self._collections.values()):
-                await self._stop(collection)
-            self._collections.clear()
+        with self._pool.running():
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                task_status.started()
+                await self._closed.wait()
+                for collection in list(self._collections.values()):
+                    await self._stop(collection)
+                self._collections.clear()
 
     def close(self) -> None:
         self._closed.set()
@@ -81,7 +85,7 @@ class Catalog:
         shards = []
         done = []
         for _ in range(max(1, self._config.shards_per_collection)):
-            shard = Shard(dim, metric, self._config, self._limiter)
+            shard = Shard(dim, metric, self._config, self._pool)
             finished = anyio.Event()
             await self._task_group.start(_run_shard, shard, finished)
             shards.append(shard)

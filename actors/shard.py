@@ -5,9 +5,9 @@ arrive already committed, in seq order, and are applied in mailbox order.
 
 Concurrency. hnswlib is not safe for concurrent add and query on one index (hnswlib #562), but
 its queries release the GIL. The actor therefore keeps a read/write discipline:
-- reads (searches, `get`, `ids_matching`) are handed to `search_threads` long-lived reader
-  tasks of the actor's own task group, each running its read in a worker thread; several reads
-  may be in flight at once;
+- reads (searches, `get`, `ids_matching`) are handed to the catalog's `ReadPool` threads, at most
+  twice `search_threads` at a time from this shard (running or queued in the pool), and their
+  outcome comes back to the event loop as a callback that answers the caller;
 - a write is applied by the actor loop itself: it first waits until every in-flight read has
   finished, and since the loop is busy with the write, no read starts until it is done;
 - the index-global `ef` is changed only while no read is in flight.
@@ -25,14 +25,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import numpy as np
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from actors.mailbox import Mailbox, Reply
+from actors.read_pool import ReadPool
 from actors.shard_state import ShardState
 from models.config import EngineConfig
 from models.errors import DimensionMismatch, Unavailable
@@ -89,8 +89,6 @@ class _IdsMatching:
 _Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching
 # Smallest part a group of queued queries is split into to run on several threads at once.
 _MIN_PART = 4
-# A read for a reader task: the blocking call, then what to do with its result or error.
-_Job = tuple[Callable[[], Any], Callable[[Any], None], Callable[[BaseException], None]]
 
 
 # -- the actor ------------------------------------------------------------------------------------
@@ -104,23 +102,26 @@ class Shard:
         dim: int,
         metric: Metric,
         config: EngineConfig,
-        limiter: anyio.CapacityLimiter,
+        pool: ReadPool,
         name: str = "shard",
     ) -> None:
         self.dim = dim
         self.metric = metric
         self._config = config
-        self._limiter = limiter
+        self._pool = pool
         self._state = ShardState(dim, metric, config)
         self._mailbox: Mailbox[_Message] = Mailbox(max(1, config.shard_mailbox), name)
         # The mailbox is a memory stream; its non-blocking receive is what batching needs.
         self._receive = self._mailbox.receive
         self._pending: deque[_Message] = deque()
-        self._max_readers = max(1, config.search_threads)
+        self._max_readers = max(1, min(config.search_threads, pool.threads))
         self._batch = max(1, config.search_batch)
-        self._readers = 0  # reads handed to the reader tasks and not finished yet
+        # Reads handed to the pool at once: twice its threads, so a thread that finishes finds
+        # the next read already queued instead of sleeping until the loop hands it one (that
+        # round trip was most of a query's time under load: load/query.py, timed per stage).
+        self._max_reads = 2 * self._max_readers
+        self._readers = 0  # reads handed to the pool and not finished yet
         self._waiter: anyio.Event | None = None  # set when a read finishes, if the loop waits
-        self._jobs: MemoryObjectSendStream[_Job] | None = None
         # Messages taken from the mailbox and not yet answered or handed to a reader.
         self._in_hand: list[_Message] = []
 
@@ -187,18 +188,13 @@ class Shard:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the mailbox until `close()`; in-flight reads finish before this returns."""
-        # At most `_max_readers` reads are ever handed out, so this buffer never blocks.
-        jobs, job_receive = anyio.create_memory_object_stream[_Job](self._max_readers)
-        self._jobs = jobs
+        task_status.started()
         try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(self._max_readers):
-                    tg.start_soon(self._reader, job_receive.clone())
-                task_status.started()
-                with jobs:
-                    await self._serve()
+            await self._serve()
         finally:
-            self._fail_queued(job_receive)
+            with anyio.CancelScope(shield=True):
+                await self._readers_at_most(0)
+            self._fail_queued()
 
     async def _serve(self) -> None:
         receive = self._receive
@@ -213,17 +209,17 @@ class Shard:
             self._in_hand = [msg]
             if isinstance(msg, _Search):
                 # Wait for a free slot first: queries queue meanwhile and go out as one batch.
-                await self._readers_at_most(self._max_readers - 1)
+                await self._readers_at_most(self._max_reads - 1)
                 batch = self._drain_searches(msg)
                 self._in_hand = list(batch)
                 await self._dispatch_searches(batch)
             elif isinstance(msg, _Count):
                 msg.reply.set(self._state.n_live)
             elif isinstance(msg, _Get):
-                await self._readers_at_most(self._max_readers - 1)
+                await self._readers_at_most(self._max_reads - 1)
                 self._start_read(_bind(self._state.get, msg.ids), msg.reply.set, msg.reply.fail)
             elif isinstance(msg, _IdsMatching):
-                await self._readers_at_most(self._max_readers - 1)
+                await self._readers_at_most(self._max_reads - 1)
                 fn = _bind(self._state.ids_matching, msg.where, msg.where_text)
                 self._start_read(fn, msg.reply.set, msg.reply.fail)
             else:
@@ -261,8 +257,8 @@ class Shard:
             # Spread a big group over the free slots, one single-threaded knn_query each: hnswlib
             # runs a call of up to 4 queries per thread on one thread anyway, and the parts
             # come back at different times, so their callers' next queries overlap the search.
-            free = self._max_readers - self._readers
-            parts = max(1, min(free, len(group) // _MIN_PART))
+            free = self._max_reads - self._readers
+            parts = max(1, min(free, self._max_readers, len(group) // _MIN_PART))
             threads = self._max_readers if parts == 1 and self._readers == 0 else 1
             size = -(-len(group) // parts)
             for start in range(0, len(group), size):
@@ -282,34 +278,30 @@ class Shard:
             await self._readers_at_most(0)
             self._state.set_ef(ef)
         else:
-            await self._readers_at_most(self._max_readers - 1)
+            await self._readers_at_most(self._max_reads - 1)
 
     def _start_read(
         self, fn: Callable[[], T], ok: Callable[[T], None], fail: Callable[[BaseException], None]
     ) -> None:
-        """Hand a read to a reader task. Call only with a free slot (`_readers_at_most`)."""
-        assert self._jobs is not None and self._readers < self._max_readers
+        """Hand a read to the pool. Call only with a free slot (`_readers_at_most`)."""
+        assert self._readers < self._max_reads
         self._readers += 1  # counted now, so a write queued next waits for this read
-        self._jobs.send_nowait((fn, ok, fail))
 
-    async def _reader(self, jobs: MemoryObjectReceiveStream[_Job]) -> None:
-        """One of `search_threads` long-lived tasks running reads in worker threads."""
-        async with jobs:
-            async for fn, ok, fail in jobs:
-                try:
-                    result = await anyio.to_thread.run_sync(fn, limiter=self._limiter)
-                except Exception as exc:
-                    fail(exc)
-                except BaseException:  # cancelled: the caller must not wait forever
-                    fail(Unavailable("shard is shutting down"))
-                    raise
-                else:
-                    ok(result)
-                finally:
-                    self._readers -= 1
-                    if self._waiter is not None:
-                        self._waiter.set()
-                        self._waiter = None
+        def done(value: T) -> None:
+            self._read_finished()
+            ok(value)
+
+        def failed(error: BaseException) -> None:
+            self._read_finished()
+            fail(error)
+
+        self._pool.submit(fn, done, failed)
+
+    def _read_finished(self) -> None:
+        self._readers -= 1
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
 
     async def _readers_at_most(self, limit: int) -> None:
         while self._readers > limit:
@@ -321,10 +313,10 @@ class Shard:
         """Apply one write in a worker thread; the loop (and so every read) waits for it."""
         try:
             if isinstance(msg, _Upsert):
-                await anyio.to_thread.run_sync(self._state.upsert, msg.docs, limiter=self._limiter)
+                await self._pool.call(_bind(self._state.upsert, msg.docs))
                 msg.reply.set(None)
             else:
-                existed = await anyio.to_thread.run_sync(self._state.delete, msg.ids, limiter=self._limiter)
+                existed = await self._pool.call(_bind(self._state.delete, msg.ids))
                 msg.reply.set(existed)
         except Exception as exc:
             msg.reply.fail(exc)
@@ -332,20 +324,13 @@ class Shard:
             msg.reply.fail(Unavailable("shard is shutting down"))
             raise
 
-    def _fail_queued(self, jobs: MemoryObjectReceiveStream[_Job]) -> None:
-        """On exit (normal or cancelled), nobody waits forever: reads handed out but not run and
-        queued messages fail with `unavailable`."""
+    def _fail_queued(self) -> None:
+        """On exit (normal or cancelled), nobody waits forever: queued messages fail with
+        `unavailable`."""
         self._mailbox.close()
         error = Unavailable("shard is shutting down")
         for msg in self._in_hand:  # a no-op for those already answered
             msg.reply.fail(error)
-        with jobs:
-            while True:
-                try:
-                    _, _, fail = jobs.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-                fail(error)
         while True:
             if self._pending:
                 msg = self._pending.popleft()

@@ -51,8 +51,7 @@ class Engine:
         self.limits = limits
         self.persistence = Persistence(dsn)
         self.embedder = Embedder(config)
-        self._search_limiter = anyio.CapacityLimiter(config.search_threads)
-        self.catalog = Catalog(config, self._search_limiter)
+        self.catalog = Catalog(config)
         self._listeners: list[Publisher] = []
         self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog, self._publish)
         self.subscriptions = Subscriptions(self.persistence, subscriptions)

@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from actors import exact
+from actors.read_pool import ReadPool
 from actors.shard import Shard
 from models.config import EngineConfig
 from models.records import DEFAULT_INCLUDE, DocId, Metric, Seq, StoredDoc
@@ -99,43 +100,45 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     raw.set_ef(args.ef)
     raw_build = time.perf_counter() - t0
 
-    shard = Shard(args.dim, metric, config, anyio.CapacityLimiter(threads))
-    async with anyio.create_task_group() as tg:
-        await tg.start(shard.run)
-        t0 = time.perf_counter()
-        docs = [StoredDoc(DocId(f"d{i}"), None, v, {}, Seq(i + 1)) for i, v in enumerate(vecs)]
-        for i in range(0, len(docs), 2_000):
-            await shard.apply_upserts(docs[i : i + 2_000])
-        shard_build = time.perf_counter() - t0
+    pool = ReadPool(threads)
+    shard = Shard(args.dim, metric, config, pool)
+    with pool.running():
+        async with anyio.create_task_group() as tg:
+            await tg.start(shard.run)
+            t0 = time.perf_counter()
+            docs = [StoredDoc(DocId(f"d{i}"), None, v, {}, Seq(i + 1)) for i, v in enumerate(vecs)]
+            for i in range(0, len(docs), 2_000):
+                await shard.apply_upserts(docs[i : i + 2_000])
+            shard_build = time.perf_counter() - t0
 
-        sample = queries[:200]
-        truth = [t.labels.tolist() for t in exact.search(vecs, exact.row_norms(vecs), sample, args.k, metric)]
-        raw_labels, _ = raw.knn_query(sample, k=args.k, num_threads=threads)
-        shard_found = []
-        for q in sample:
-            hits = await shard.search(q, args.k, args.ef, None, None, DEFAULT_INCLUDE)
-            shard_found.append([int(h.id[1:]) for h in hits])
+            sample = queries[:200]
+            truth = [t.labels.tolist() for t in exact.search(vecs, exact.row_norms(vecs), sample, args.k, metric)]
+            raw_labels, _ = raw.knn_query(sample, k=args.k, num_threads=threads)
+            shard_found = []
+            for q in sample:
+                hits = await shard.search(q, args.k, args.ef, None, None, DEFAULT_INCLUDE)
+                shard_found.append([int(h.id[1:]) for h in hits])
 
-        def batch() -> int:
-            return len(raw.knn_query(queries, k=args.k, num_threads=threads)[0])
+            def batch() -> int:
+                return len(raw.knn_query(queries, k=args.k, num_threads=threads)[0])
 
-        def single() -> int:
-            for q in queries[:200]:
-                raw.knn_query(q, k=args.k, num_threads=1)
-            return 200
+            def single() -> int:
+                for q in queries[:200]:
+                    raw.knn_query(q, k=args.k, num_threads=1)
+                return 200
 
-        await shard_qps(shard, queries, args.k, args.ef, args.callers, 0.5)  # warm-up
-        rounds: list[dict[str, float]] = []
-        # Interleaved rounds, medians reported: the phases see the same background load.
-        for _ in range(args.rounds):
-            b_qps, b_cpu = timed(batch, args.seconds)
-            s_qps, s_cpu = timed(single, args.seconds)
-            a_qps, a_cpu = await shard_qps(shard, queries, args.k, args.ef, args.callers, args.seconds)
-            rounds.append(
-                {"raw_batch": b_qps, "raw_single": s_qps, "shard": a_qps}
-                | {"cpu_raw_batch": b_cpu, "cpu_raw_single": s_cpu, "cpu_shard": a_cpu}
-            )
-        shard.close()
+            await shard_qps(shard, queries, args.k, args.ef, args.callers, 0.5)  # warm-up
+            rounds: list[dict[str, float]] = []
+            # Interleaved rounds, medians reported: the phases see the same background load.
+            for _ in range(args.rounds):
+                b_qps, b_cpu = timed(batch, args.seconds)
+                s_qps, s_cpu = timed(single, args.seconds)
+                a_qps, a_cpu = await shard_qps(shard, queries, args.k, args.ef, args.callers, args.seconds)
+                rounds.append(
+                    {"raw_batch": b_qps, "raw_single": s_qps, "shard": a_qps}
+                    | {"cpu_raw_batch": b_cpu, "cpu_raw_single": s_cpu, "cpu_shard": a_cpu}
+                )
+            shard.close()
 
     def median(key: str) -> float:
         return float(np.median([r[key] for r in rounds]))

@@ -19,8 +19,9 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actors.pg_server import open_database
 from actors.supervisor import Engine
@@ -29,7 +30,7 @@ from server.auth import Authenticator, parse_api_keys
 from server.metrics import Metrics
 from server.settings import Settings
 from server.state import AppState
-from server.ws import websocket_endpoint
+from server.ws import serve_websocket
 
 log = logging.getLogger("shoal.app")
 
@@ -40,7 +41,25 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
 
 
-def create_app(settings: Settings) -> Starlette:
+class Edge:
+    """The outermost ASGI app: `/v1/ws` goes straight to `server.ws`, everything else (and the
+    lifespan) to Starlette. The WebSocket endpoint is the hot path and needs none of Starlette's
+    per-message wrappers; see `server.ws`."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            await serve_websocket(self.app.state.shoal, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+WS_PATH = "/v1/ws"
+
+
+def create_app(settings: Settings) -> ASGIApp:
     authenticator = Authenticator(parse_api_keys(settings.api_keys), settings.rate_limit, settings.rate_burst)
     subscriptions = sse.subscription_config()
 
@@ -60,7 +79,6 @@ def create_app(settings: Settings) -> Starlette:
         log.info("engine stopped")
 
     routes = [
-        WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/v1/collections", http_api.collections, methods=["GET", "POST"]),
         Route("/v1/collections/{name}", http_api.collection, methods=["DELETE"]),
         Route("/v1/collections/{name}/subscribe", sse.subscribe, methods=["GET"]),
@@ -85,4 +103,4 @@ def create_app(settings: Settings) -> Starlette:
         )
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.sse = sse.SSEState(settings.heartbeat_s)
-    return app
+    return Edge(app)

@@ -1,11 +1,17 @@
 """The WebSocket endpoint `/v1/ws`: one connection, many requests in flight.
 
-Per connection, one reader task owns the incoming frames and one writer task owns the outgoing
-ones; each request is served by its own task in the connection's task group. Bounds: at most
-`max_in_flight_per_connection` requests are served at once (the reader stops reading beyond
-that, so a flooding client is slowed by TCP back-pressure), and the outgoing queue holds at most
-`OUTGOING_FRAMES` frames. Frames larger than the frame limit are closed with 1009 by the server
-before they reach us.
+Per connection, worker tasks read frames and serve them: each worker takes the next frame from
+the socket, starts one more worker if nobody else is left listening, serves the request and
+sends the reply itself through the connection's `Outbox`, then listens again. So a request costs
+no hand-off between tasks, and a connection has as many workers as it has requests in flight.
+Bounds: at most `max_in_flight_per_connection` workers (once all are busy nobody reads, so a
+flooding client is slowed by TCP back-pressure), and at most `OUTGOING_FRAMES` frames wait to be
+sent. Frames larger than the frame limit are closed with 1009 by the server before they reach us.
+
+This is a plain ASGI app (`server.app` routes `/v1/ws` here ahead of Starlette): the request
+path is the hot one, and Starlette's WebSocket wrappers and middleware around every receive and
+send, a task per request and the hand-offs to a writer task cost more than the query's own
+parsing and encoding did (py-spy of `load/query.py`).
 
 Subscriptions: `subscribe` registers a subscriber (see `actors.subscriptions`), answers
 `{"sub": id}`, replays `after_seq` from the log in the request's own task, then hands the
@@ -27,8 +33,9 @@ import time
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from anyio.abc import TaskGroup
+from starlette.datastructures import Headers
+from starlette.types import Message, Receive, Scope, Send
 
 from actors.subscriber import ChangeEvent, Item, Lagged, Subscriber
 from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
@@ -36,6 +43,7 @@ from models.errors import BadFrame, NotFound, ShoalError, TooLarge, Unauthorized
 from models.requests import Auth, Subscribe, Unsubscribe, parse_request
 from server.auth import ApiKey, bearer
 from server.ops import execute, match_hit
+from server.outbox import Outbox
 from server.state import AppState
 
 SUBPROTOCOL = "shoal.v1"
@@ -48,27 +56,34 @@ _SILENT_ENDS = frozenset({"unsubscribed", "connection closed"})
 log = logging.getLogger("shoal.ws")
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    state: AppState = websocket.app.state.shoal
-    offered = websocket.scope.get("subprotocols") or []
-    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+async def serve_websocket(state: AppState, scope: Scope, receive: Receive, send: Send) -> None:
+    """The ASGI app of `/v1/ws`: accept (with the `shoal.v1` subprotocol when offered), serve."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    offered = scope.get("subprotocols") or []
+    await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None})
     state.metrics.ws_connections.inc()
     try:
-        await Connection(websocket, state).serve()
+        await Connection(state, scope, receive, send).serve()
     finally:
         state.metrics.ws_connections.dec()
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, state: AppState) -> None:
-        self.websocket = websocket
+    def __init__(self, state: AppState, scope: Scope, receive: Receive, send: Send) -> None:
         self.state = state
-        self.in_flight = anyio.Semaphore(state.settings.limits.max_in_flight_per_connection)
-        client = websocket.client
-        self.caller = client.host if client else "-"
+        self._receive = receive
+        self._outbox = Outbox(send, OUTGOING_FRAMES, self._sent)
+        self._max_workers = max(1, state.settings.limits.max_in_flight_per_connection)
+        self._workers = 0
+        self._listening = 0  # workers waiting for the next frame
+        self._tasks: TaskGroup | None = None
+        client = scope.get("client")
+        self.caller = client[0] if client else "-"
         self.grant: ApiKey | None = None
         self.authenticated = not state.auth.enabled
-        key = bearer(websocket.headers.get("authorization"))
+        key = bearer(Headers(scope=scope).get("authorization"))
         if key is not None and state.auth.enabled:
             try:
                 self.grant = state.auth.lookup(key)
@@ -82,65 +97,63 @@ class Connection:
         self._push_credits = anyio.Semaphore(PUSH_WINDOW)
 
     async def serve(self) -> None:
-        send, receive = anyio.create_memory_object_stream[bytes](OUTGOING_FRAMES)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._writer, receive)
-                tg.start_soon(self._pump, send)
-                try:
-                    await self._reader(tg, send)
-                finally:
-                    tg.cancel_scope.cancel()
+                self._tasks = tg
+                tg.start_soon(self._pump)
+                self._workers = 1
+                await self._worker()
         finally:
             for sub in list(self.subs.values()):
                 sub.close("connection closed")
             self.subs.clear()
 
-    async def _writer(self, outgoing: ObjectReceiveStream[bytes]) -> None:
-        async with outgoing:
-            async for data in outgoing:
-                try:
-                    await self.websocket.send_bytes(data)
-                except (WebSocketDisconnect, RuntimeError, OSError):
-                    return
-                if isinstance(data, _Push):
-                    self._push_credits.release()
-
-    async def _reader(self, tg: TaskGroup, out: ObjectSendStream[bytes]) -> None:
+    async def _worker(self) -> None:
+        """Read a frame, serve it, repeat; the first to see the client leave ends the connection."""
+        assert self._tasks is not None
+        receive = self._receive
         while True:
-            message = await self.websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            data = message.get("bytes")
-            if data is None:
-                self.state.metrics.requests.labels("ws", "-", "bad_frame").inc()
-                await out.send(encode_error(None, BadFrame("send binary frames holding one msgpack map")))
-                continue
+            self._listening += 1
             try:
-                frame = decode_frame(data)
-            except FrameError as exc:
-                self.state.metrics.requests.labels("ws", "-", exc.error.code).inc()
-                await out.send(encode_error(exc.request_id, exc.error))
-                continue
-            await self.in_flight.acquire()
-            tg.start_soon(self._handle, frame, out)
+                message = await receive()
+            finally:
+                self._listening -= 1
+            if message["type"] != "websocket.receive":  # websocket.disconnect
+                self._tasks.cancel_scope.cancel()
+                return
+            if not self._listening and self._workers < self._max_workers:
+                # Nobody else reads while this request is served: one more worker will.
+                self._workers += 1
+                self._tasks.start_soon(self._worker)
+            await self._on_frame(message)
 
-    async def _handle(self, frame: Frame, out: ObjectSendStream[bytes]) -> None:
+    async def _on_frame(self, message: Message) -> None:
+        data = message.get("bytes")
+        if data is None:
+            self._count("-", "bad_frame")
+            await self._outbox.put(encode_error(None, BadFrame("send binary frames holding one msgpack map")))
+            return
+        try:
+            frame = decode_frame(data)
+        except FrameError as exc:
+            self._count("-", exc.error.code)
+            await self._outbox.put(encode_error(exc.request_id, exc.error))
+            return
         op = frame.op if isinstance(frame.op, str) else "-"
         started = time.perf_counter()
-        try:
-            data, code, sub = await self._serve(frame)
-            await out.send(data)
-            metrics = self.state.metrics
-            label = op if op in self.state.known_ops else "-"
-            metrics.requests.labels("ws", label, code).inc()
-            metrics.latency.labels(label).observe(time.perf_counter() - started)
-            if sub is not None:
-                await self._replay(sub, out)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return
-        finally:
-            self.in_flight.release()
+        reply, code, sub = await self._serve(frame)
+        await self._outbox.put(reply)
+        label = op if op in self.state.known_ops else "-"
+        self.state.metrics.served("ws", label, code, time.perf_counter() - started)
+        if sub is not None:
+            await self._replay(sub)
+
+    def _sent(self, data: bytes) -> None:
+        if isinstance(data, _Push):
+            self._push_credits.release()
+
+    def _count(self, op: str, code: str) -> None:
+        self.state.metrics.requests.labels("ws", op, code).inc()
 
     async def _serve(self, frame: Frame) -> tuple[bytes, str, Subscriber | None]:
         try:
@@ -189,20 +202,20 @@ class Connection:
         sub.close("unsubscribed")
         self._ready.pop(sub, None)
 
-    async def _replay(self, sub: Subscriber, out: ObjectSendStream[bytes]) -> None:
+    async def _replay(self, sub: Subscriber) -> None:
         """Send the matches of `after_seq < seq <= S` from the log, then let the pump go live."""
         try:
             while sub.replaying and not sub.closed:
                 for event in await self.state.engine.subscriptions.replay_page(sub):
                     if sub.closed:
                         break
-                    await self._send_push(out, sub, event)
+                    await self._send_push(sub, event)
         except ShoalError as exc:  # the collection is gone, or the log cannot be read
             sub.close(f"replay failed: {exc.message}", exc.code)
         if sub.closed and sub.replaying:
             # Ended before reaching the live point: what is buffered lies past a gap.
             if self.subs.pop(sub.id, None) is not None and sub.reason not in _SILENT_ENDS:
-                await out.send(self._ended(sub))
+                await self._outbox.put(self._ended(sub))
             return
         sub.go_live()
 
@@ -210,7 +223,7 @@ class Connection:
         self._ready[sub] = None
         self._wake.set()
 
-    async def _pump(self, out: ObjectSendStream[bytes]) -> None:
+    async def _pump(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
@@ -218,13 +231,13 @@ class Connection:
                 sub = next(iter(self._ready))
                 del self._ready[sub]
                 for item in sub.take(PUMP_TAKE):
-                    await self._send_push(out, sub, item)
+                    await self._send_push(sub, item)
                 if sub.pending and sub.reason not in _SILENT_ENDS:
                     self._ready[sub] = None
                 elif sub.closed and self.subs.pop(sub.id, None) is not None and sub.reason not in _SILENT_ENDS:
-                    await out.send(self._ended(sub))
+                    await self._outbox.put(self._ended(sub))
 
-    async def _send_push(self, out: ObjectSendStream[bytes], sub: Subscriber, item: Item) -> None:
+    async def _send_push(self, sub: Subscriber, item: Item) -> None:
         """Queue a push within the connection's push window (waits while it is full); nothing once
         the subscription was unsubscribed (its reply may already be queued)."""
         if not self._push_credits.statistics().tasks_waiting and self._push_credits.value:
@@ -234,7 +247,7 @@ class Connection:
         if sub.reason in _SILENT_ENDS:
             self._push_credits.release()
             return
-        await out.send(self._push(sub, item))
+        await self._outbox.put(self._push(sub, item))
 
     @staticmethod
     def _ended(sub: Subscriber) -> bytes:

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 
 from actors import exact
 from actors.planner import choose_plan
+from actors.read_pool import ReadPool
 from actors.shard import Shard
 from models.config import EngineConfig
 from models.errors import DimensionMismatch, Unavailable
@@ -69,13 +70,14 @@ def ref_scores(
 async def running(
     dim: int, metric: Metric = Metric.COSINE, config: EngineConfig | None = None
 ) -> AsyncIterator[Shard]:
-    shard = Shard(dim, metric, config or EngineConfig(), anyio.CapacityLimiter(2))
-    async with anyio.create_task_group() as tg:
-        await tg.start(shard.run)
-        try:
-            yield shard
-        finally:
-            shard.close()
+    with ReadPool(2).running() as pool:
+        shard = Shard(dim, metric, config or EngineConfig(), pool)
+        async with anyio.create_task_group() as tg:
+            await tg.start(shard.run)
+            try:
+                yield shard
+            finally:
+                shard.close()
 
 
 async def load(shard: Shard, docs: Sequence[StoredDoc], batch: int = 1_000) -> None:
@@ -216,7 +218,8 @@ async def test_closed_shard_answers_unavailable() -> None:
 async def test_cancelled_shard_fails_waiting_callers() -> None:
     """Cancelling the actor mid-flight answers every caller (`unavailable` at worst)."""
     vecs = clustered(5_000, 32, seed=17)
-    shard = Shard(32, Metric.L2, EngineConfig(), anyio.CapacityLimiter(2))
+    pool = ReadPool(2)
+    shard = Shard(32, Metric.L2, EngineConfig(), pool)
     outcomes: list[str] = []
 
     async def one(i: int) -> None:
@@ -227,7 +230,7 @@ async def test_cancelled_shard_fails_waiting_callers() -> None:
         except Unavailable:
             outcomes.append("unavailable")
 
-    with anyio.fail_after(30):
+    with anyio.fail_after(30), pool.running():
         async with anyio.create_task_group() as callers, anyio.create_task_group() as actor:
             await actor.start(shard.run)
             await load(shard, docs_for(vecs))
