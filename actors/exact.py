@@ -91,13 +91,15 @@ def from_hnsw(raw: F32, metric: Metric) -> tuple[F32, F32]:
     distance; its 'l2' space returns the squared Euclidean distance. Cosine is clipped to its
     range: float rounding can put an exact duplicate a hair past similarity 1.
     """
+    # Plain ufuncs on float32 stay float32 (Python scalars are weakly typed) and skip the
+    # argument handling of np.clip / astype, which cost more than the arithmetic per query.
     raw = np.asarray(raw, dtype=np.float32)
     if metric is Metric.L2:
-        dist = np.sqrt(np.maximum(raw, 0.0)).astype(np.float32)
-        return (-dist).astype(np.float32), dist
+        dist = np.sqrt(np.maximum(raw, 0.0))
+        return np.negative(dist), dist
     if metric is Metric.COSINE:
-        raw = np.clip(raw, 0.0, 2.0).astype(np.float32)
-    return (1.0 - raw).astype(np.float32), raw
+        raw = np.minimum(np.maximum(raw, 0.0), 2.0)
+    return np.subtract(1.0, raw, dtype=np.float32), raw
 
 
 def top_indices(scores: F32, k: int) -> NDArray[np.intp]:

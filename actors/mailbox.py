@@ -6,6 +6,7 @@ the reply. The actor owns its state and is the only task that touches it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Generic, TypeVar
 
 import anyio
@@ -18,35 +19,34 @@ M = TypeVar("M")
 
 
 class Reply(Generic[T]):
-    """A one-shot slot the actor fills with a value or an exception; the caller awaits it."""
+    """A one-shot slot the actor fills with a value or an exception; the caller awaits it.
 
-    __slots__ = ("_error", "_event", "_value")
+    An asyncio future underneath (the engine runs on the server's asyncio loop): every query
+    makes one, and an `anyio.Event` costs several times more to create and wait on. Create it,
+    fill it and await it on the event loop; filling it again, or after the caller gave up, is a
+    no-op.
+    """
+
+    __slots__ = ("_future",)
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
-        self._value: T | None = None
-        self._error: BaseException | None = None
+        self._future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
     def set(self, value: T) -> None:
-        if not self._event.is_set():
-            self._value = value
-            self._event.set()
+        if not self._future.done():
+            self._future.set_result(value)
 
     def fail(self, error: BaseException) -> None:
-        if not self._event.is_set():
-            self._error = error
-            self._event.set()
+        if not self._future.done():
+            self._future.set_exception(error)
 
     @property
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._future.done()
 
     async def wait(self) -> T:
         """The value, or raises the exception the actor failed the reply with."""
-        await self._event.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
+        return await self._future
 
 
 class Mailbox(Generic[M]):

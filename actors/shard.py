@@ -13,15 +13,17 @@ its queries release the GIL. The actor therefore keeps a read/write discipline:
 - the index-global `ef` is changed only while no read is in flight.
 So a read sees the state after every write queued before it and none queued after it.
 
-Throughput. While reads are in flight the loop takes no more of them than there are
-`search_threads`; queries queue in the mailbox meanwhile. When a slot frees, the loop drains the
-queued queries and answers the unfiltered ones with the same (k, ef, include) together: one
-`knn_query` over a 2-D array per free slot (up to `search_batch` queries per drain), so one
-thread hop serves many queries and every core searches.
+Throughput. A search that finds the loop idle (nothing in its mailbox), a free read slot and
+the index at its `ef` goes straight to the pool from the caller's task: no hop through the loop.
+Otherwise it queues in the mailbox; while all read slots are taken, queries queue there. When a
+slot frees, the loop drains the queued queries and answers the unfiltered ones with the same
+(k, ef, include) together: one `knn_query` over a 2-D array per free slot (up to `search_batch`
+queries per drain), so one thread hop serves many queries and every core searches.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +66,16 @@ class _Search:
     ef: int
     where: Filter | None
     where_text: TextFilter | None
+    include: frozenset[Include]
+    reply: Reply[list[Hit]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Direct:
+    """An unfiltered search at the index's current ef that skips the mailbox."""
+
+    query: Vector
+    k: int
     include: frozenset[Include]
     reply: Reply[list[Hit]]
 
@@ -122,6 +134,14 @@ class Shard:
         self._max_reads = 2 * self._max_readers
         self._readers = 0  # reads handed to the pool and not finished yet
         self._waiter: anyio.Event | None = None  # set when a read finishes, if the loop waits
+        # True while the loop waits on an empty mailbox: a search may then skip the mailbox.
+        self._idle = False
+        # Searches on that direct path, taken by drain jobs in pool threads; at most one drain
+        # job per search thread is queued and not yet running (both guarded by the lock).
+        self._direct: deque[_Direct] = deque()
+        self._drains_queued = 0
+        self.direct_searches = 0  # how many took the direct path (tests and diagnostics)
+        self._direct_lock = threading.Lock()
         # Messages taken from the mailbox and not yet answered or handed to a reader.
         self._in_hand: list[_Message] = []
 
@@ -160,8 +180,60 @@ class Shard:
             raise DimensionMismatch(f"query has {vec.shape[0]} dimensions, the collection {self.dim}")
         reply: Reply[list[Hit]] = Reply()
         eff = max(1, ef if ef is not None else self._config.hnsw_ef_search)
-        self._mailbox.offer(_Search(vec, k, eff, where, where_text, include, reply))
+        if (
+            self._idle
+            and self._readers < self._max_reads
+            and eff == self._state.ef
+            and where is None
+            and where_text is None
+        ):
+            # The loop waits on an empty mailbox, so no write is in hand and none can start
+            # before this read is counted: go to the pool without waking the loop.
+            self._search_direct(_Direct(vec, k, include, reply))
+        else:
+            self._mailbox.offer(_Search(vec, k, eff, where, where_text, include, reply))
         return await reply.wait()
+
+    def _search_direct(self, search: _Direct) -> None:
+        """Queue an unfiltered search for the drain jobs, starting one more while fewer than
+        `search_threads` are queued and not yet running; with every read slot taken and no
+        drain queued, go through the mailbox."""
+        with self._direct_lock:
+            start = self._drains_queued < self._max_readers and self._readers < self._max_reads
+            queued = start or self._drains_queued > 0
+            if queued:
+                self._direct.append(search)
+            if start:
+                self._drains_queued += 1
+        if queued:
+            self.direct_searches += 1
+        if start:
+            self._start_read(self._drain_direct, _answer_all, _never_fails)
+        elif not queued:
+            ef = self._state.ef
+            self._mailbox.offer(_Search(search.query, search.k, ef, None, None, search.include, search.reply))
+
+    def _drain_direct(self) -> list[tuple[Reply[list[Hit]], list[Hit] | BaseException]]:
+        """In a pool thread: answer every search queued for the direct path so far, those with
+        the same (k, include) in one knn_query. Never raises: errors are answers."""
+        with self._direct_lock:
+            # A fair share, so the drains queued behind this one search on other threads.
+            direct = self._direct
+            share = -(-len(direct) // self._drains_queued)
+            taken = [direct.popleft() for _ in range(share)]
+            self._drains_queued -= 1
+        groups: dict[tuple[int, frozenset[Include]], list[_Direct]] = {}
+        for search in taken:
+            groups.setdefault((search.k, search.include), []).append(search)
+        answers: list[tuple[Reply[list[Hit]], list[Hit] | BaseException]] = []
+        for (k, include), group in groups.items():
+            try:
+                results = self._state.search_unfiltered([s.query for s in group], k, include, 1)
+            except BaseException as exc:  # handed to the callers, who own the error
+                answers.extend((s.reply, exc) for s in group)
+            else:
+                answers.extend((s.reply, hits) for s, hits in zip(group, results, strict=True))
+        return answers
 
     async def get(self, ids: Sequence[DocId]) -> list[StoredDoc]:
         """The stored documents of these ids, in request order; missing ids are left out."""
@@ -203,7 +275,15 @@ class Shard:
                 msg = self._pending.popleft()
             else:
                 try:
-                    msg = await receive.receive()
+                    msg = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    self._idle = True
+                    try:
+                        msg = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                    finally:
+                        self._idle = False
                 except anyio.EndOfStream:
                     return
             self._in_hand = [msg]
@@ -353,6 +433,18 @@ def _deliver_all(replies: list[Reply[list[Hit]]]) -> Callable[[list[list[Hit]]],
             reply.set(hits)
 
     return deliver
+
+
+def _answer_all(answers: list[tuple[Reply[list[Hit]], list[Hit] | BaseException]]) -> None:
+    for reply, answer in answers:
+        if isinstance(answer, BaseException):
+            reply.fail(answer)
+        else:
+            reply.set(answer)
+
+
+def _never_fails(error: BaseException) -> None:
+    raise AssertionError("a drain job answers its errors") from error
 
 
 def _fail_all(replies: list[Reply[list[Hit]]]) -> Callable[[BaseException], None]:

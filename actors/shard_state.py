@@ -8,8 +8,7 @@ records any overlap it observes, so tests can prove the discipline holds.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, cast
 
 import hnswlib
@@ -40,28 +39,50 @@ class Occupancy:
         self.violations = 0
         self.max_readers = 0  # the most reads seen overlapping one another
 
-    @contextmanager
-    def reading(self) -> Iterator[None]:
-        with self._lock:
-            self.readers += 1
-            self.violations += self.writers > 0
-            self.max_readers = max(self.max_readers, self.readers)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.readers -= 1
+    def reading(self) -> _Reading:
+        return _Reading(self)
 
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        with self._lock:
-            self.writers += 1
-            self.violations += self.readers > 0 or self.writers > 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.writers -= 1
+    def writing(self) -> _Writing:
+        return _Writing(self)
+
+
+class _Reading:
+    """`with occupancy.reading():` (a class, not @contextmanager: it runs once per search)."""
+
+    __slots__ = ("_occupancy",)
+
+    def __init__(self, occupancy: Occupancy) -> None:
+        self._occupancy = occupancy
+
+    def __enter__(self) -> None:
+        o = self._occupancy
+        with o._lock:
+            o.readers += 1
+            o.violations += o.writers > 0
+            o.max_readers = max(o.max_readers, o.readers)
+
+    def __exit__(self, *exc: object) -> None:
+        o = self._occupancy
+        with o._lock:
+            o.readers -= 1
+
+
+class _Writing:
+    __slots__ = ("_occupancy",)
+
+    def __init__(self, occupancy: Occupancy) -> None:
+        self._occupancy = occupancy
+
+    def __enter__(self) -> None:
+        o = self._occupancy
+        with o._lock:
+            o.writers += 1
+            o.violations += o.readers > 0 or o.writers > 1
+
+    def __exit__(self, *exc: object) -> None:
+        o = self._occupancy
+        with o._lock:
+            o.writers -= 1
 
 
 class ShardState:
@@ -183,7 +204,7 @@ class ShardState:
         with self.occupancy.reading():
             if self.n_live == 0 or k <= 0:
                 return [[] for _ in queries]
-            q = np.stack(queries)
+            q = queries[0][None, :] if len(queries) == 1 else np.stack(queries)
             plan = choose_plan(self.n_live, self.n_live, k, self.config)
             k_eff = min(k, self.n_live)
             if plan == "hnsw":

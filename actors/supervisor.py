@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
-import numpy as np
 from anyio.abc import TaskGroup, TaskStatus
 
 from actors.catalog import Catalog, Collection
@@ -207,7 +206,7 @@ def _check_vector(collection: Collection, vector: Vector, what: str) -> None:
         raise DimensionMismatch(
             f"{what} has {vector.shape[0]} values; collection {collection.name!r} has dim {collection.dim}"
         )
-    if collection.metric is Metric.COSINE and not np.any(vector):
+    if collection.metric is Metric.COSINE and not vector.any():
         raise InvalidVector(f"{what} is all zeros, which has no direction under cosine")
 
 

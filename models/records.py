@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal, NewType
+from typing import Literal, NamedTuple, NewType
 
 import numpy as np
 from numpy.typing import NDArray
@@ -70,8 +70,10 @@ class StoredDoc:
     seq: Seq
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
+class Hit(NamedTuple):
+    """One search result. A named tuple rather than a frozen dataclass: a query builds k of
+    them, and a tuple is built several times faster (it showed in the query profile)."""
+
     id: DocId
     score: float
     distance: float

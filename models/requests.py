@@ -261,10 +261,10 @@ def doc_id(value: object, limits: Limits) -> DocId:
 def parse_vector(value: object, limits: Limits) -> Vector:
     """A float32 vector from msgpack `bin` (little-endian float32) or a list of numbers."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
-        if len(raw) % 4:
+        if len(value) % 4:
             raise BadRequest("a binary vector must hold little-endian float32 values (length % 4 == 0)")
-        vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        # One copy, into native float32 (a writable array owning its memory).
+        vector = np.frombuffer(value, dtype="<f4").astype(np.float32)
     elif isinstance(value, list):
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
             raise BadRequest("a vector must be a list of numbers")

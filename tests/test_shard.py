@@ -449,6 +449,7 @@ async def test_concurrent_searches_and_writes_stay_consistent() -> None:
         assert occupancy.violations == 0
         assert occupancy.max_readers >= 2, "reads never overlapped: the test proved nothing"
         assert searches > 100
+        assert shard.direct_searches > 0, "no search took the direct path beside the writes"
         assert await shard.count() == len(current)
         assert set(await shard.ids_matching(None, None)) == set(current)
         docs = await shard.get([DocId(x) for x in current])
