@@ -21,16 +21,16 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from actors.pg_server import open_database
 from actors.supervisor import Engine
 from server import http_api, sse
 from server.auth import Authenticator, parse_api_keys
+from server.edge import Edge
 from server.metrics import Metrics
 from server.settings import Settings
 from server.state import AppState
-from server.ws import serve_websocket
 
 log = logging.getLogger("shoal.app")
 
@@ -39,24 +39,6 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 async def index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
-
-
-class Edge:
-    """The outermost ASGI app: `/v1/ws` goes straight to `server.ws`, everything else (and the
-    lifespan) to Starlette. The WebSocket endpoint is the hot path and needs none of Starlette's
-    per-message wrappers; see `server.ws`."""
-
-    def __init__(self, app: Starlette) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
-            await serve_websocket(self.app.state.shoal, scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-
-WS_PATH = "/v1/ws"
 
 
 def create_app(settings: Settings) -> ASGIApp:

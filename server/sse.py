@@ -51,6 +51,7 @@ from actors.supervisor import Engine
 from models import requests as rq
 from models.errors import BadRequest, ShoalError, as_shoal_error
 from server.auth import bearer
+from server.edge import RAW_SEND
 from server.ops import match_hit
 from server.state import AppState
 
@@ -279,6 +280,9 @@ class EventStream:
                 if self.sub.closed:
                     self._on_close(self.sub)
                 await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+                # The start went through the middleware (CORS headers, error handling); the
+                # events go straight to the server (see `server.edge.Edge`).
+                send = scope.get(RAW_SEND, send)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                     try:
