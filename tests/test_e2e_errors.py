@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection
 
 from client import ShoalClient, ShoalHTTP
 from client import errors as ce
+from client.sse import changes_sse, subscribe_sse
 from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(180)
@@ -223,6 +224,45 @@ async def test_unauthorized_forbidden_and_rate_limited(guarded_server: ServerPro
     async with httpx.AsyncClient(base_url=guarded_server.url) as http:
         r = await http.get("/v1/collections", headers={"authorization": "Bearer nope"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+async def test_sse_streams_check_keys_and_scopes(guarded_server: ServerProcess) -> None:
+    """The SSE endpoints authenticate like every other: a bearer header or, for EventSource,
+    the `key` query parameter; a key scoped to other collections gets 403 before any stream."""
+    base = guarded_server.url
+    async with ShoalClient.connect(guarded_server.ws_url, key="admin-key") as admin:
+        await admin.create_collection("open_docs", dim=2, if_not_exists=True)
+        await admin.create_collection("secret", dim=2, if_not_exists=True)
+        await admin.upsert("open_docs", [{"id": "east", "vector": [1.0, 0.0]}])
+    with pytest.raises(ce.Unauthorized):
+        async for _ in subscribe_sse(base, "open_docs", vector=[1.0, 0.0], threshold=0.9):
+            pass
+    with pytest.raises(ce.Unauthorized):
+        async for _ in changes_sse(base, "open_docs", key="wrong"):
+            pass
+    with pytest.raises(ce.Forbidden):
+        async for _ in subscribe_sse(base, "secret", vector=[1.0, 0.0], threshold=0.9, key="reader-key"):
+            pass
+    # Bearer header (the client): the replay from seq 0 brings the document written above.
+    stream = subscribe_sse(base, "open_docs", vector=[1.0, 0.0], threshold=0.9, key="reader-key", last_event_id=0)
+    async with asyncio.timeout(20):
+        event = await anext(stream)
+    await stream.aclose()
+    assert event.event == "match" and event.data["hit"]["id"] == "east"
+    # The key as a query parameter, as a browser's EventSource sends it.
+    async with httpx.AsyncClient(timeout=20.0) as http:
+        denied = await http.get(f"{base}/v1/collections/secret/changes?key=reader-key")
+        assert (denied.status_code, denied.json()["error"]["code"]) == (403, "forbidden")
+        url = f"{base}/v1/collections/open_docs/changes?key=reader-key&last_event_id=0"
+        async with http.stream("GET", url) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = []
+            async for line in response.aiter_lines():
+                lines.append(line)
+                if line.startswith("data:"):
+                    break
+    assert "event: upsert" in lines and '"east"' in lines[-1]
 
 
 async def test_overloaded_when_a_query_queue_is_full() -> None:
