@@ -1,0 +1,104 @@
+"""The connection outbox (one sender at a time, order kept, bounded) and the shard read pool
+(results come back on the event loop, errors to the caller, nothing after it stops)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+from actors.read_pool import ReadPool
+from models.errors import Unavailable
+from server.outbox import Outbox
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _Socket:
+    """An ASGI `send` whose writes can be held, as a paused transport holds uvicorn's."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.open = asyncio.Event()
+        self.open.set()
+        self.in_send = 0
+        self.most_in_send = 0
+        self.fail = False
+
+    async def __call__(self, message: Any) -> None:
+        assert message["type"] == "websocket.send"
+        self.in_send += 1
+        self.most_in_send = max(self.most_in_send, self.in_send)
+        try:
+            await self.open.wait()
+            if self.fail:
+                raise OSError("client went away")
+            self.frames.append(message["bytes"])
+        finally:
+            self.in_send -= 1
+
+
+async def test_outbox_keeps_order_with_one_sender_and_bounds_the_queue() -> None:
+    socket = _Socket()
+    sent: list[bytes] = []
+    outbox = Outbox(socket, limit=4, on_sent=sent.append)
+    socket.open.clear()  # the first put becomes the sender and stalls on the socket
+    done: list[int] = []
+
+    async def put(i: int) -> None:
+        await outbox.put(b"%d" % i)
+        done.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(12):
+            tg.start_soon(put, i)
+            await anyio.sleep(0)  # puts arrive in order
+        await anyio.sleep(0.05)
+        # One frame in the socket, four queued (those puts returned), the rest wait for room.
+        assert len(done) == 4 and socket.most_in_send == 1
+        socket.open.set()
+    assert socket.frames == [b"%d" % i for i in range(12)] == sent
+    assert socket.most_in_send == 1
+
+
+async def test_outbox_drops_everything_once_the_client_is_gone() -> None:
+    socket = _Socket()
+    outbox = Outbox(socket, limit=4, on_sent=lambda data: None)
+    await outbox.put(b"a")
+    socket.fail = True
+    await outbox.put(b"b")
+    assert outbox.closed
+    socket.fail = False
+    await outbox.put(b"c")  # returns at once, sends nothing
+    assert socket.frames == [b"a"]
+
+
+async def test_pool_answers_on_the_event_loop_and_hands_errors_back() -> None:
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, int]] = []
+    finished = anyio.Event()
+
+    def ok(value: int) -> None:
+        seen.append(("ok", threading.get_ident()))
+        if len(seen) == 2:
+            finished.set()
+
+    def fail(error: BaseException) -> None:
+        seen.append((type(error).__name__, threading.get_ident()))
+        if len(seen) == 2:
+            finished.set()
+
+    with ReadPool(2, "test").running() as pool:
+        assert await pool.call(lambda: threading.get_ident()) != loop_thread  # ran on a worker
+        with pytest.raises(ZeroDivisionError):
+            await pool.call(lambda: 1 // 0)
+        pool.submit(lambda: 1 // 0, ok, fail)
+        pool.submit(lambda: 7, ok, fail)
+        with anyio.fail_after(5):
+            await finished.wait()
+        assert sorted(seen) == [("ZeroDivisionError", loop_thread), ("ok", loop_thread)]
+    with pytest.raises(Unavailable):
+        await pool.call(lambda: 1)  # stopped: an answer at once, never a hang
