@@ -208,7 +208,7 @@ class Shard:
         if queued:
             self.direct_searches += 1
         if start:
-            self._start_read(self._drain_direct, _answer_all, _never_fails)
+            self._start_read(self._drain_direct, _answer_all, self._drain_not_run)
         elif not queued:
             ef = self._state.ef
             self._mailbox.offer(_Search(search.query, search.k, ef, None, None, search.include, search.reply))
@@ -234,6 +234,16 @@ class Shard:
             else:
                 answers.extend((s.reply, hits) for s, hits in zip(group, results, strict=True))
         return answers
+
+    def _drain_not_run(self, error: BaseException) -> None:
+        """A drain job the pool could not run (it is stopping): fail what only it would take."""
+        with self._direct_lock:
+            self._drains_queued -= 1
+            orphans = list(self._direct) if self._drains_queued == 0 else []
+            if orphans:
+                self._direct.clear()
+        for search in orphans:
+            search.reply.fail(error)
 
     async def get(self, ids: Sequence[DocId]) -> list[StoredDoc]:
         """The stored documents of these ids, in request order; missing ids are left out."""
@@ -441,10 +451,6 @@ def _answer_all(answers: list[tuple[Reply[list[Hit]], list[Hit] | BaseException]
             reply.fail(answer)
         else:
             reply.set(answer)
-
-
-def _never_fails(error: BaseException) -> None:
-    raise AssertionError("a drain job answers its errors") from error
 
 
 def _fail_all(replies: list[Reply[list[Hit]]]) -> Callable[[BaseException], None]:

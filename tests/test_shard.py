@@ -215,6 +215,20 @@ async def test_closed_shard_answers_unavailable() -> None:
         await shard.apply_upserts([])
 
 
+async def test_search_fails_instead_of_hanging_when_the_pool_is_stopped() -> None:
+    """The direct path hands searches to pool threads; with none running, callers get an answer."""
+    shard = Shard(4, Metric.L2, EngineConfig(), ReadPool(2))  # the pool is never started
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(shard.run)
+            await anyio.sleep(0)  # the loop now waits on its empty mailbox
+            for _ in range(3):
+                with pytest.raises(Unavailable):
+                    await shard.search(np.ones(4, np.float32), 1, None, None, None, DEFAULT_INCLUDE)
+            shard.close()
+    assert shard.direct_searches == 3
+
+
 async def test_cancelled_shard_fails_waiting_callers() -> None:
     """Cancelling the actor mid-flight answers every caller (`unavailable` at worst)."""
     vecs = clustered(5_000, 32, seed=17)
