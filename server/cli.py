@@ -47,7 +47,7 @@ def serve(settings: Settings) -> None:
     # allocations and old ones 1,000x rarer keep the pauses out of the delivery path;
     # reference counting still frees everything that is not in a cycle at once.
     gc.set_threshold(50_000, 50, 20)
-    # numpy work already runs in our own worker threads (behind capacity limiters); a BLAS
+    # numpy work already runs in our own worker threads (a bounded pool); a BLAS
     # pool per call on top of that oversubscribes the cores: exact search over 2,000 rows ran
     # at 0.2k q/s with OpenBLAS threads and 0.85k q/s with one (load/compare.py).
     threadpool_limits(limits=1, user_api="blas")

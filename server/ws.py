@@ -17,8 +17,8 @@ Subscriptions: `subscribe` registers a subscriber (see `actors.subscriptions`), 
 `{"sub": id}`, replays `after_seq` from the log in the request's own task, then hands the
 subscriber to the connection's push pump. The pump is one task per connection: it takes events
 from every subscriber that has some (at most `PUMP_TAKE` at a time, round robin) and puts push
-frames on the outgoing queue. At most `PUSH_WINDOW` push frames wait in that queue (a credit is
-taken per push and given back once the writer has sent it), so replies are never stuck behind a
+frames in the outbox. At most `PUSH_WINDOW` push frames wait there (a credit is taken per push
+and given back once the frame is on the socket), so replies are never stuck behind a
 wall of pushes, and when the socket is slow the subscribers' own bounded buffers are what fill up;
 what overflows is reported as one `lagged` push per gap. A slow socket never blocks the
 subscriptions actor. A subscription ends with
