@@ -38,51 +38,44 @@ class Occupancy:
         self.writers = 0
         self.violations = 0
         self.max_readers = 0  # the most reads seen overlapping one another
+        self._reading = _Section(self, write=False)
+        self._writing = _Section(self, write=True)
 
-    def reading(self) -> _Reading:
-        return _Reading(self)
+    def reading(self) -> _Section:
+        return self._reading
 
-    def writing(self) -> _Writing:
-        return _Writing(self)
+    def writing(self) -> _Section:
+        return self._writing
 
 
-class _Reading:
-    """`with occupancy.reading():` (a class, not @contextmanager: it runs once per search)."""
+class _Section:
+    """`with occupancy.reading():` / `writing()`: one object per kind, made once (a class, not
+    @contextmanager: it runs once per search). It keeps no per-use state, so threads share it."""
 
-    __slots__ = ("_occupancy",)
+    __slots__ = ("_occupancy", "_write")
 
-    def __init__(self, occupancy: Occupancy) -> None:
+    def __init__(self, occupancy: Occupancy, write: bool) -> None:
         self._occupancy = occupancy
+        self._write = write
 
     def __enter__(self) -> None:
         o = self._occupancy
         with o._lock:
-            o.readers += 1
-            o.violations += o.writers > 0
-            o.max_readers = max(o.max_readers, o.readers)
+            if self._write:
+                o.writers += 1
+                o.violations += o.readers > 0 or o.writers > 1
+            else:
+                o.readers += 1
+                o.violations += o.writers > 0
+                o.max_readers = max(o.max_readers, o.readers)
 
     def __exit__(self, *exc: object) -> None:
         o = self._occupancy
         with o._lock:
-            o.readers -= 1
-
-
-class _Writing:
-    __slots__ = ("_occupancy",)
-
-    def __init__(self, occupancy: Occupancy) -> None:
-        self._occupancy = occupancy
-
-    def __enter__(self) -> None:
-        o = self._occupancy
-        with o._lock:
-            o.writers += 1
-            o.violations += o.readers > 0 or o.writers > 1
-
-    def __exit__(self, *exc: object) -> None:
-        o = self._occupancy
-        with o._lock:
-            o.writers -= 1
+            if self._write:
+                o.writers -= 1
+            else:
+                o.readers -= 1
 
 
 class ShardState:
