@@ -94,8 +94,7 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
         if not isinstance(exc, ShoalError):
             log.exception("HTTP %s failed", op)
         response, code = _respond({"error": error.to_wire()}, error.http_status, msgpack_reply), error.code
-    label = op if op in state.known_ops else "-"  # an unknown op in the path is no new label
-    state.metrics.served("http", label, code, time.perf_counter() - started)
+    state.metrics.served("http", op, code, time.perf_counter() - started)
     return response
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from models.requests import PARSERS
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -40,7 +42,10 @@ class Metrics:
         self._served: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def served(self, transport: str, op: str, code: str, seconds: float) -> None:
-        """Count one request and observe its latency. `op` must be a known op or "-"."""
+        """Count one request and observe its latency; an unknown op counts as "-", so a client
+        cannot create labels."""
+        if op not in PARSERS:
+            op = "-"
         key = (transport, op, code)
         children = self._served.get(key)
         if children is None:

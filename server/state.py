@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from actors.supervisor import Engine
-from models.requests import PARSERS
 from server.auth import Authenticator
 from server.metrics import Metrics
 from server.settings import Settings
@@ -17,4 +16,3 @@ class AppState:
     metrics: Metrics
     engine: Engine
     auth: Authenticator
-    known_ops: frozenset[str] = field(default_factory=lambda: frozenset(PARSERS))

@@ -143,8 +143,7 @@ class Connection:
         started = time.perf_counter()
         reply, code, sub = await self._serve(frame)
         await self._outbox.put(reply)
-        label = op if op in self.state.known_ops else "-"
-        self.state.metrics.served("ws", label, code, time.perf_counter() - started)
+        self.state.metrics.served("ws", op, code, time.perf_counter() - started)
         if sub is not None:
             await self._replay(sub)
 
