@@ -1,12 +1,14 @@
 """The asyncio WebSocket client of Shoal.
 
-One connection, one reader task. The reader is the only code that receives frames: it feeds each
-one to the sans-I/O `ClientProtocol` and acts on what comes back — a reply resolves the future of
-its request id, a push lands in its subscription's bounded buffer and wakes that consumer. Callers
-send their own frames, so any number of requests can be in flight (pipelining) and replies may come
-back in any order.
+One connection (`client.transport`: bytes on the socket <-> WebSocket messages). Each received
+message is handled as it arrives, in the transport's `data_received`, with no reader task: it goes
+to the sans-I/O `ClientProtocol`, and the I/O code here acts on what comes back — a reply resolves
+the future of its request id, a push lands in its subscription's bounded buffer and wakes that
+consumer. Callers write their own frames (synchronously, awaiting only while the socket's write
+buffer is full), so any number of requests can be in flight (pipelining) and replies may come back
+in any order.
 
-The reader never waits for anybody: a subscription whose consumer is slow loses the newest matches
+Receiving never waits for anybody: a subscription whose consumer is slow loses the newest matches
 once its buffer (`queue_size` events, default 10,000) is full, and the consumer then receives a
 `LaggedEvent` with the number lost, where the gap is. When the connection ends, every request in
 flight raises `ConnectionClosed`, and every subscription raises it once its buffered events are read.
@@ -18,12 +20,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Generator, Iterable, Mapping
+from ssl import SSLContext
 from types import TracebackType
 from typing import Any
 
 import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
 from client.errors import ClientError, ConnectionClosed, NotFound, ProtocolError, TooLarge
@@ -38,6 +39,7 @@ from client.protocol import (
     SubscriptionBuffer,
     Unrouted,
 )
+from client.transport import DEFAULT_CLOSE_TIMEOUT, DEFAULT_PING_TIMEOUT, WebSocketTransport, open_websocket
 from client.types import SubscriptionEvent
 
 logger = logging.getLogger("shoal.client")
@@ -120,7 +122,7 @@ class ShoalClient(ShoalOps):
 
     def __init__(
         self,
-        connection: ClientConnection,
+        connection: WebSocketTransport,
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         max_request_size: int | None = DEFAULT_MAX_REQUEST_SIZE,
@@ -131,8 +133,7 @@ class ShoalClient(ShoalOps):
         self._max_request_size = max_request_size
         self._futures: dict[int, asyncio.Future[Reply]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._closing = False
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="shoal-client-reader")
+        connection.attach(self._received, self._connection_lost)
 
     @classmethod
     def connect(
@@ -145,24 +146,31 @@ class ShoalClient(ShoalOps):
         max_request_size: int | None = DEFAULT_MAX_REQUEST_SIZE,
         open_timeout: float | None = 10.0,
         ping_interval: float | None = 20.0,
-        **websocket_options: Any,
+        ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
+        close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
+        ssl: SSLContext | None = None,
     ) -> _Connect:
         """`async with ShoalClient.connect(url) as client:` (or `client = await ...connect(url)`).
 
         `url` is `ws://host:port/v1/ws`, or any `http(s)://` / `ws(s)://` base URL. `key` is sent
-        as `Authorization: Bearer KEY`. Extra keyword arguments go to `websockets` `connect`.
+        as `Authorization: Bearer KEY`. `max_size` limits received messages (a larger one closes
+        the connection with 1009); `open_timeout` bounds connecting plus the handshake. Every
+        `ping_interval` seconds (None: never) a ping is sent, and the connection is closed, failing
+        every request in flight, when its pong has not come back within `ping_timeout`.
+        `close()` waits up to `close_timeout` for the server to end the connection. `ssl` is the
+        TLS context of a `wss://` URL (default: the system's trusted CAs).
         Raises `Unauthorized` / `Forbidden` (or another `ShoalError`) if the server refuses the
         handshake, `ConnectionClosed` if it cannot be reached.
         """
         options: dict[str, Any] = {
             "subprotocols": [SUBPROTOCOL],
-            # Vectors are float32 noise to deflate; compression would cost CPU for ~nothing.
-            "compression": None,
+            "headers": auth_headers(key),
             "max_size": max_size,
             "open_timeout": open_timeout,
             "ping_interval": ping_interval,
-            "additional_headers": auth_headers(key),
-            **websocket_options,
+            "ping_timeout": ping_timeout,
+            "close_timeout": close_timeout,
+            "ssl": ssl,
         }
         return _Connect(cls, ws_url(url), options, queue_size, max_request_size)
 
@@ -183,11 +191,7 @@ class ShoalClient(ShoalOps):
 
     async def close(self) -> None:
         """Close the connection (idempotent). Requests in flight raise `ConnectionClosed`."""
-        self._closing = True
-        with contextlib.suppress(Exception):
-            await self._ws.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await self._ws.close()
         for task in list(self._background):
             task.cancel()
 
@@ -219,15 +223,19 @@ class ShoalClient(ShoalOps):
                 " (checked by the client; split the batch)",
                 {"size": len(data)},
             )
+        ws = self._ws
+        try:
+            if ws.writing_paused:  # the socket's buffer is full: wait, rather than grow it
+                await ws.drain()
+            ws.send(data)
+        except BaseException:  # closed, or the caller gave up while waiting: nothing was sent
+            self._proto.forget(request_id)
+            raise
+        # Registered only once sent: no reply can be read before this task yields, and a request
+        # that was never sent then leaves no future behind for `_connection_lost` to fail.
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
         try:
-            try:
-                await self._ws.send(data)
-            except websockets.ConnectionClosed as exc:
-                self._proto.forget(request_id)
-                closed = self._proto.closed
-                raise (closed.again() if closed is not None else _closed_error(exc)) from None
             return await future
         finally:
             self._futures.pop(request_id, None)
@@ -264,36 +272,18 @@ class ShoalClient(ShoalOps):
         with contextlib.suppress(NotFound, ConnectionClosed):
             await self.request("unsubscribe", sub=sub)
 
-    # --- the reader ------------------------------------------------------------------------
+    # --- what the connection delivers ------------------------------------------------------
 
-    async def _read(self) -> None:
-        error: ConnectionClosed | None = None
-        try:
-            async for frame in self._ws:
-                for happening in self._proto.receive(frame):
-                    self._dispatch(happening)
-        except websockets.ConnectionClosed as exc:
-            error = _closed_error(exc)
-        except asyncio.CancelledError:
-            error = ConnectionClosed("connection closed by the client")
-            raise
-        except Exception:  # a bug here must not leave callers waiting forever
-            logger.exception("shoal client reader failed; closing the connection")
-            error = ConnectionClosed("client reader failed")
-            await self._ws.close(1011)
-        finally:
-            if error is None:
-                if self._closing:
-                    error = ConnectionClosed("connection closed by the client")
-                else:
-                    error = ConnectionClosed(
-                        "connection closed by the server", self._ws.close_code, self._ws.close_reason or ""
-                    )
-            self._proto.connection_lost(error)
-            # Every request still waiting, including any being sent right now, gets its own copy.
-            for future in self._futures.values():
-                if not future.done():
-                    future.set_exception(error.again())
+    def _received(self, message: bytes | str) -> None:
+        for happening in self._proto.receive(message):
+            self._dispatch(happening)
+
+    def _connection_lost(self, error: ConnectionClosed) -> None:
+        self._proto.connection_lost(error)
+        # Every request still waiting gets its own copy.
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(error.again())
 
     def _dispatch(self, happening: Happening) -> None:
         if isinstance(happening, Reply):
@@ -317,13 +307,6 @@ class ShoalClient(ShoalOps):
         task.add_done_callback(self._background.discard)
 
 
-def _closed_error(exc: websockets.ConnectionClosed) -> ConnectionClosed:
-    frame = exc.rcvd or exc.sent
-    if frame is None:
-        return ConnectionClosed("connection lost")
-    return ConnectionClosed("connection closed", frame.code, frame.reason)
-
-
 class _Connect:
     """What `ShoalClient.connect` returns: an async context manager, and awaitable."""
 
@@ -344,10 +327,12 @@ class _Connect:
 
     async def _open(self) -> ShoalClient:
         try:
-            connection = await ws_connect(self._url, **self._options)
+            connection = await open_websocket(self._url, **self._options)
         except websockets.InvalidStatus as exc:
             raise _handshake_error(exc) from None
-        except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+        except TimeoutError as exc:
+            raise ConnectionClosed(f"cannot connect to {self._url}: timed out") from exc
+        except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
             raise ConnectionClosed(f"cannot connect to {self._url}: {exc}") from exc
         if connection.subprotocol != SUBPROTOCOL:
             await connection.close()
