@@ -47,7 +47,7 @@ async def execute(
         hits = await engine.query(request)
         took_ms = (time.perf_counter() - started) * 1000.0
         return {
-            "hits": [hit.to_wire(request.include, compact) for hit in hits],
+            "hits": Hit.many_to_wire(hits, request.include, compact),
             "took_ms": round(took_ms, 3),
         }
     if isinstance(request, rq.Upsert):
