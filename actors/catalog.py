@@ -48,7 +48,7 @@ class Catalog:
         self._config = config
         # The threads every shard's searches and writes run on; the catalog owns them because it
         # owns the shards: they start before the first shard and stop after the last.
-        self._pool = ReadPool(config.search_threads)
+        self._pool = ReadPool(config.search_threads, pin=config.pin_search_threads)
         self._collections: dict[str, Collection] = {}
         self._task_group: TaskGroup | None = None
         self._closed = anyio.Event()

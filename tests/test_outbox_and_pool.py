@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import Any
 
@@ -102,3 +103,25 @@ async def test_pool_answers_on_the_event_loop_and_hands_errors_back() -> None:
         assert sorted(seen) == [("ZeroDivisionError", loop_thread), ("ok", loop_thread)]
     with pytest.raises(Unavailable):
         await pool.call(lambda: 1)  # stopped: an answer at once, never a hang
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread CPU affinity is Linux-only")
+async def test_read_pool_pins_each_thread_only_when_cpus_are_no_more_than_threads() -> None:
+    """Two threads on a one-CPU set: both keep to it, and the process's own affinity (the event
+    loop's thread) is left alone. With more CPUs than threads, nothing is pinned."""
+    own = os.sched_getaffinity(0)
+    cpu = min(own)
+    pinned = ReadPool(2, "pin-test", pin=True, cpus={cpu})
+    assert pinned.cpu_of_thread == [cpu, cpu]
+    with pinned.running() as pool:
+        for _ in range(4):
+            assert await pool.call(lambda: os.sched_getaffinity(0)) == {cpu}
+    assert os.sched_getaffinity(0) == own
+
+    assert ReadPool(1, pin=True, cpus={0, 1}).cpu_of_thread is None  # more CPUs than threads
+    assert ReadPool(2, pin=True, cpus={0, 1}).cpu_of_thread == [0, 1]
+    assert ReadPool(3, pin=True, cpus={4, 6}).cpu_of_thread == [4, 6, 4]
+    assert ReadPool(2, pin=False, cpus={0, 1}).cpu_of_thread is None
+    unpinned = ReadPool(1, "free-test", pin=True, cpus=own | {max(own) + 1})
+    with unpinned.running() as pool:
+        assert await pool.call(lambda: os.sched_getaffinity(0)) == own
