@@ -16,12 +16,14 @@ graph and vectors; a thread that the scheduler moves to the core the event loop 
 starts cold, and one that stays keeps its share of the cache. On 2 cores this served 12-16% more
 queries per second at 6% less server CPU per query (`load/query.py`, 8 clients, 4 alternating
 rounds). With more CPUs than threads nothing is pinned: other work could crowd a pinned core
-while the rest sit idle.
+while the rest sit idle. A job that runs threads of its own (a multi-threaded `add_items`) goes
+through `spread`, so those threads are not all held on its one CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -88,6 +90,25 @@ class ReadPool:
             fail(Unavailable(f"{self._name} threads are not running"))
             return
         self._jobs.put((fn, ok, fail))
+
+    def spread(self, fn: Callable[[], T]) -> Callable[[], T]:
+        """`fn`, run with the thread's pin lifted: for a job that starts threads of its own
+        (hnswlib with num_threads > 1), which would all inherit the one CPU otherwise."""
+        if self.cpu_of_thread is None:
+            return fn
+        everywhere = set(self.cpu_of_thread)
+
+        def spread_out() -> T:
+            pinned = os.sched_getaffinity(0)
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, everywhere)
+            try:
+                return fn()
+            finally:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, pinned)
+
+        return spread_out
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on a worker and return its result. Not cancellable once submitted: the

@@ -354,6 +354,8 @@ class Shard:
             for start in range(0, len(group), size):
                 part = group[start : start + size]
                 fn = _bind(self._state.search_unfiltered, [s.query for s in part], k, include, threads)
+                if threads > 1:
+                    fn = self._pool.spread(fn)
                 replies = [s.reply for s in part]
                 self._start_read(fn, _deliver_all(replies), _fail_all(replies))
         for s in filtered:
@@ -403,7 +405,8 @@ class Shard:
         """Apply one write in a worker thread; the loop (and so every read) waits for it."""
         try:
             if isinstance(msg, _Upsert):
-                await self._pool.call(_bind(self._state.upsert, msg.docs))
+                # hnswlib adds with up to search_threads threads of its own: off the pin.
+                await self._pool.call(self._pool.spread(_bind(self._state.upsert, msg.docs)))
                 msg.reply.set(None)
             else:
                 existed = await self._pool.call(_bind(self._state.delete, msg.ids))

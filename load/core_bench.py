@@ -620,7 +620,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=1_000, help="held-out queries (default 1000)")
     p.add_argument("--clients", type=int, default=8, help="WebSocket query clients (default 8)")
     p.add_argument("--batch", type=int, default=500, help="documents per upsert (default 500)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved query rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved query rounds (default 5: the machine is noisy)")
     p.add_argument("--query-seconds", type=float, default=8.0, help="Shoal query phase per round")
     p.add_argument("--raw-seconds", type=float, default=3.0, help="each raw hnswlib phase per round")
     p.add_argument("--text-docs", type=int, default=2_000, help="texts for the text ingest (default 2000)")

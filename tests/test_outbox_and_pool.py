@@ -125,3 +125,16 @@ async def test_read_pool_pins_each_thread_only_when_cpus_are_no_more_than_thread
     unpinned = ReadPool(1, "free-test", pin=True, cpus=own | {max(own) + 1})
     with unpinned.running() as pool:
         assert await pool.call(lambda: os.sched_getaffinity(0)) == own
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin"
+)
+async def test_read_pool_spread_lifts_the_pin_for_one_job() -> None:
+    """A job that starts threads of its own (hnswlib's num_threads) runs on every CPU of the
+    pool, and the thread is pinned again afterwards."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    with ReadPool(2, "spread-test", pin=True, cpus=set(cpus)).running() as pool:
+        assert await pool.call(pool.spread(lambda: os.sched_getaffinity(0))) == set(cpus)
+        for _ in range(4):
+            assert len(await pool.call(lambda: os.sched_getaffinity(0))) == 1
