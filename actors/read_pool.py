@@ -13,7 +13,7 @@ loop is what capped the server (py-spy of `load/query.py`), not the search itsel
 CPU pinning. When the process may run on no more CPUs than the pool has threads, every CPU runs
 a search thread anyway, and each thread keeps to one of them (`pin`). A search walks megabytes of
 graph and vectors; a thread that the scheduler moves to the core the event loop just ran on
-starts cold, and one that stays keeps its share of the cache. On 2 cores this served 12-16% more
+starts cold, and one that stays keeps its share of the cache. On 2 cores this served 10-16% more
 queries per second at 6% less server CPU per query (`load/query.py`, 8 clients, 4 alternating
 rounds). With more CPUs than threads nothing is pinned: other work could crowd a pinned core
 while the rest sit idle. A job that runs threads of its own (a multi-threaded `add_items`) goes

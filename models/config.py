@@ -57,7 +57,7 @@ class EngineConfig:
     # Threads that may run hnswlib / numpy work at once.
     search_threads: int = 2
     # Keep each search thread on its own CPU when the process has no more CPUs than search
-    # threads (never on a bigger machine): +12-16% q/s on 2 cores (actors/read_pool.py).
+    # threads (never on a bigger machine): +10-16% q/s on 2 cores (actors/read_pool.py).
     pin_search_threads: bool = True
     shard_mailbox: int = 1_024
     # Largest number of queued queries one shard answers with a single knn_query call.
