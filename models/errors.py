@@ -88,6 +88,12 @@ class Internal(ShoalError):
 INTERNAL_MESSAGE = "internal error"
 
 
+class StartupError(Exception):
+    """A mistake that stops the server from starting (bad setting, unreachable database, refused
+    data directory). `shoal serve` prints its message as one line and exits non-zero, with no
+    traceback, so the message must say what to fix."""
+
+
 def as_shoal_error(exc: BaseException) -> ShoalError:
     """Map any exception to the error the client sees; unexpected ones become `internal`."""
     if isinstance(exc, ShoalError):
