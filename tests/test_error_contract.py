@@ -35,9 +35,10 @@ from actors.shard import Shard
 from actors.subscriber import EndReason, Subscriber
 from actors.subscriptions import Subscriptions
 from models.config import EngineConfig
-from models.errors import ALL_ERRORS, Unavailable
+from models.errors import ALL_ERRORS, BadRequest, Unavailable
 from models.records import MODEL_DIM, Metric
 from server.app import EXCEPTION_HANDLERS
+from server.ws import refuse_handshake
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -126,6 +127,22 @@ async def test_websocket_without_the_subprotocol_is_refused(server: ServerProces
         assert ws.subprotocol == "shoal.v1"
         await ws.send(msgpack.packb({"id": 1, "op": "ping"}))
         assert msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10)) == {"id": 1, "ok": True}
+
+
+async def test_a_server_without_handshake_responses_gets_a_close_before_accept() -> None:
+    """Where the ASGI server cannot send an HTTP response to a handshake, the refusal is a close
+    sent before any accept (the server answers it with 403)."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await refuse_handshake({"type": "websocket", "extensions": {}}, send, BadRequest("offer 'shoal.v1'"))
+    assert [m["type"] for m in sent] == ["websocket.close"] and sent[0]["code"] == 1008
+    sent.clear()
+    await refuse_handshake({"type": "websocket", "extensions": {"websocket.http.response": {}}}, send, BadRequest("x"))
+    assert [m["type"] for m in sent] == ["websocket.http.response.start", "websocket.http.response.body"]
+    assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["error"]["code"] == "bad_request"
 
 
 # --- typed subscription ends ---------------------------------------------------------------
