@@ -41,7 +41,9 @@ class EndReason(StrEnum):
     CONNECTION_CLOSED = "connection closed"  # the WebSocket connection ended
     DISCONNECTED = "disconnected"  # the SSE reader went away
     # Told to the client, with the error of `error_class`.
-    LAGGED = "lagged"  # SSE only (its stream ends with `event: lagged`); WebSocket subs never end so
+    # SSE only: the stream ends with `event: lagged` (the code is for completeness); a WebSocket
+    # subscription is never ended for lag, it gets `lagged` pushes.
+    LAGGED = "lagged"
     COLLECTION_DROPPED = "collection dropped"
     SERVER_STOPPING = "server shutting down"
     REPLAY_FAILED = "replay failed"  # the error is the one the replay raised
