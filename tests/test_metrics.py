@@ -6,6 +6,7 @@ import platform
 import uuid
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -133,3 +134,36 @@ async def test_a_dropped_collection_leaves_the_metrics(server: ServerProcess) ->
         samples = await scrape(http)
     assert not [s for s in samples.get("shoal_shard_documents", []) if s.labels["collection"] == name]
     assert not [s for s in samples.get("shoal_documents", []) if s.labels["collection"] == name]
+
+
+async def test_planner_counts_each_plan(server: ServerProcess) -> None:
+    """Above `exact_max_rows` (4,096) matching documents the graph answers: unfiltered through
+    `hnsw`, a filter matching 90% of them through `hnsw_filtered`, a filter matching a few exactly."""
+    name = unique("metrics_plans")
+    n = 5_000
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(n, 4)).astype(np.float32)
+    docs = [{"id": f"d{i}", "vector": vectors[i].tolist(), "metadata": {"i": i}} for i in range(n)]
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        assert (await http.post("/v1/collections", json={"name": name, "dim": 4})).status_code == 200
+        assert (await http.post(f"/v1/collections/{name}/upsert", json={"docs": docs})).status_code == 200
+        expected = {"hnsw": 0, "hnsw_filtered": 0, "exact": 0}
+        before = await scrape(http)
+        for plan, where, times in (
+            ("hnsw", None, 3),
+            ("hnsw_filtered", {"i": {"$gte": 500}}, 2),  # 4,500 of 5,000 match
+            ("exact", {"i": {"$lt": 10}}, 1),
+        ):
+            for _ in range(times):
+                body = {"vector": [1.0, 0.5, -0.5, 0.2], "k": 5, "where": where}
+                assert len((await http.post(f"/v1/collections/{name}/query", json=body)).json()["hits"]) == 5
+            expected[plan] += times
+        after = await scrape(http)
+        assert (await http.delete(f"/v1/collections/{name}")).status_code == 200
+    for plan, count in expected.items():
+        grown = value(after, "shoal_planner_queries_total", plan=plan) - value(
+            before, "shoal_planner_queries_total", plan=plan
+        )
+        # Other tests may query meanwhile on the shared server: at least ours.
+        assert grown >= count, (plan, grown, count)
+    assert value(after, "shoal_shard_capacity", collection=name, shard="0") >= n
