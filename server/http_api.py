@@ -28,9 +28,15 @@ COLLECTION_OPS = frozenset({"upsert", "delete", "get", "query", "count"})
 log = logging.getLogger("shoal.http")
 
 
-def _wants_msgpack(request: Request) -> bool:
+def wants_msgpack(request: Request) -> bool:
+    """True when the reply should be msgpack (the request was msgpack, or `Accept` asks)."""
     content_type = request.headers.get("content-type", "")
     return content_type.startswith(MSGPACK) or MSGPACK in request.headers.get("accept", "")
+
+
+def error_reply(error: ShoalError, msgpack_reply: bool) -> Response:
+    """`{"error": {"code", "message"}}` with the HTTP status of the error's code."""
+    return _respond({"error": error.to_wire()}, error.http_status, msgpack_reply)
 
 
 def _respond(body: dict[str, Any], status: int, msgpack_reply: bool) -> Response:
@@ -71,7 +77,7 @@ async def _read_body(request: Request, limit: int) -> dict[str, Any]:
 
 async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Response:
     state: AppState = request.app.state.shoal
-    msgpack_reply = _wants_msgpack(request)
+    msgpack_reply = wants_msgpack(request)
     started = time.perf_counter()
     try:
         grant = state.auth.lookup(bearer(request.headers.get("authorization")))
@@ -112,7 +118,7 @@ async def collection_op(request: Request) -> Response:
     op = request.path_params["op"]
     if op not in COLLECTION_OPS:
         error = UnknownOp(f"no such op: {op[:64]!r}")
-        return _respond({"error": error.to_wire()}, error.http_status, _wants_msgpack(request))
+        return _respond({"error": error.to_wire()}, error.http_status, wants_msgpack(request))
     return await _serve(request, op, {"collection": request.path_params["name"]})
 
 
@@ -124,16 +130,12 @@ async def readyz(request: Request) -> Response:
     state: AppState | None = getattr(request.app.state, "shoal", None)
     if state is None or not state.engine.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
-    if not await state.engine.persistence.ping():
+    if not await state.engine.database_reachable():
         return JSONResponse({"status": "database unavailable"}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus text: request counters, and the engine's state read now (see server.metrics)."""
     state: AppState = request.app.state.shoal
-    engine = state.engine
-    state.metrics.ready.set(1 if engine.ready else 0)
-    state.metrics.ingest_queue.set(engine.ingest.queued)
-    for info in await engine.list_collections():
-        state.metrics.documents.labels(info.name).set(info.count)
     return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -45,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from actors.subscriber import ChangeEvent, Item, Lagged, MatchEvent, Subscriber
+from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, MatchEvent, Subscriber
 from actors.subscriptions import SubscriptionConfig
 from actors.supervisor import Engine
 from models import requests as rq
@@ -263,7 +263,7 @@ class EventStream:
         self.sub = sub
         self.engine: Engine = state.engine
         self.heartbeat = sse.heartbeat
-        self.grace = self.engine.subscriptions.config.sse_send_grace_s
+        self.grace = self.engine.subscription_config.sse_send_grace_s
         self.sse = sse
         self.scope: anyio.CancelScope | None = None
         self.next_ping = 0.0
@@ -292,7 +292,7 @@ class EventStream:
             if self.scope.cancelled_caught:
                 log.info("SSE stream %s: the reader stalled after it closed (%s)", self.sub.id, self.sub.reason)
         finally:
-            self.sub.close("disconnected")
+            self.sub.close(EndReason.DISCONNECTED)
             self.sse.streams.discard(self)
 
     @staticmethod
@@ -317,10 +317,10 @@ class EventStream:
         await self._write(send, f"retry: {RETRY_MS}\n\n".encode())
         try:
             while sub.replaying and not sub.closed:
-                page = await self.engine.subscriptions.replay_page(sub)
+                page = await self.engine.replay_page(sub)
                 await self._write(send, b"".join(encode_item(e, sub.include) for e in page))
         except ShoalError as exc:  # the collection is gone, or the log cannot be read
-            sub.close(f"replay failed: {exc.message}", exc.code)
+            sub.close(EndReason.REPLAY_FAILED, exc)
         if sub.replaying:
             # Closed before the replay reached the live point: what is buffered lies past a gap.
             return await self._finish(send)
@@ -336,7 +336,7 @@ class EventStream:
                     lagged = lagged or isinstance(item, Lagged)
                 await self._write(send, chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 if lagged:
-                    sub.close("lagged")
+                    sub.close(EndReason.LAGGED)
                     break
                 continue
             if sub.closed:
@@ -348,10 +348,10 @@ class EventStream:
 
     async def _finish(self, send: Send) -> None:
         sub = self.sub
-        if sub.reason == "lagged":
+        if sub.reason is EndReason.LAGGED:
             await self._write(send, encode_item(Lagged(sub.dropped_total), frozenset()))
-        elif sub.code is not None:  # the collection was dropped, the server is stopping, ...
-            error = {"error": {"code": sub.code, "message": sub.reason or ""}}
+        elif sub.error is not None:  # the collection was dropped, the server is stopping, ...
+            error = {"error": {"code": sub.error.code, "message": sub.error.message}}
             await self._write(send, f"event: error\ndata: {_dumps(error)}\n\n".encode())
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -367,7 +367,7 @@ class SubscriptionCollector(Collector):
         self.sse = sse
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.engine.subscriptions.stats()
+        stats = self.engine.subscription_stats()
         subs = GaugeMetricFamily("shoal_subscriptions", "Registered subscribers, by kind", labels=["kind"])
         subs.add_metric(["match"], stats.subscriptions)
         subs.add_metric(["changes"], stats.feeds)
