@@ -26,8 +26,9 @@ from starlette.types import ASGIApp
 from actors.pg_server import open_database
 from actors.supervisor import Engine
 from server import http_api, sse
-from server.auth import Authenticator, parse_api_keys
+from server.auth import Authenticator, AuthFailures, parse_api_keys
 from server.edge import Edge
+from server.guard import guard_policy
 from server.metrics import Metrics
 from server.settings import Settings
 from server.state import AppState
@@ -42,7 +43,16 @@ async def index(request: Request) -> Response:
 
 
 def create_app(settings: Settings) -> ASGIApp:
-    authenticator = Authenticator(parse_api_keys(settings.api_keys), settings.rate_limit, settings.rate_burst)
+    failures = AuthFailures(
+        settings.auth_failures_per_minute, settings.auth_failure_burst, settings.auth_failure_addresses
+    )
+    authenticator = Authenticator(
+        parse_api_keys(settings.api_keys),
+        settings.rate_limit,
+        settings.rate_burst,
+        failures,
+        settings.ws_auth_failures_close,
+    )
     subscriptions = sse.subscription_config()
 
     @asynccontextmanager
@@ -60,16 +70,22 @@ def create_app(settings: Settings) -> ASGIApp:
             tasks.cancel_scope.cancel()
         log.info("engine stopped")
 
+    # HEAD is answered where GET is (Starlette adds it) and nowhere else: a write route takes its
+    # one method, and any other method gets a JSON 405 from the catch-all after it.
     routes = [
-        Route("/v1/collections", http_api.collections, methods=["GET", "POST"]),
-        Route("/v1/collections/{name}", http_api.collection, methods=["DELETE"]),
+        Route("/v1/collections", http_api.list_collections, methods=["GET"]),
+        Route("/v1/collections", http_api.create_collection, methods=["POST"]),
+        Route("/v1/collections", http_api.MethodNotAllowed("GET, HEAD, POST")),
+        Route("/v1/collections/{name}", http_api.drop_collection, methods=["DELETE"]),
+        Route("/v1/collections/{name}", http_api.MethodNotAllowed("DELETE")),
         Route("/v1/collections/{name}/subscribe", sse.subscribe, methods=["GET"]),
         Route("/v1/collections/{name}/changes", sse.changes, methods=["GET"]),
-        Route("/v1/collections/{name}/{op}", http_api.collection_op, methods=["GET", "POST"]),
-        Route("/healthz", http_api.healthz),
-        Route("/readyz", http_api.readyz),
-        Route("/metrics", http_api.metrics),
-        Route("/", index),
+        Route("/v1/collections/{name}/{op}", http_api.collection_op, methods=["POST"]),
+        Route("/v1/collections/{name}/{op}", http_api.MethodNotAllowed("POST")),
+        Route("/healthz", http_api.healthz, methods=["GET"]),
+        Route("/readyz", http_api.readyz, methods=["GET"]),
+        Route("/metrics", http_api.metrics, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     middleware = []
@@ -85,4 +101,4 @@ def create_app(settings: Settings) -> ASGIApp:
         )
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.sse = sse.SSEState(settings.heartbeat_s)
-    return Edge(app)
+    return Edge(app, guard_policy(settings))

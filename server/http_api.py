@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from models.errors import BadRequest, ShoalError, TooLarge, UnknownOp, as_shoal_error
 from models.requests import parse_request
@@ -74,10 +75,11 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
     msgpack_reply = _wants_msgpack(request)
     started = time.perf_counter()
     try:
-        grant = state.auth.lookup(bearer(request.headers.get("authorization")))
+        caller = request.client.host if request.client else "-"
+        grant = state.auth.lookup(bearer(request.headers.get("authorization")), caller)
         args = (
             await _read_body(request, state.settings.limits.max_frame_bytes)
-            if request.method != "GET"
+            if request.method not in ("GET", "HEAD")
             else {}
         )
         for key, value in path_args.items():
@@ -85,7 +87,7 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
                 raise BadRequest(f"'{key}' in the body differs from the path")
             args[key] = value
         parsed = parse_request(op, args, state.settings.limits)
-        state.auth.check(grant, request.client.host if request.client else "-", parsed)
+        state.auth.check(grant, caller, parsed)
         visible = None if grant is None else grant.collections
         result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
         response, code = _respond(result, 200, msgpack_reply), "ok"
@@ -98,14 +100,32 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
     return response
 
 
-async def collections(request: Request) -> Response:
-    if request.method == "GET":
-        return await _serve(request, "list_collections", {})
+async def list_collections(request: Request) -> Response:
+    return await _serve(request, "list_collections", {})
+
+
+async def create_collection(request: Request) -> Response:
     return await _serve(request, "create_collection", {})
 
 
-async def collection(request: Request) -> Response:
+async def drop_collection(request: Request) -> Response:
     return await _serve(request, "drop_collection", {"name": request.path_params["name"]})
+
+
+class MethodNotAllowed:
+    """The ASGI app behind a route's own methods (a Route of an ASGI app takes every method):
+    405 with `bad_request` in the JSON error body and `Allow: allow`, so that a HEAD, GET or any
+    other method never reaches a write."""
+
+    def __init__(self, allow: str) -> None:
+        self.allow = allow
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        error = BadRequest(f"{request.method[:16]} is not allowed here; use {self.allow}")
+        response = _respond({"error": error.to_wire()}, 405, _wants_msgpack(request))
+        response.headers["allow"] = self.allow
+        await response(scope, receive, send)
 
 
 async def collection_op(request: Request) -> Response:
@@ -130,7 +150,15 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus text. It names every collection, so with auth on it needs a key that may read
+    it (admin, or `"metrics": true`): 401 without a valid key, 403 with another."""
     state: AppState = request.app.state.shoal
+    if state.auth.enabled:
+        try:
+            caller = request.client.host if request.client else "-"
+            state.auth.check_metrics(state.auth.lookup(bearer(request.headers.get("authorization")), caller))
+        except ShoalError as exc:
+            return _respond({"error": exc.to_wire()}, exc.http_status, False)
     engine = state.engine
     state.metrics.ready.set(1 if engine.ready else 0)
     state.metrics.ingest_queue.set(engine.ingest.queued)
