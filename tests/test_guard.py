@@ -5,7 +5,9 @@ and the server's own page are served; HEAD answers only where GET does and never
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,12 +16,18 @@ import httpx
 import msgpack
 import pytest
 import websockets
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 from websockets.exceptions import InvalidStatus
 
 from models.errors import BadRequest, Forbidden
 from server.guard import guard_policy
 from server.settings import Settings
 from tests.server_process import ServerProcess, temp_data_dir
+from tests.test_browser import CHROMEDRIVER, CHROMIUM, FLAGS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -258,3 +266,72 @@ async def test_head_and_get_never_write(server: ServerProcess) -> None:
         assert (await http.head(f"/v1/collections/{name}/changes")).status_code == 200
         assert (await http.head("/v1/collections/nosuch/changes")).status_code == 404
         assert (await http.post("/metrics")).status_code == 405
+
+
+# -- a real browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mapped_browser() -> Iterator[webdriver.Chrome]:
+    """Headless Chromium (as in test_browser) resolving shoal.test and rebind.test to 127.0.0.1:
+    a page under a name of its own, and a DNS-rebinding page, without any DNS."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: run scripts/setup-browser (Debian chromium + chromium-driver)")
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a browser or a driver
+    profile = tempfile.mkdtemp(prefix="shoal-chromium-", dir="/tmp")
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_argument("--host-resolver-rules=MAP shoal.test 127.0.0.1, MAP rebind.test 127.0.0.1")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# Run in the page: open a WebSocket to `url`; "open" or "refused".
+TRY_WEBSOCKET = """
+const [url, done] = arguments;
+const ws = new WebSocket(url, ["shoal.v1"]);
+ws.onopen = () => { ws.close(); done("open"); };
+ws.onerror = () => done("refused");
+"""
+# Run in the page: the text/plain POST any page may send to any address (no preflight).
+TRY_POST = """
+const [url, body, done] = arguments;
+fetch(url, {method: "POST", mode: "no-cors", headers: {"content-type": "text/plain"}, body})
+  .then(() => done("sent"), () => done("failed"));
+"""
+
+
+async def test_a_page_under_another_name_is_served_but_cannot_reach_the_loopback_address(
+    listed_server: ServerProcess, mapped_browser: webdriver.Chrome
+) -> None:
+    port = int(listed_server.url.rsplit(":", 1)[1])
+    name = unique("page")
+    async with httpx.AsyncClient(base_url=listed_server.url, timeout=20.0) as http:
+        assert (await http.post("/v1/collections", json={"name": name, "dim": 2})).status_code == 200
+    browser = mapped_browser
+    browser.set_script_timeout(20)
+    wait = WebDriverWait(browser, 30)
+    # The page under the server's own (allowed) name works: its WebSocket is same-origin.
+    browser.get(f"http://shoal.test:{port}/")
+    assert browser.title == "Shoal"
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#collection option[value='{name}']"))
+    assert browser.execute_async_script(TRY_WEBSOCKET, f"ws://shoal.test:{port}/v1/ws") == "open"
+    # From that page, the loopback address is another origin: refused on both paths.
+    assert browser.execute_async_script(TRY_WEBSOCKET, f"ws://127.0.0.1:{port}/v1/ws") == "refused"
+    stolen = unique("stolen")
+    body = json.dumps({"name": stolen, "dim": 2})
+    browser.execute_async_script(TRY_POST, f"http://127.0.0.1:{port}/v1/collections", body)
+    async with httpx.AsyncClient(base_url=listed_server.url, timeout=20.0) as http:
+        assert stolen not in await collection_names(http)
+    # A rebound name: the page never loads.
+    browser.get(f"http://rebind.test:{port}/")
+    assert browser.title != "Shoal"
+    assert "DNS-rebinding" in browser.find_element(By.TAG_NAME, "body").text
