@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import json
 import time
 from collections import OrderedDict
@@ -115,10 +116,27 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
 
 
+def failure_address(address: str) -> str:
+    """The address failures are counted against: an IPv4 address as it is (IPv4-mapped IPv6
+    too), an IPv6 address by its /64 (one host commonly holds a whole /64, so counting single
+    addresses would give it 2^64 buckets)."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.is_loopback:
+        return str(ip)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
 class AuthFailures:
-    """Failed key checks per client address: a token bucket of `burst` failures refilled at
-    `per_minute`; `per_minute <= 0` leaves failures unlimited. The table holds at most
-    `max_addresses` addresses (the least recently seen are forgotten first)."""
+    """Failed key checks per client address (see `failure_address`): a token bucket of `burst`
+    failures refilled at `per_minute`; `per_minute <= 0` leaves failures unlimited. The table holds
+    at most `max_addresses` addresses (the least recently seen are forgotten first)."""
 
     def __init__(self, per_minute: float = 10.0, burst: float = 5.0, max_addresses: int = 10_000) -> None:
         self.rate = per_minute / 60.0
@@ -135,7 +153,10 @@ class AuthFailures:
 
     def admit(self, address: str) -> None:
         """Raise RateLimited while `address` has no failure left to spend."""
-        if self.rate <= 0 or address not in self._buckets:
+        if self.rate <= 0 or not self._buckets:
+            return
+        address = failure_address(address)
+        if address not in self._buckets:
             return
         tokens = self._tokens(address, time.monotonic())
         if tokens < 1.0:
@@ -146,6 +167,7 @@ class AuthFailures:
         """Spend one failure of `address`."""
         if self.rate <= 0:
             return
+        address = failure_address(address)
         now = time.monotonic()
         tokens = self._tokens(address, now)
         self._buckets.pop(address, None)

@@ -20,6 +20,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from models.errors import RateLimited
+from server.auth import AuthFailures, failure_address
 from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(180)
@@ -166,3 +168,18 @@ async def test_metrics_need_a_metrics_key(keyed_server: ServerProcess) -> None:
         # The metrics key reads nothing else.
         reply = await http.post("/v1/collections/docs/count", json={}, headers={"authorization": "Bearer scraper-key"})
         assert (reply.status_code, error_of(reply)["code"]) == (403, "forbidden")
+
+
+def test_failures_count_against_an_ipv6_slash_64_and_plain_ipv4() -> None:
+    assert failure_address("192.0.2.7") == "192.0.2.7"
+    assert failure_address("::ffff:192.0.2.7") == "192.0.2.7"
+    assert failure_address("2001:db8:1:2:aaaa::1") == failure_address("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
+    assert failure_address("2001:db8:1:3::1") != failure_address("2001:db8:1:2::1")
+    assert failure_address("::1") == "::1" and failure_address("-") == "-"
+    failures = AuthFailures(per_minute=60, burst=2)
+    failures.failed("2001:db8::1")
+    failures.failed("2001:db8::2")
+    with pytest.raises(RateLimited):
+        failures.admit("2001:db8::3")
+    failures.admit("2001:db8:0:1::1")
+    failures.admit("192.0.2.7")
