@@ -145,6 +145,9 @@ def guard_policy(settings: Settings) -> GuardPolicy:
     return GuardPolicy(frozenset(origins), "*" in origins, frozenset(hosts), any_host)
 
 
+DUPLICATE_HEADER = BadRequest("a request carries one Host header and at most one Origin header")
+
+
 def _error_body(error: ShoalError) -> bytes:
     return json.dumps({"error": error.to_wire()}, separators=(",", ":")).encode()
 
@@ -170,8 +173,12 @@ class Guard:
         host = origin = None
         for name, value in scope["headers"]:
             if name == b"host":
+                if host is not None:
+                    return DUPLICATE_HEADER  # RFC 9112: answer 400; which one counts is unclear
                 host = value
             elif name == b"origin":
+                if origin is not None:
+                    return DUPLICATE_HEADER
                 origin = value
         scheme: str = scope.get("scheme", "http")
         key = (scheme, host, origin)

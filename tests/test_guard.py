@@ -65,6 +65,13 @@ async def ws_refused(url: str, **connect: Any) -> tuple[int, dict[str, Any]]:
     return response.status_code, body
 
 
+def named(server: ServerProcess, host: str) -> tuple[str, dict[str, Any]]:
+    """A WebSocket URL naming `host` (so the handshake's one Host header is `host`) and the
+    connect arguments that still reach the server on 127.0.0.1."""
+    port = int(server.url.rsplit(":", 1)[1])
+    return f"ws://{host}/v1/ws", {"host": "127.0.0.1", "port": port, "proxy": None}
+
+
 async def collection_names(http: httpx.AsyncClient) -> list[str]:
     reply = await http.get("/v1/collections")
     assert reply.status_code == 200, reply.text
@@ -138,8 +145,24 @@ async def test_a_rebound_host_name_is_refused(server: ServerProcess) -> None:
         # Loopback names with any port, and the bind address, are served.
         for host in ("localhost", "localhost:1", "127.0.0.1:65000", "[::1]:8080", "[::1]", "LOCALHOST"):
             assert (await http.get("/healthz", headers={"host": host})).status_code == 200, host
-    status, body = await ws_refused(server.ws_url, additional_headers={"host": "rebind.evil.example"})
+    url, connect = named(server, "rebind.evil.example")
+    status, body = await ws_refused(url, **connect)
     assert (status, body["error"]["code"]) == (400, "bad_request")
+    # Two Host (or Origin) headers: which one a proxy used is unknown, so neither is trusted.
+    status, body = await ws_refused(server.ws_url, additional_headers={"host": "localhost"})
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+    with pytest.raises(InvalidStatus) as refused:  # (uvicorn's handshake parser refuses this one itself)
+        async with websockets.connect(
+            server.ws_url,
+            subprotocols=["shoal.v1"],  # type: ignore[list-item]
+            origin="http://localhost",
+            additional_headers={"origin": FOREIGN},
+        ):
+            pass
+    assert refused.value.response.status_code == 400
+    async with httpx.AsyncClient(base_url=server.url, timeout=20.0) as http:
+        reply = await http.get("/healthz", headers=[("origin", "http://localhost"), ("origin", FOREIGN)])
+        assert (reply.status_code, error_code(reply)) == (400, "bad_request")
 
 
 @pytest.fixture(scope="module")
@@ -176,12 +199,8 @@ async def test_listed_hosts_and_origins_are_served(listed_server: ServerProcess)
             assert (reply.status_code, error_code(reply)) == (403, "forbidden"), origin
         for origin in ("https://app.example", "https://APP.example:443", "http://cors.example:8000"):
             assert (await http.get("/v1/collections", headers={"origin": origin})).status_code == 200, origin
-    reply = await ws_call(
-        listed_server.ws_url,
-        {"id": 1, "op": "ping"},
-        origin=f"http://shoal.test:{port}",
-        additional_headers={"host": own},
-    )
+    url, connect = named(listed_server, own)
+    reply = await ws_call(url, {"id": 1, "op": "ping"}, origin=f"http://shoal.test:{port}", **connect)
     assert reply["ok"] is True
     assert (await ws_call(listed_server.ws_url, {"id": 1, "op": "ping"}, origin="https://app.example"))["ok"] is True
     status, _ = await ws_refused(listed_server.ws_url, origin="https://other.example")
