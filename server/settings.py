@@ -97,12 +97,17 @@ def load_settings(env: Mapping[str, str] | None = None, **flags: Any) -> Setting
         base["heartbeat_s"] = float(env["SHOAL_HEARTBEAT_S"])
     # guard settings (server/guard.py, server/auth.py)
     for name in ("allowed_origins", "allowed_hosts"):
-        if env.get(f"SHOAL_{name.upper()}"):
-            base[name] = tuple(x.strip() for x in env[f"SHOAL_{name.upper()}"].split(",") if x.strip())
-    for name, kind in (("auth_failures_per_minute", float), ("auth_failure_burst", float),
-                       ("auth_failure_addresses", int), ("ws_auth_failures_close", int)):
-        if f"SHOAL_{name.upper()}" in env:
-            base[name] = _coerce(env[f"SHOAL_{name.upper()}"], kind, f"SHOAL_{name.upper()}")
+        if env.get(var := f"SHOAL_{name.upper()}"):
+            base[name] = tuple(x.strip() for x in env[var].split(",") if x.strip())
+    guard_numbers = {
+        "auth_failures_per_minute": float,
+        "auth_failure_burst": float,
+        "auth_failure_addresses": int,
+        "ws_auth_failures_close": int,
+    }
+    for name, kind in guard_numbers.items():
+        if (var := f"SHOAL_{name.upper()}") in env:
+            base[name] = _coerce(env[var], kind, var)
     base["limits"] = _from_env(Limits, env)
     base["engine"] = _from_env(EngineConfig, env)
     for key, value in flags.items():
