@@ -354,3 +354,16 @@ async def test_a_page_under_another_name_is_served_but_cannot_reach_the_loopback
     browser.get(f"http://rebind.test:{port}/")
     assert browser.title != "Shoal"
     assert "DNS-rebinding" in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_wildcard_bind_policy_warns_unless_hosts_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    for bind in ("0.0.0.0", "::"):
+        caplog.clear()
+        assert guard_policy(Settings(host=bind)).refusal("http", "any.example", None) is None
+        assert "SHOAL_ALLOWED_HOSTS unset" in caplog.text
+    caplog.clear()
+    named_policy = guard_policy(Settings(host="0.0.0.0", allowed_hosts=("shoal.lan",)))
+    assert not caplog.text
+    assert named_policy.refusal("http", "shoal.lan:8080", None) is None
+    assert isinstance(named_policy.refusal("http", "any.example", None), BadRequest)
+    assert guard_policy(Settings(host="192.0.2.5")).refusal("http", "192.0.2.5:8080", None) is None
