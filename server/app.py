@@ -45,8 +45,9 @@ from models.errors import (
     Unavailable,
 )
 from server import http_api, sse, ws
-from server.auth import Authenticator, parse_api_keys
+from server.auth import Authenticator, AuthFailures, parse_api_keys
 from server.edge import Edge
+from server.guard import guard_policy
 from server.metrics import Metrics
 from server.settings import Settings
 from server.state import AppState
@@ -113,7 +114,16 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
 
 
 def create_app(settings: Settings) -> ASGIApp:
-    authenticator = Authenticator(parse_api_keys(settings.api_keys), settings.rate_limit, settings.rate_burst)
+    failures = AuthFailures(
+        settings.auth_failures_per_minute, settings.auth_failure_burst, settings.auth_failure_addresses
+    )
+    authenticator = Authenticator(
+        parse_api_keys(settings.api_keys),
+        settings.rate_limit,
+        settings.rate_burst,
+        failures,
+        settings.ws_auth_failures_close,
+    )
     subscriptions = sse.subscription_config()
 
     @asynccontextmanager
@@ -132,16 +142,22 @@ def create_app(settings: Settings) -> ASGIApp:
             tasks.cancel_scope.cancel()
         log.info("engine stopped")
 
+    # HEAD is answered where GET is (Starlette adds it) and nowhere else: a write route takes its
+    # one method, and any other method gets a JSON 405 from the catch-all after it.
     routes = [
-        Route("/v1/collections", http_api.collections, methods=["GET", "POST"]),
-        Route("/v1/collections/{name}", http_api.collection, methods=["DELETE"]),
+        Route("/v1/collections", http_api.list_collections, methods=["GET"]),
+        Route("/v1/collections", http_api.create_collection, methods=["POST"]),
+        Route("/v1/collections", http_api.WrongMethod("GET, HEAD, POST")),
+        Route("/v1/collections/{name}", http_api.drop_collection, methods=["DELETE"]),
+        Route("/v1/collections/{name}", http_api.WrongMethod("DELETE")),
         Route("/v1/collections/{name}/subscribe", sse.subscribe, methods=["GET"]),
         Route("/v1/collections/{name}/changes", sse.changes, methods=["GET"]),
-        Route("/v1/collections/{name}/{op}", http_api.collection_op, methods=["GET", "POST"]),
-        Route("/healthz", http_api.healthz),
-        Route("/readyz", http_api.readyz),
-        Route("/metrics", http_api.metrics),
-        Route("/", index),
+        Route("/v1/collections/{name}/{op}", http_api.collection_op, methods=["POST"]),
+        Route("/v1/collections/{name}/{op}", http_api.WrongMethod("POST")),
+        Route("/healthz", http_api.healthz, methods=["GET"]),
+        Route("/readyz", http_api.readyz, methods=["GET"]),
+        Route("/metrics", http_api.metrics, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     middleware = []
@@ -157,4 +173,4 @@ def create_app(settings: Settings) -> ASGIApp:
         )
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.sse = sse.SSEState(settings.heartbeat_s)
-    return Edge(app)
+    return Edge(app, guard_policy(settings))

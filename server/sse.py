@@ -176,8 +176,15 @@ def parse_subscribe(name: str, request: Request, state: AppState) -> rq.Subscrib
 def _authorize(request: Request, state: AppState, params: QueryParams, access: rq.Request) -> None:
     # EventSource cannot set headers, so a browser may pass its key as `key=` instead.
     key = bearer(request.headers.get("authorization")) or params.get("key")
-    grant = state.auth.lookup(key)
-    state.auth.check(grant, request.client.host if request.client else "-", access)
+    caller = request.client.host if request.client else "-"
+    grant = state.auth.lookup(key, caller)
+    state.auth.check(grant, caller, access)
+
+
+def _head(sub: Subscriber) -> Response:
+    """HEAD: what a GET would start with (every check passed), without the stream."""
+    sub.close(EndReason.DISCONNECTED)
+    return Response(headers={k.decode(): v.decode() for k, v in HEADERS})
 
 
 # --- endpoints -----------------------------------------------------------------------------------
@@ -195,31 +202,34 @@ async def subscribe(request: Request) -> Response | EventStream:
     state: AppState = request.app.state.shoal
     name = request.path_params["name"]
     try:
+        # Authenticate before looking at parameters: a caller without a key learns nothing.
+        # A subscribe needs what a count of the collection needs (read access).
+        _authorize(request, state, request.query_params, rq.Count(name))
         req = parse_subscribe(name, request, state)
-        _authorize(request, state, request.query_params, req)
         sub = await state.engine.subscribe(req, close_on_overflow=True)
     except Exception as exc:
         state.metrics.requests.labels("sse", "subscribe", as_shoal_error(exc).code).inc()
         return _error(exc)
     state.metrics.requests.labels("sse", "subscribe", "ok").inc()
-    return EventStream(sub, state, request.app.state.sse)
+    return _head(sub) if request.method == "HEAD" else EventStream(sub, state, request.app.state.sse)
 
 
 async def changes(request: Request) -> Response | EventStream:
     state: AppState = request.app.state.shoal
     name = request.path_params["name"]
     try:
+        # Reading the change feed needs the access a count of the collection needs; checked
+        # before the parameters, so a caller without a key learns nothing.
+        _authorize(request, state, request.query_params, rq.Count(name))
         params = _single(request.query_params, CHANGES_PARAMS)
         if not rq.COLLECTION_NAME.fullmatch(name):
             raise BadRequest("the collection name must match [A-Za-z0-9_-]{1,64}")
-        # Reading the change feed needs the access a count of the collection needs.
-        _authorize(request, state, request.query_params, rq.Count(name))
         sub = state.engine.changes(name, _resume_point(params, request))
     except Exception as exc:
         state.metrics.requests.labels("sse", "changes", as_shoal_error(exc).code).inc()
         return _error(exc)
     state.metrics.requests.labels("sse", "changes", "ok").inc()
-    return EventStream(sub, state, request.app.state.sse)
+    return _head(sub) if request.method == "HEAD" else EventStream(sub, state, request.app.state.sse)
 
 
 # --- encoding --------------------------------------------------------------------------------------

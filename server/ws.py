@@ -33,6 +33,7 @@ WebSocket handshake, else 403.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -46,7 +47,16 @@ from starlette.types import Message, Receive, Scope, Send
 from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, Subscriber
 from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
 from models.config import Limits
-from models.errors import BadFrame, BadRequest, NotFound, ShoalError, TooLarge, Unauthorized, as_shoal_error
+from models.errors import (
+    BadFrame,
+    BadRequest,
+    NotFound,
+    RateLimited,
+    ShoalError,
+    TooLarge,
+    Unauthorized,
+    as_shoal_error,
+)
 from models.requests import Auth, Subscribe, Unsubscribe, parse_request
 from server.auth import ApiKey, bearer
 from server.ops import execute, match_hit
@@ -95,6 +105,7 @@ class Connection:
     def __init__(self, state: AppState, scope: Scope, receive: Receive, send: Send) -> None:
         self.state = state
         self._receive = receive
+        self._send = send
         self._outbox = Outbox(send, OUTGOING_FRAMES, self._sent)
         self._max_workers = max(1, state.settings.limits.max_in_flight_per_connection)
         self._workers = 0
@@ -104,12 +115,13 @@ class Connection:
         self.caller = client[0] if client else "-"
         self.grant: ApiKey | None = None
         self.authenticated = not state.auth.enabled
+        self.auth_failures = 0  # failed `auth` ops; at `ws_failures_close` the connection closes
         key = bearer(Headers(scope=scope).get("authorization"))
         if key is not None and state.auth.enabled:
             try:
-                self.grant = state.auth.lookup(key)
+                self.grant = state.auth.lookup(key, self.caller)
                 self.authenticated = True
-            except Unauthorized:
+            except (Unauthorized, RateLimited):
                 pass  # every op but `auth` answers unauthorized until a good key arrives
         self.subs: dict[str, Subscriber] = {}
         self._reserved = 0  # subscribes registering right now (counted against the limit)
@@ -182,7 +194,13 @@ class Connection:
             request = parse_request(frame.op, frame.args, self.state.settings.limits)
             auth = self.state.auth
             if isinstance(request, Auth):
-                self.grant = auth.lookup(request.key)
+                try:
+                    self.grant = auth.lookup(request.key, self.caller)
+                except (Unauthorized, RateLimited) as failed:
+                    self.auth_failures += 1
+                    if self.auth_failures == auth.ws_failures_close:  # 0: never
+                        await self._close_policy_violation(encode_error(frame.request_id, failed))
+                    raise
                 self.authenticated = True
             auth.check(self.grant, self.caller, request)
             if isinstance(request, Subscribe):
@@ -276,6 +294,15 @@ class Connection:
         assert not isinstance(item, ChangeEvent), "WebSocket subscriptions carry matches only"
         body = {"sub": sub.id, "seq": item.seq, "op": "upsert", "hit": match_hit(item, sub.include, compact=True)}
         return _Push(encode_push("match", body))
+
+    async def _close_policy_violation(self, reply: bytes) -> None:
+        """Send `reply`, then close with 1008 and end the connection (too many failed `auth`s)."""
+        await self._outbox.put(reply)
+        self._outbox.closed = True  # the reply to this frame, and anything later, is dropped
+        with contextlib.suppress(RuntimeError, OSError):  # the client is gone already
+            await self._send({"type": "websocket.close", "code": 1008, "reason": "too many failed authentications"})
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
 
 
 def _silenced(sub: Subscriber) -> bool:
