@@ -21,7 +21,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp
 
 from actors.pg_server import open_database
 from actors.supervisor import Engine
@@ -41,15 +40,14 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
 
 
-def create_app(settings: Settings) -> ASGIApp:
+def create_app(settings: Settings) -> Edge:
     authenticator = Authenticator(parse_api_keys(settings.api_keys), settings.rate_limit, settings.rate_burst)
-    subscriptions = sse.subscription_config()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with (
             open_database(settings.data_dir, settings.database_url) as dsn,
-            Engine.running(dsn, settings.engine, settings.limits, subscriptions) as engine,
+            Engine.running(dsn, settings.engine, settings.limits, settings.subscriptions) as engine,
             anyio.create_task_group() as tasks,
         ):
             metrics = Metrics()
