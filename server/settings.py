@@ -116,7 +116,7 @@ def load_settings(env: Mapping[str, str] | None = None, **flags: Any) -> Setting
     unused = set(flags) - {f.name for f in dataclasses.fields(Settings)}
     if unused:
         raise TypeError(f"no such setting: {', '.join(sorted(unused))}")
-    settings: Settings = _build(Settings, env, {k: v for k, v in flags.items() if v is not None})
+    settings: Settings = build(Settings, env, {k: v for k, v in flags.items() if v is not None})
     return settings
 
 
@@ -151,7 +151,10 @@ def _leaf_fields(cls: type[Any]) -> list[tuple[str, dataclasses.Field[Any]]]:
     return out
 
 
-def _build(cls: type[Any], env: Mapping[str, str], flags: Mapping[str, Any]) -> Any:
+def build(cls: type[Any], env: Mapping[str, str], flags: Mapping[str, Any]) -> Any:
+    """An instance of the settings dataclass `cls` from `env` and `flags` (field name -> value;
+    a string is parsed like an environment value), nested dataclasses built the same way.
+    Raises StartupError for a bad value."""
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -160,7 +163,7 @@ def _build(cls: type[Any], env: Mapping[str, str], flags: Mapping[str, Any]) -> 
             if f.name in flags:  # a whole section given programmatically
                 values[f.name] = flags[f.name]
             else:
-                values[f.name] = _build(kind, env, {})  # type: ignore[arg-type]
+                values[f.name] = build(kind, env, {})  # type: ignore[arg-type]
             continue
         env_name = ENV_PREFIX + f.name.upper()
         if f.name in flags:
