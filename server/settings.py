@@ -5,7 +5,7 @@ One model for every knob: each field of `Settings`, and of the dataclasses neste
 `SHOAL_SUB_BUFFER=200`), parsed by its type and range-checked here, so a new field needs no code
 here. The generic ranges: an int is a count, >= 1 (>= 0 when its default is 0, which then means
 "off"); a float is finite and >= 0, and in 0..1 when its name says it is a fraction; a bool is
-one of 1/0, true/false, yes/no, on/off; a `Literal` is one of its values; a tuple is a comma- or
+one of 1/0, true/false, yes/no, on/off; a `Literal` or an `Enum` is one of its values; a tuple is a comma- or
 space-separated list. A field whose range differs says so in its metadata: `bounds(lo, hi)`
 (models/config.py), `{"check": fn}` (fn raises ValueError with what is wrong).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import ipaddress
 import math
 import os
@@ -224,6 +225,11 @@ def _parse(kind: Any, raw: str) -> Any:
         return Path(text).expanduser()
     if kind is str:
         return raw
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        for member in kind:
+            if text.lower() in (str(member.value).lower(), member.name.lower()):
+                return member
+        raise ValueError("must be one of " + ", ".join(str(m.value) for m in kind))
     if origin in (tuple, list, frozenset, set):
         item = args[0] if args else str
         parts = [p for p in re.split(r"[,\s]+", text) if p]

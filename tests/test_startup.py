@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import json
 import os
 import re
@@ -122,6 +123,11 @@ def test_flags_win_over_the_environment_and_are_checked_alike() -> None:
         load_settings({}, port=70000)
 
 
+class Mode(enum.Enum):
+    FAST = "fast"
+    SAFE = "safe"
+
+
 def test_a_plain_new_field_is_checked_without_code() -> None:
     """What another topic appends to a section: the generic ranges apply at once."""
 
@@ -132,9 +138,19 @@ def test_a_plain_new_field_is_checked_without_code() -> None:
         new_wait_s: float = 2.0
         new_share: float = 0.5  # a fraction by its name
         new_override: int = field(default=5, metadata=bounds(-10, 10))
+        new_mode: Mode = Mode.FAST
+        new_optional: int | None = None
+        new_list: tuple[str, ...] = ()
 
-    assert st.build(Appended, {"SHOAL_NEW_OFF_SWITCH": "0", "SHOAL_NEW_OVERRIDE": "-10"}, {}) == Appended(
-        new_off_switch=0, new_override=-10
+    env = {
+        "SHOAL_NEW_OFF_SWITCH": "0",
+        "SHOAL_NEW_OVERRIDE": "-10",
+        "SHOAL_NEW_MODE": "Safe",
+        "SHOAL_NEW_OPTIONAL": "7",
+        "SHOAL_NEW_LIST": "a b,c",
+    }
+    assert st.build(Appended, env, {}) == Appended(
+        new_off_switch=0, new_override=-10, new_mode=Mode.SAFE, new_optional=7, new_list=("a", "b", "c")
     )
     for env, expected in [
         ({"SHOAL_NEW_COUNT": "0"}, ">= 1"),
@@ -142,6 +158,8 @@ def test_a_plain_new_field_is_checked_without_code() -> None:
         ({"SHOAL_NEW_WAIT_S": "-0.1"}, ">= 0"),
         ({"SHOAL_NEW_SHARE": "2"}, "in 0..1"),
         ({"SHOAL_NEW_OVERRIDE": "11"}, "in -10..10"),
+        ({"SHOAL_NEW_MODE": "slow"}, "must be one of fast, safe"),
+        ({"SHOAL_NEW_OPTIONAL": "0"}, ">= 1"),
     ]:
         with pytest.raises(StartupError, match=re.escape(expected)):
             st.build(Appended, env, {})
