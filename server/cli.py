@@ -17,6 +17,7 @@ import math
 import runpy
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
@@ -67,7 +68,11 @@ class _Server(uvicorn.Server):
             server.close()
         state = getattr(self.shoal_app.state, "shoal", None)
         if state is not None and not self.force_exit:
+            started = time.monotonic()
             await drain(state.engine, self.shoal_app.state.sse, self.settings.shutdown_grace_s)
+            # One grace period in all: uvicorn's wait for open responses gets what is left.
+            left = self.settings.shutdown_grace_s - (time.monotonic() - started)
+            self.config.timeout_graceful_shutdown = max(1, math.ceil(left))
         await super().shutdown(sockets=sockets)
 
     @contextlib.contextmanager
