@@ -97,8 +97,9 @@ class Settings:
     # startup: the subscription bounds; process lifecycle, logs and HTTP connection bounds.
     subscriptions: SubscriptionConfig = field(default_factory=SubscriptionConfig)
     log_format: LogFormat = "text"
-    # A connection must send a request's headers within this (from connect or the previous
-    # response), and its body within `body_timeout_s` after the headers. Range > 0.
+    # A connection must send a request's headers within this (from connect, or on a kept-alive
+    # connection from the next request's first byte), and its body within `body_timeout_s`
+    # after the headers. Range > 0.
     header_timeout_s: float = field(default=10.0, metadata=bounds(0.001))
     body_timeout_s: float = field(default=30.0, metadata=bounds(0.001))
     # Open connections (HTTP, SSE, WebSocket); past it a request is answered 503 `overloaded`.
@@ -180,7 +181,10 @@ def build(cls: type[Any], env: Mapping[str, str], flags: Mapping[str, Any]) -> A
             raise _fail(source, shown, _expected(f, kind) or str(exc)) from None
         _check(f, value, source, shown)
         values[f.name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a section's own check of how its values fit together
+        raise StartupError(f"{cls.__name__}: {exc}") from None
 
 
 def _fail(source: str, raw: Any, expected: str) -> StartupError:
