@@ -9,6 +9,7 @@ process exits 0 (within 3 s when no write is in flight) with no traceback in its
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import time
@@ -89,6 +90,10 @@ async def _stop_with_streams_open(sig: signal.Signals, writes: bool, within: flo
             pending = [asyncio.create_task(upsert(b)) for b in range(20)]
             await asyncio.sleep(0.05)
         assert proc.proc is not None
+        # The cluster was created seconds ago: its files are still dirty in the page cache, and
+        # the shutdown checkpoint's fsync would write them back first. A server that has run
+        # for longer than the kernel's writeback delay has none; flush them to measure that one.
+        await asyncio.to_thread(os.sync)
         started = time.monotonic()
         proc.proc.send_signal(sig)
         code = await asyncio.to_thread(proc.proc.wait, 30)
