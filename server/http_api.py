@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import msgpack
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -56,11 +56,14 @@ async def _read_body(request: Request, limit: int) -> dict[str, Any]:
         raise TooLarge(f"request body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left, or its body stalled (SHOAL_BODY_TIMEOUT_S)
+        raise BadRequest("the request body did not arrive") from None
     raw = b"".join(chunks)
     if not raw.strip():
         return {}

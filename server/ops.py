@@ -14,6 +14,10 @@ from actors.supervisor import Engine
 from models import requests as rq
 from models.errors import BadRequest
 from models.records import Hit, Include, StoredDoc
+from server.lifecycle import writes_in_flight
+
+# Counted while served, so that a stopping server waits for their acks (server.lifecycle).
+WRITES = (rq.Upsert, rq.Delete, rq.CreateCollection, rq.DropCollection)
 
 
 def doc_to_wire(doc: StoredDoc, include: frozenset[Include], compact: bool) -> dict[str, Any]:
@@ -40,6 +44,15 @@ async def execute(
 ) -> dict[str, Any]:
     """Serve one request; raises ShoalError for anything the client got wrong. `visible`
     restricts which collections a listing shows (a key scoped to some collections)."""
+    if isinstance(request, WRITES):
+        with writes_in_flight(engine).track():
+            return await _dispatch(engine, request, compact, visible)
+    return await _dispatch(engine, request, compact, visible)
+
+
+async def _dispatch(
+    engine: Engine, request: rq.Request, compact: bool, visible: frozenset[str] | None
+) -> dict[str, Any]:
     if isinstance(request, rq.Ping | rq.Auth):
         return {}
     if isinstance(request, rq.Query):

@@ -28,11 +28,9 @@ disconnect ends the stream's task at once.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -46,7 +44,6 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, MatchEvent, Subscriber
-from actors.subscriptions import SubscriptionConfig
 from actors.supervisor import Engine
 from models import requests as rq
 from models.errors import BadRequest, ShoalError, as_shoal_error
@@ -67,20 +64,6 @@ HEADERS = [
 ]
 SUBSCRIBE_PARAMS = frozenset({"text", "vector", "threshold", "where", "where_text", "include", "last_event_id", "key"})
 CHANGES_PARAMS = frozenset({"last_event_id", "key"})
-
-
-def subscription_config(env: Mapping[str, str] | None = None) -> SubscriptionConfig:
-    """SubscriptionConfig from `SHOAL_<FIELD>` variables (e.g. SHOAL_SUB_BUFFER=200)."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(SubscriptionConfig):
-        raw = env.get(f"SHOAL_{f.name.upper()}")
-        if raw is not None:
-            try:
-                values[f.name] = float(raw) if f.type in (float, "float") else int(raw)
-            except ValueError as exc:
-                raise SystemExit(f"invalid value for SHOAL_{f.name.upper()}: {raw!r}") from exc
-    return SubscriptionConfig(**values)
 
 
 class SSEState:
