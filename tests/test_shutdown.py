@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from client import ShoalClient
-from client.errors import Unavailable
+from shoal_client import ShoalClient
+from shoal_client.errors import Unavailable
 from tests.server_process import ServerProcess, temp_data_dir
 
 SSE_STREAMS = 100
