@@ -60,7 +60,9 @@ DIM = 8
 _INTERNALS = re.compile(
     r"Traceback|File \"|\.py\b|/(?:usr|home|work|tmp|opt)/|site-packages|"
     r"\b(?:[A-Z][A-Za-z]*(?:Error|Exception|Warning)|KeyboardInterrupt|StopIteration)\b|"
-    r"\b(?:asyncpg|hnswlib|starlette|uvicorn|onnxruntime)\b"
+    r"\b(?:asyncpg|hnswlib|starlette|uvicorn|onnxruntime)\b|"
+    # PostgreSQL's own error texts
+    r"invalid byte sequence|SQLSTATE|violates .* constraint|syntax error at|relation \"|column \""
 )
 SUBPROTOCOLS = [Subprotocol("shoal.v1")]
 

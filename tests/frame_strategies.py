@@ -13,7 +13,6 @@ Profiles: `ci` (default; derandomised, so a run is deterministic) and `soak`
 from __future__ import annotations
 
 import os
-import re
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +20,7 @@ import msgpack
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from load.fuzz import MAX_MESSAGE_CHARS, internals_in
 from load.fuzz_frames import OPS, FrameGen, Wire
 from models.errors import ALL_ERRORS, ShoalError
 
@@ -43,19 +43,6 @@ settings.register_profile(
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ERROR_CODES = frozenset(e.code for e in ALL_ERRORS)
-# An error message may quote the client's input, but only so much of it.
-MAX_MESSAGE_CHARS = 4_096
-_INTERNALS = re.compile(
-    r"Traceback|File \"|\.py\b|/(?:usr|home|work|tmp|opt)/|site-packages|"
-    r"\b(?:[A-Z][A-Za-z]*(?:Error|Exception|Warning)|KeyboardInterrupt|StopIteration)\b|"
-    r"\b(?:asyncpg|hnswlib|starlette|uvicorn|onnxruntime)\b"
-)
-
-
-def internals_in(message: str) -> str | None:
-    """The first trace of the server's insides in an error message (None when clean)."""
-    found = _INTERNALS.search(message)
-    return None if found is None else found.group(0)
 
 
 def check_error(error: ShoalError) -> None:
