@@ -294,6 +294,7 @@ KNOWN_DEFECTS = {
     "in_stall": "$in of 10^6 elements stalls the loop",
     "echo": "input echoed back in full",
     "drop_race": "unavailable: shard is shutting down, racing drop_collection",
+    "empty_text": "empty query text accepted",
 }
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf][\x80-\xbf]")
 
@@ -316,6 +317,8 @@ def known_defect(kind: str, detail: str, probe: bytes | None) -> str:
         return KNOWN_DEFECTS["drop_race"]
     if kind == "long_message":
         return KNOWN_DEFECTS["echo"]
+    if kind == "accepted" and "empty" in detail:
+        return KNOWN_DEFECTS["empty_text"]
     if probe is None:
         return "new"
     try:
@@ -834,6 +837,7 @@ async def http_worker(
 ) -> None:
     every = max(1, count // (len(specials) + 1))
     pending = list(specials)
+    last: dict[str, Any] | None = None
     async with httpx.AsyncClient(base_url=run.http_url, timeout=REPLY_TIMEOUT_S) as client:
         for i in range(count):
             special: str | None = None
@@ -843,6 +847,7 @@ async def http_worker(
                 method, path, headers, body, _ = http_request(gen, rng)
             run.http_sent += 1
             example = {"method": method, "path": path[:300], "headers": headers, "body": short(body, 400)}
+            previous, last = last, example
             route = path.split("?", 1)[0]
             stream = route.endswith(("/subscribe", "/changes"))
             run.in_flight[-1] = (len(body), f"http {special or route[-40:]}")
@@ -868,7 +873,8 @@ async def http_worker(
                     "http",
                     path.rsplit("/", 1)[-1],
                     type(exc).__name__,
-                    example=example,
+                    # a dropped keep-alive connection may be the previous request's doing
+                    example={**example, "previous_request": previous},
                     raw=None,
                     answer=str(exc),
                     special=special,
