@@ -113,6 +113,11 @@ def special_frames(collection: str, canary: str, text: str) -> list[tuple[str, b
             "huge_finite_vector_upsert",
             pack({"id": 907, "op": "upsert", "collection": collection, "docs": [{"id": "huge", "vector": huge}]}),
         ),
+        # A stored vector of huge finite values must not break the answers of ordinary queries.
+        (
+            "query_after_huge_upsert",
+            pack({"id": 914, "op": "query", "collection": collection, "vector": [0.5] * DIM, "include": ["vector"]}),
+        ),
         ("empty_query_text", pack({"id": 908, "op": "query", "collection": text, "text": ""})),
         (
             "after_seq_uint64",
