@@ -565,7 +565,10 @@ async def monitor(run: Run, stop: asyncio.Event) -> None:
                     raw=None,
                     answer=str(exc),
                 )
-                ws = await _connect(run.ws_url)
+                try:
+                    ws = await _reconnect(run, ws)
+                except (OSError, websockets.WebSocketException):
+                    return  # the server is gone: the checks after the run report it
                 continue
             rtt = time.perf_counter() - t0
             run.pings.record(rtt)
@@ -699,9 +702,17 @@ async def _send_one(run: Run, ws: ClientConnection, frame: bytes | str, special:
 
 
 async def _reconnect(run: Run, ws: ClientConnection) -> ClientConnection:
+    """A new connection after one was lost; raises OSError when the server is gone for good."""
     run.reconnects += 1
     await ws.close()
-    return await _connect(run.ws_url)
+    for attempt in range(5):
+        try:
+            return await _connect(run.ws_url)
+        except (OSError, websockets.WebSocketException):
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _code_of(reply: Any) -> str:
@@ -971,7 +982,18 @@ async def fuzz(
                 progress,
             )
         )
-        await asyncio.gather(*workers)
+        outcomes = await asyncio.gather(*workers, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):  # the server went away under a worker
+            run.findings.add(
+                "worker_failed",
+                "ws",
+                "-",
+                f"{type(outcome).__name__}: {outcome}"[:300],
+                example="-",
+                raw=None,
+                answer=None,
+            )
     seconds = time.perf_counter() - started
     stop.set()
     await mon

@@ -101,7 +101,7 @@ def explain(result: dict[str, Any], found: list[dict[str, Any]]) -> str:
 
 
 COVERED = {
-    "stays_up": ("connection_closed", "no_reply", "monitor", "http_transport"),
+    "stays_up": ("connection_closed", "no_reply", "monitor", "http_transport", "worker_failed"),
     "codes": ("unknown_code", "malformed_error", "http_malformed_error", "http_status_mismatch"),
     "internal": ("internal", "http_5xx", "unavailable"),
     "leaks": ("leak", "long_message"),
