@@ -999,7 +999,9 @@ async def fuzz(
     await mon
     after = await check_after(run, canary, before, server_pid)
     await cleanup(run)
-    return summarize(run, seconds, after, canary)
+    result = summarize(run, seconds, after, canary)
+    result["collections"] = {"canary": canary, "fuzz": targets, "special": names.special, "text": names.text}
+    return result
 
 
 async def check_after(run: Run, canary: str, before: list[dict[str, Any]], server_pid: int | None) -> dict[str, Any]:
@@ -1107,12 +1109,24 @@ def print_summary(r: dict[str, Any]) -> None:
 
 
 async def replay(url: str, path: Path) -> int:
-    """Resend every saved WebSocket failure example (hex) and print what the server answers now."""
+    """Resend every saved WebSocket failure example (hex), print what the server answers now and
+    whether that still fails the checks; exit status 1 when any does. Races (the `unavailable` of a
+    concurrent drop) and stalls need the whole run to show again."""
     check_local(url)
     saved = json.loads(path.read_text())
     run = Run(url, 0, 0, 1, 0)
     ws = await _connect(run.ws_url)
+    names = saved.get("collections") or {}
+    failing = 0
     try:
+        # The saved frames name the run's collections: make them again (the canary with its docs).
+        made = [names.get("canary"), *names.get("fuzz", []), names.get("special")]
+        for i, name in enumerate(n for n in made if n):
+            await _call(ws, 1_000 + i, "create_collection", name=name, dim=DIM, if_not_exists=True)
+        if names.get("text"):
+            await _call(ws, 1_100, "create_collection", name=names["text"], if_not_exists=True)
+        if names.get("canary"):
+            await _call(ws, 1_101, "upsert", collection=names["canary"], docs=canary_docs(int(saved.get("seed", 1))))
         for f in saved.get("failures", []):
             if not f.get("example_hex"):
                 continue
@@ -1122,10 +1136,16 @@ async def replay(url: str, path: Path) -> int:
                 answer = msgpack.unpackb(await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT_S), raw=False)
             except (TimeoutError, websockets.ConnectionClosed) as exc:
                 answer, ws = repr(exc), await _reconnect(run, ws)
-            print(f"{f['kind']} ({f['op']}): {short(answer, 300)}")
+            sent_id, _ = _frame_info(frame)
+            problems = ws_reply_problems(answer, sent_id)
+            if f.get("special") in MUST_FAIL and isinstance(answer, dict) and answer.get("ok"):
+                problems.append(("accepted", "accepted"))
+            failing += bool(problems)
+            verdict = "STILL FAILS " + ", ".join(k for k, _ in problems) if problems else "passes now"
+            print(f"{f['kind']} ({f['op']}): {verdict}: {short(answer, 240)}")
     finally:
         await ws.close()
-    return 0
+    return 1 if failing else 0
 
 
 def parser() -> argparse.ArgumentParser:
