@@ -40,9 +40,9 @@ from starlette.types import Message, Receive, Scope, Send
 from actors.subscriber import ChangeEvent, Item, Lagged, Subscriber
 from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
 from models.errors import BadFrame, NotFound, ShoalError, TooLarge, Unauthorized, as_shoal_error
-from models.requests import Auth, Subscribe, Unsubscribe, parse_request
+from models.requests import Auth, Subscribe, Unsubscribe
 from server.auth import ApiKey, bearer
-from server.ops import execute, match_hit
+from server.ops import execute, match_hit, parse
 from server.outbox import Outbox
 from server.state import AppState
 
@@ -158,7 +158,7 @@ class Connection:
         try:
             if not self.authenticated and frame.op != "auth":
                 raise Unauthorized("authenticate first: send {op: auth, key} or an Authorization header")
-            request = parse_request(frame.op, frame.args, self.state.settings.limits)
+            request = await parse(frame.op, frame.args, self.state.settings.limits, frame.size)
             auth = self.state.auth
             if isinstance(request, Auth):
                 self.grant = auth.lookup(request.key)
