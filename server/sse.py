@@ -127,12 +127,12 @@ def _json(raw: str, name: str) -> Any:
         raise BadRequest(f"'{name}' must be JSON") from exc
 
 
-def _number(raw: str, name: str) -> float:
+def _number(raw: str, name: str, *, finite: bool = True) -> float:
     try:
         value = float(raw)
     except ValueError as exc:
         raise BadRequest(f"'{name}' must be a number") from exc
-    if not math.isfinite(value):
+    if finite and not math.isfinite(value):
         raise BadRequest(f"'{name}' must be a finite number")
     return value
 
@@ -157,7 +157,8 @@ def parse_subscribe(name: str, request: Request, state: AppState) -> rq.Subscrib
     if "text" in params:
         args["text"] = params["text"]
     if "vector" in params:
-        args["vector"] = [_number(x, "vector") for x in params["vector"].split(",") if x.strip()]
+        # NaN / inf are left to the vector check, which answers invalid_vector on every transport.
+        args["vector"] = [_number(x, "vector", finite=False) for x in params["vector"].split(",") if x.strip()]
     if "threshold" in params:
         args["threshold"] = _number(params["threshold"], "threshold")
     for key in ("where", "where_text"):
