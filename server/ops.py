@@ -15,6 +15,7 @@ import anyio
 from actors.subscriber import MatchEvent
 from actors.supervisor import Engine
 from models import requests as rq
+from models.codec import Frame, decode_frame
 from models.config import Limits
 from models.errors import BadRequest
 from models.records import Hit, Include, StoredDoc
@@ -30,6 +31,14 @@ def _limiter() -> anyio.CapacityLimiter:
     if _parse_limiter is None:  # made on first use: it belongs to the running event loop
         _parse_limiter = anyio.CapacityLimiter(PARSE_THREADS)
     return _parse_limiter
+
+
+async def decode(data: bytes, limits: Limits) -> Frame:
+    """`decode_frame(data)`, in a worker thread for a frame of `limits.parse_in_thread_bytes` or
+    more (unpacking a million-element array takes a while). Raises FrameError."""
+    if len(data) < limits.parse_in_thread_bytes:
+        return decode_frame(data)
+    return await anyio.to_thread.run_sync(decode_frame, data, limiter=_limiter())
 
 
 async def parse(op: object, args: Mapping[str, Any], limits: Limits, size: int) -> rq.Request:

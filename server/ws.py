@@ -38,11 +38,11 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from actors.subscriber import ChangeEvent, Item, Lagged, Subscriber
-from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
+from models.codec import Frame, FrameError, encode_error, encode_push, encode_reply
 from models.errors import BadFrame, NotFound, ShoalError, TooLarge, Unauthorized, as_shoal_error
 from models.requests import Auth, Subscribe, Unsubscribe
 from server.auth import ApiKey, bearer
-from server.ops import execute, match_hit, parse
+from server.ops import decode, execute, match_hit, parse
 from server.outbox import Outbox
 from server.state import AppState
 
@@ -134,7 +134,7 @@ class Connection:
             await self._outbox.put(encode_error(None, BadFrame("send binary frames holding one msgpack map")))
             return
         try:
-            frame = decode_frame(data)
+            frame = await decode(data, self.state.settings.limits)
         except FrameError as exc:
             self._count("-", exc.error.code)
             await self._outbox.put(encode_error(exc.request_id, exc.error))
