@@ -213,8 +213,8 @@ class Args:
             return DEFAULT_INCLUDE
         if not isinstance(value, list):
             raise BadRequest("'include' must be a list of 'text', 'metadata', 'vector'")
-        if len(value) > len(Include):
-            raise BadRequest("'include' may only hold 'text', 'metadata', 'vector'")
+        if len(value) > MAX_INCLUDE_ITEMS:  # a bound before the list is read item by item
+            raise BadRequest(f"'include' holds at most {MAX_INCLUDE_ITEMS} items")
         try:
             return frozenset(Include(item) for item in value)
         except (ValueError, TypeError) as exc:
@@ -268,6 +268,8 @@ class Args:
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Items of an `include` list (duplicates are allowed, so more than its three names).
+MAX_INCLUDE_ITEMS = 16
 # Subscription ids are short server-made strings; a longer 'sub' cannot name one.
 MAX_SUB_ID_CHARS = 64
 # Unknown argument or field names quoted in one error message at most.

@@ -144,8 +144,9 @@ def _resume_point(params: Mapping[str, str], request: Request) -> int | None:
     raw = header or params.get("last_event_id", "").strip()
     if not raw:
         return None
-    if not raw.isdigit():
-        raise BadRequest("Last-Event-ID / last_event_id must be a non-negative integer seq")
+    # ASCII digits only, and few enough for a 64-bit seq (int() refuses very long digit strings).
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) >= 2**63:
+        raise BadRequest("Last-Event-ID / last_event_id must be a non-negative 64-bit integer seq")
     return int(raw)
 
 

@@ -439,5 +439,14 @@ async def test_binary_keys_huge_integers_long_names_and_empty_text(
     assert (status, reply["error"]["code"]) == (400, "bad_request")
     response = await http.get(f"/v1/collections/{text_name}/subscribe", params={"text": "", "threshold": "0.5"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
+    # Resume points: digits only, and within 64 bits (Python's int() refuses 5,000 digits).
+    for resume in ("1" * 5000, "9" * 19, "\u0663"):
+        response = await http.get(
+            f"/v1/collections/{name}/subscribe", params={"vector": "1,1", "threshold": "0.5", "last_event_id": resume}
+        )
+        assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request", response.text
+    for resume in ("7" * 5000, "9" * 19):
+        response = await http.get(f"/v1/collections/{name}/changes", headers={"last-event-id": resume})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
     # The connection is still fine.
     assert await call(raw, {"id": 99, "op": "ping"}) == {"id": 99, "ok": True}
