@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -296,7 +297,7 @@ def doc_id(value: object, limits: Limits) -> DocId:
         raise BadRequest("a document id must be a non-empty string")
     if len(value) > limits.max_id_chars:
         raise TooLarge(f"a document id is at most {limits.max_id_chars} characters")
-    return DocId(check_string(value, f"document id {echo(value)}"))
+    return DocId(check_string(value, lambda: f"document id {echo(value)}"))
 
 
 def parse_vector(value: object, limits: Limits) -> Vector:
@@ -311,27 +312,39 @@ def parse_vector(value: object, limits: Limits) -> Vector:
             raise BadRequest("a binary vector must hold little-endian float32 values (length % 4 == 0)")
         if len(value) // 4 > limits.max_dim:
             raise TooLarge(f"a vector has at most {limits.max_dim} values")
-        wide = np.frombuffer(value, dtype="<f4").astype(np.float64)
+        vector = np.frombuffer(value, dtype="<f4").astype(np.float32)  # a copy owning its memory
     elif isinstance(value, list):
         if len(value) > limits.max_dim:
             raise TooLarge(f"a vector has at most {limits.max_dim} values")
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
             raise BadRequest("a vector must be a list of numbers")
         try:
-            wide = np.asarray(value, dtype=np.float64)
+            vector = np.asarray(value, dtype=np.float64)  # checked wide: 1e39 must not become inf
         except OverflowError as exc:  # an integer beyond float64
             raise BadRequest("a vector's values must be numbers within the float range") from exc
     else:
         raise BadRequest("a vector must be float32 bytes or a list of numbers")
-    if wide.size == 0:
+    if vector.size == 0:
         raise BadRequest("a vector must not be empty")
-    if not np.isfinite(wide).all():
-        raise InvalidVector("a vector must not contain NaN or infinity")
     bound = min(limits.max_vector_norm, VECTOR_NORM_CEILING)
-    # The largest |x| first: below the bound its square cannot overflow float64 in the norm.
-    if float(np.abs(wide).max()) > bound or float(np.sqrt(np.dot(wide, wide))) > bound:
+    # One float64 dot product decides the common case: it is NaN with a NaN, inf with an inf or
+    # when the squares overflow, and those all fail the comparison. Squares of float32 values
+    # cannot overflow float64; those of float64 values from a JSON list can.
+    if vector.dtype == np.float32:
+        wide = vector.astype(np.float64)
+        squared = float(np.dot(wide, wide))
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            squared = float(np.dot(vector, vector))
+    if not squared <= bound * bound:
+        if not np.isfinite(vector).all():
+            raise InvalidVector("a vector must not contain NaN or infinity")
         raise InvalidVector(f"a vector's L2 norm must be at most {bound:g}")
-    return wide.astype(np.float32)
+    return vector if vector.dtype == np.float32 else vector.astype(np.float32)
+
+
+def _metadata_name(key: str, suffix: str) -> str:
+    return f"metadata {echo(key)}{suffix}"
 
 
 def parse_metadata(value: object, limits: Limits) -> Metadata:
@@ -342,21 +355,20 @@ def parse_metadata(value: object, limits: Limits) -> Metadata:
     for key, item in value.items():
         if not isinstance(key, str) or not key or key.startswith("$"):
             raise BadRequest("metadata keys must be non-empty strings not starting with '$'")
-        name = f"metadata {echo(key)}"
-        check_string(key, f"{name}: the key")
-        if isinstance(item, float) and not math.isfinite(item):
-            raise BadRequest(f"{name} must be a finite number")
-        if isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
-            raise BadRequest(f"{name} must fit in a 64-bit integer")
+        check_string(key, partial(_metadata_name, key, ": the key"))
         if isinstance(item, str):
-            check_string(item, name)
-        if isinstance(item, list):
+            check_string(item, partial(_metadata_name, key, ""))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise BadRequest(f"metadata {echo(key)} must be a finite number")
+        elif isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
+            raise BadRequest(f"metadata {echo(key)} must fit in a 64-bit integer")
+        elif isinstance(item, list):
             if not all(isinstance(x, str) for x in item):
-                raise BadRequest(f"{name}: a list may only hold strings")
+                raise BadRequest(f"metadata {echo(key)}: a list may only hold strings")
             for x in item:
-                check_string(x, name)
-        elif not isinstance(item, (str, int, float, bool)):
-            raise BadRequest(f"{name} must be a string, number, boolean or list of strings")
+                check_string(x, partial(_metadata_name, key, ""))
+        elif not isinstance(item, (int, float, bool)):
+            raise BadRequest(f"metadata {echo(key)} must be a string, number, boolean or list of strings")
     return value
 
 
@@ -377,7 +389,7 @@ def parse_document(value: object, limits: Limits) -> Document:
             raise BadRequest(f"document {echo(ident)}: 'text' must be a string")
         if len(text) > limits.max_text_chars:
             raise TooLarge(f"document {echo(ident)}: text is longer than {limits.max_text_chars} characters")
-        check_string(text, f"document {echo(ident)}: text")
+        check_string(text, lambda: f"document {echo(ident)}: text")
     raw_vector = value.get("vector")
     vector = None if raw_vector is None else parse_vector(raw_vector, limits)
     if text is None and vector is None:
