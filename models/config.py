@@ -22,7 +22,8 @@ class Limits:
     max_ef: int = 10_000
     max_metadata_keys: int = 256
     max_in_flight_per_connection: int = 256
-    # Hostile input: filter size (1..10**6 each), the largest vector L2 norm (0 < x <= 4e18:
+    # Hostile input: filter size (nodes 1..10,000: a delete by filter takes up to 4 SQL parameters
+    # a node; values 1..10**6), the largest vector L2 norm (0 < x <= 4e18:
     # float32 dot products and squared distances of such vectors stay finite), and the request
     # size from which parsing runs in a worker thread instead of on the event loop (>= 0 bytes).
     max_filter_nodes: int = 1_000

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import signal
 import struct
 import tempfile
 import time
@@ -32,6 +34,7 @@ from client import ShoalClient
 from client import errors as ce
 from models import requests as rq
 from models.config import EngineConfig, Limits
+from models.errors import Unavailable
 from models.records import DocId, Document, Metric
 from tests.server_process import ServerProcess
 
@@ -224,6 +227,35 @@ async def test_committer_isolates_a_job_the_database_refuses() -> None:
             stored = await engine.get(rq.Get("iso", ids, frozenset()))
             assert {d.id.split("-")[0] for d in stored} == {f"j{job}" for job in range(16) if job not in bad_jobs}
             assert await engine.persistence.last_seq("iso") == 3 * (16 - len(bad_jobs))
+
+
+async def test_a_shared_batch_still_fails_fast_when_the_database_is_down() -> None:
+    """Isolation is for jobs at fault, not for outages: with PostgreSQL stopped, every job of a
+    coalesced batch gets `unavailable` at once (no retry of halves against a dead database)."""
+    config = EngineConfig(ingest_linger_ms=300.0)
+    with tempfile.TemporaryDirectory(prefix="shoal-test-isolate-", dir="/tmp") as tmp:
+        async with open_database(Path(tmp), None) as dsn, Engine.running(dsn, config, Limits()) as engine:
+            await engine.create_collection(rq.CreateCollection("down", 2, Metric.COSINE, False))
+            with open(Path(tmp) / "pg" / "postmaster.pid") as f:
+                os.kill(int(f.readline()), signal.SIGINT)  # the server this test started
+            for _ in range(100):
+                if not await engine.persistence.ping():
+                    break
+                await asyncio.sleep(0.1)
+            vector = np.array([1.0, 0.0], np.float32)
+
+            async def one(job: int) -> BaseException | None:
+                try:
+                    await engine.ingest.upsert("down", [Document(DocId(f"d{job}"), None, vector, {})])
+                except Exception as exc:
+                    return exc
+                return None
+
+            started = time.monotonic()
+            async with asyncio.timeout(60):
+                outcomes = await asyncio.gather(*(one(job) for job in range(8)))
+            assert all(isinstance(exc, Unavailable) for exc in outcomes), outcomes
+            assert time.monotonic() - started < 10
 
 
 # --- 2. vectors whose float32 arithmetic overflows -------------------------------------------------
