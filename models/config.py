@@ -48,6 +48,14 @@ class Limits:
     max_ef: int = 10_000
     max_metadata_keys: int = 256
     max_in_flight_per_connection: int = 256
+    # Hostile input: filter size (nodes 1..10,000: a delete by filter takes up to 4 SQL parameters
+    # a node; values 1..10**6), the largest vector L2 norm (0 < x <= 4e18:
+    # float32 dot products and squared distances of such vectors stay finite), and the request
+    # size from which parsing runs in a worker thread instead of on the event loop (>= 0 bytes).
+    max_filter_nodes: int = 1_000
+    max_filter_values: int = 10_000
+    max_vector_norm: float = 1e18
+    parse_in_thread_bytes: int = 65_536
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, Subscriber
-from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
+from models.codec import Frame, FrameError, encode_error, encode_push, encode_reply
 from models.config import Limits
 from models.errors import (
     BadFrame,
@@ -57,9 +57,9 @@ from models.errors import (
     Unauthorized,
     as_shoal_error,
 )
-from models.requests import Auth, Subscribe, Unsubscribe, parse_request
+from models.requests import Auth, Subscribe, Unsubscribe
 from server.auth import ApiKey, bearer
-from server.ops import execute, match_hit
+from server.ops import decode, execute, match_hit, parse
 from server.outbox import Outbox
 from server.state import AppState
 
@@ -167,7 +167,7 @@ class Connection:
             await self._outbox.put(encode_error(None, BadFrame("send binary frames holding one msgpack map")))
             return
         try:
-            frame = decode_frame(data)
+            frame = await decode(data, self.state.settings.limits)
         except FrameError as exc:
             self._count("-", exc.error.code)
             await self._outbox.put(encode_error(exc.request_id, exc.error))
@@ -191,7 +191,7 @@ class Connection:
         try:
             if not self.authenticated and frame.op != "auth":
                 raise Unauthorized("authenticate first: send {op: auth, key} or an Authorization header")
-            request = parse_request(frame.op, frame.args, self.state.settings.limits)
+            request = await parse(frame.op, frame.args, self.state.settings.limits, frame.size)
             auth = self.state.auth
             if isinstance(request, Auth):
                 try:

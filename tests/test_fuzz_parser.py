@@ -259,10 +259,11 @@ def test_binary_map_keys_at_the_top_level(args: dict[Any, Any]) -> None:
     args.pop("ping", None)
     for op in ("ping", "count"):
         check_parse(op, dict(args))
-    # ...and the same through the codec, as a client sends them.
+    # ...and the same through the codec, as a client sends them: refused there (typed, with the
+    # request id) or by the parser.
     frame = check_decode(packed({"id": 1, "op": "count", **args}))
-    assert frame is not None
-    check_parse(frame.op, frame.args)
+    if frame is not None:
+        check_parse(frame.op, frame.args)
 
 
 @pytest.mark.parametrize(
