@@ -34,6 +34,8 @@ from typing import Any, cast
 import anyio
 import asyncpg
 
+from models.errors import StartupError
+
 log = logging.getLogger(__name__)
 
 # As root, the embedded server's data directory must be under one of these (see module docstring).
@@ -54,10 +56,10 @@ EMBEDDED_SETTINGS: dict[str, str] = {
 }
 
 
-class DatabaseSetupError(RuntimeError):
+class DatabaseSetupError(StartupError):
     """The database cannot be used as configured (bad data directory, missing pgvector, ...).
 
-    Raised at start-up; the operator must fix the configuration.
+    Raised at start-up; the message says what the operator must fix.
     """
 
 
