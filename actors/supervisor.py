@@ -48,7 +48,14 @@ class Engine:
     ) -> None:
         self.config = config
         self.limits = limits
-        self.persistence = Persistence(dsn)
+        self.persistence = Persistence(
+            dsn,
+            connect_timeout=config.db_connect_timeout_s,
+            acquire_timeout=config.db_command_timeout_s,
+            command_timeout=config.db_command_timeout_s,
+            probe_interval=config.db_probe_interval_s,
+            probe_timeout=config.db_probe_timeout_s,
+        )
         self.embedder = Embedder(config)
         self.catalog = Catalog(config)
         self._listeners: list[Publisher] = []
@@ -79,6 +86,7 @@ class Engine:
                 yield engine
             finally:
                 engine.ready = False
+                engine.persistence.begin_shutdown()  # no writer waits on a dead database now
                 # Reverse order; each actor finishes its queued work before the next one closes.
                 with anyio.CancelScope(shield=True):
                     for running, finished in reversed(started):

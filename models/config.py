@@ -22,6 +22,10 @@ class Limits:
     max_ef: int = 10_000
     max_metadata_keys: int = 256
     max_in_flight_per_connection: int = 256
+    # Request deadlines (0.1..3600 s): a request still unanswered after its deadline answers
+    # `unavailable` (writes: upsert, delete, create/drop collection; reads: everything else).
+    write_deadline_s: float = 5.0
+    read_deadline_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +66,11 @@ class EngineConfig:
     shard_mailbox: int = 1_024
     # Largest number of queued queries one shard answers with a single knn_query call.
     search_batch: int = 64
+    # Database faults. Connect and per-operation timeouts (0.1..600 s): past them an operation
+    # answers `unavailable` and its connection is dropped. The health probe's period and timeout
+    # (0.05..60 s). How often the embedded PostgreSQL is checked for a crash (0.05..60 s).
+    db_connect_timeout_s: float = 5.0
+    db_command_timeout_s: float = 10.0
+    db_probe_interval_s: float = 1.0
+    db_probe_timeout_s: float = 2.0
+    db_restart_check_s: float = 0.5

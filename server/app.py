@@ -48,7 +48,9 @@ def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with (
-            open_database(settings.data_dir, settings.database_url) as dsn,
+            open_database(
+                settings.data_dir, settings.database_url, check_interval=settings.engine.db_restart_check_s
+            ) as dsn,
             Engine.running(dsn, settings.engine, settings.limits, subscriptions) as engine,
             anyio.create_task_group() as tasks,
         ):
