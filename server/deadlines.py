@@ -4,7 +4,8 @@ A scope around serving one request (`with request_deadline(state, op): ...`): wh
 passes, the work under it is cancelled and `Unavailable` is raised with a message naming the
 deadline and, when the database is known to be down, why. Writes (`upsert`, `delete`,
 `create_collection`, `drop_collection`) get `Limits.write_deadline_s` (`SHOAL_WRITE_DEADLINE_S`);
-everything else `Limits.read_deadline_s` (`SHOAL_READ_DEADLINE_S`).
+everything else `Limits.read_deadline_s` (`SHOAL_READ_DEADLINE_S`). While the database is known
+to be down (`Persistence.health`), writes answer `unavailable` at once instead of queueing.
 
 A write whose deadline passed may still be committed afterwards, if its batch had already
 reached the database (the committer finds out whether it did; see `actors/pg_pool.py`); one that
@@ -35,11 +36,14 @@ def deadline_of(limits: Limits, op: object) -> tuple[float, str]:
 
 @contextmanager
 def request_deadline(state: AppState, op: object) -> Iterator[None]:
-    """Cancel the block at the request's deadline and raise Unavailable instead."""
+    """Cancel the block at the request's deadline and raise Unavailable instead. A write while
+    the database is known to be down raises Unavailable at once, without queueing."""
     seconds, setting = deadline_of(state.settings.limits, op)
+    health = state.engine.persistence.health
+    if op in WRITE_OPS and not health.up:
+        raise Unavailable(f"database unavailable ({health.reason}): {op} not attempted, retry later")
     with anyio.move_on_after(seconds) as scope:
         yield
     if scope.cancelled_caught:
-        health = state.engine.persistence.health
         why = f"the database is unavailable ({health.reason})" if not health.up else "the server is busy"
         raise Unavailable(f"{op} did not complete within {seconds:g} s ({setting}): {why}")
