@@ -72,6 +72,9 @@ class Engine:
         cls, dsn: str, config: EngineConfig, limits: Limits, subscriptions: SubscriptionConfig | None = None
     ) -> AsyncIterator[Engine]:
         engine = cls(dsn, config, limits, subscriptions)
+        # Opened before the task group, so that a StartupError (unreachable database, no
+        # pgvector) reaches the caller as itself, not inside an exception group.
+        await engine.persistence.open()
         started: list[tuple[Actor, anyio.Event]] = []
         async with anyio.create_task_group() as tg:
             try:
