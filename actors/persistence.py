@@ -250,6 +250,11 @@ class Persistence:
             raise NotFound(f"no collection {name!r}")
         return int(row["last_seq"])
 
+    def pool_stats(self) -> tuple[int, int, int, int] | None:
+        """(connections in use, idle, the pool's bound, callers waiting for one), or None while
+        the pool is not open (see `DatabasePool.stats`)."""
+        return self._db.stats()
+
     # --- writes --------------------------------------------------------------------------------
 
     async def commit_upserts(self, name: str, docs: Sequence[Document]) -> tuple[int, int]:

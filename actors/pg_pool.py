@@ -180,6 +180,18 @@ class DatabasePool:
                 log.warning("database pool did not close in %.0fs; terminating", self._close_timeout)
                 pool.terminate()
 
+    def stats(self) -> tuple[int, int, int, int] | None:
+        """(connections in use, idle, the pool's bound, callers waiting for one), or None while
+        the pool is not open. asyncpg reports no waiters; they are the getters parked on its
+        connection queue, read defensively (0 if its internals change)."""
+        pool = self._pool
+        if pool is None:
+            return None
+        size, idle = pool.get_size(), pool.get_idle_size()
+        getters = getattr(getattr(pool, "_queue", None), "_getters", None) or ()
+        waiting = sum(1 for getter in getters if not getter.done())
+        return size - idle, idle, pool.get_max_size(), waiting
+
     async def probe(self) -> None:
         """Keep `health` current until cancelled; while it runs, calls fail fast when down."""
         self._probing = True
@@ -231,7 +243,8 @@ class DatabasePool:
         if fail_fast and self._probing and not self.health.up:
             raise Unavailable(f"database unavailable: {self.health.reason}")
         deadline = self._command_timeout if timeout is not None and timeout < 0 else timeout
-        scope = anyio.fail_after(deadline) if deadline is not None else anyio.CancelScope()
+        # No scope at all without a deadline: a cursor's generator yields inside this block.
+        scope = anyio.fail_after(deadline) if deadline is not None else contextlib.nullcontext()
         lost = False
         try:
             with scope:

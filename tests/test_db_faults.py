@@ -228,7 +228,9 @@ async def test_stalled_postgres_writes_answer_within_the_deadline_and_reads_keep
                 attempted.extend(d["id"] for d in docs_of("http-", 2))
                 response = await http.post("/v1/collections/s/upsert", json={"docs": docs_of("http-", 2)}, timeout=30)
                 assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
-                assert time.monotonic() - started < WRITE_DEADLINE_S + 1.0
+                answered = time.monotonic() - started
+                print(f"HTTP upsert with the database known down answered in {answered:.3f} s")
+                assert answered < WRITE_DEADLINE_S + 1.0
             resumed = time.monotonic()
             ok_at = await write_until_ok(c, "s", "after-", attempted, within=30)
             print(f"first write after SIGCONT acked after {ok_at - resumed:.2f} s")
