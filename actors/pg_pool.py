@@ -46,11 +46,13 @@ T = TypeVar("T")
 _UNAVAILABLE = UNAVAILABLE_ERRORS
 
 # Problems of the dsn or the login that no retry fixes: reported at start-up as what to fix.
+# (28000 no such role or no pg_hba entry, 28P01 bad password, 3D000 no such database, 42501 no
+# CONNECT privilege, ...; checked after the "cannot reach" conditions, some of which are
+# PostgresErrors too.)
 _LOGIN_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # 28000: no such role, pg_hba
-    asyncpg.exceptions.InvalidPasswordError,  # 28P01
-    asyncpg.exceptions.InvalidCatalogNameError,  # 3D000: no such database
+    asyncpg.PostgresError,
     asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.InterfaceError,  # e.g. the server demands TLS the dsn did not ask for
     ValueError,  # a malformed dsn
 )
 
