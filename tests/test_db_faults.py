@@ -44,6 +44,14 @@ DIM = 4
 WRITE_DEADLINE_S = 5.0  # the default of SHOAL_WRITE_DEADLINE_S
 
 
+def remove_tree(path: Path) -> None:
+    for _ in range(5):  # PostgreSQL may still be removing its last files
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.5)
+
+
 def docs_of(prefix: str, n: int) -> list[dict[str, Any]]:
     return [{"id": f"{prefix}{i}", "vector": [1.0 + i, 1.0, float(i % 3), 0.5]} for i in range(n)]
 
@@ -187,7 +195,7 @@ async def test_killed_embedded_postgres_is_restarted_and_nothing_acked_is_lost()
         code = proc.stop()
         log = proc.log_tail(200)
         print(log)  # shown when the test fails
-        shutil.rmtree(data_dir, ignore_errors=True)
+        remove_tree(data_dir)
     assert code in (0, -signal.SIGTERM), log
 
 
@@ -245,7 +253,7 @@ async def test_stalled_postgres_writes_answer_within_the_deadline_and_reads_keep
         code = proc.stop()
         log = proc.log_tail(200)
         print(log)  # shown when the test fails
-        shutil.rmtree(data_dir, ignore_errors=True)
+        remove_tree(data_dir)
     assert code in (0, -signal.SIGTERM), log
 
 
@@ -284,7 +292,7 @@ async def test_external_database_is_not_restarted_but_reconnected() -> None:
         if proc.proc is not None:
             proc.stop()
         await database.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
 
 # --- unit level: in-doubt commits against a real PostgreSQL ----------------------------------
@@ -302,7 +310,7 @@ async def database() -> Any:
         yield dsn
     finally:
         await server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
 
 async def row_exists(dsn: str, key: str) -> bool:
@@ -382,4 +390,4 @@ async def test_probe_marks_the_database_down_and_up_again() -> None:
             db.close()
     finally:
         await server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
