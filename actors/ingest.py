@@ -243,6 +243,8 @@ class Ingest:
         async with source:
             async for item in source:
                 replies = _replies_of(item)
+                if all(reply.done for reply in replies):
+                    continue  # every caller gave up (request deadline) while it queued: never commit it
                 try:
                     await self._commit(item)
                 except ShoalError as exc:

@@ -35,65 +35,43 @@ default toast_tuple_target (vectors moved to TOAST). Two writers on two collecti
 together (cores and disk, not the row lock, are the limit). `load_collection` reads 30-60k docs/s (row
 decoding in Python).
 
-Errors
-------
-A database that cannot be reached (refused or missing socket, dropped connection, server
-shutting down, pool timeout) raises `Unavailable("database unavailable")`, so writes fail fast.
+Errors and faults
+-----------------
+All SQL runs through `DatabasePool` (`actors/pg_pool.py`): a database that cannot be reached or
+does not answer within `command_timeout` raises `Unavailable` (writes fail fast while the
+database is known to be down), and a commit cut off mid-COMMIT is resolved, never left in doubt.
 A document PostgreSQL rejects as data (sqlstate class 22, e.g. a NUL character in text) raises
-`BadRequest`. Calls racing a close of the pool get `Unavailable` too. Otherwise asyncpg's
-`InterfaceError` (misuse of the client) and any other `PostgresError` propagate unchanged: they
-are bugs, not conditions.
+`BadRequest`. Otherwise asyncpg's `InterfaceError` (misuse of the client) and any other
+`PostgresError` propagate unchanged: they are bugs, not conditions.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.abc
 import asyncpg
-from pgvector.asyncpg import register_vector
 
+from actors.db_health import DatabaseHealth
 from actors.pg_codecs import (
     ENCODE_INLINE_MAX,
-    decode_vector,
     encode_batch,
-    encode_vector,
     row_to_change,
     row_to_info,
     row_to_stored,
 )
-from actors.pg_server import DatabaseSetupError
-from actors.schema import CATALOG_DDL, LOG_COLUMNS, SCHEMA_LOCK_KEY, SCHEMA_VERSION, Tables
-from models.errors import BadRequest, DimensionMismatch, Exists, NotFound, Unavailable
+from actors.pg_pool import DatabasePool, redact
+from actors.schema import LOG_COLUMNS, Tables
+from models.errors import BadRequest, DimensionMismatch, Exists, NotFound
 from models.filters import Filter, TextFilter, text_to_sql, to_sql
 from models.records import Change, CollectionInfo, Document, Metric, StoredDoc
 
 log = logging.getLogger(__name__)
-
-MIN_PGVECTOR = (0, 7)
-
-# Conditions that mean "the database cannot be reached right now", as opposed to a bug.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,  # refused / missing socket, reset, and TimeoutError from connect or pool acquire
-    asyncpg.exceptions.PostgresConnectionError,  # class 08, incl. ConnectionDoesNotExistError
-    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up or shutting down
-    asyncpg.exceptions.AdminShutdownError,  # 57P01
-    asyncpg.exceptions.CrashShutdownError,  # 57P02
-    asyncpg.exceptions.TooManyConnectionsError,  # 53300
-)
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in version.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 def _bad_data(exc: BaseException) -> BadRequest:
@@ -113,11 +91,13 @@ _ALLOCATE_DELETES = (
 
 
 class Persistence:
-    """The one owner of the asyncpg pool. Use as `async with Persistence(dsn) as db:`, or start
-    `run()` in a task group (it reports started once the schema is ready) and call `close()`.
+    """The collections' SQL over one `DatabasePool`. Use as `async with Persistence(dsn) as db:`,
+    or start `run()` in a task group (it reports started once the schema is ready, then keeps
+    `health` current with a background probe) and call `close()`.
 
     Methods are safe to call concurrently; the pool bounds the parallelism (`pool_size`).
-    Every method may raise `Unavailable` when the database cannot be reached.
+    Every method may raise `Unavailable` when the database cannot be reached; `open()` raises
+    `StartupError` when it cannot be reached or used at all.
     """
 
     def __init__(
@@ -128,84 +108,71 @@ class Persistence:
         connect_timeout: float = 5.0,
         acquire_timeout: float = 10.0,
         close_timeout: float = 10.0,
+        command_timeout: float = 10.0,
+        probe_interval: float = 1.0,
+        probe_timeout: float = 2.0,
     ) -> None:
+        self._db = DatabasePool(
+            dsn,
+            pool_size,
+            connect_timeout=connect_timeout,
+            acquire_timeout=acquire_timeout,
+            close_timeout=close_timeout,
+            command_timeout=command_timeout,
+            probe_interval=probe_interval,
+            probe_timeout=probe_timeout,
+        )
         self._dsn = dsn
-        self._pool_size = pool_size
-        self._connect_timeout = connect_timeout
-        self._acquire_timeout = acquire_timeout
-        self._close_timeout = close_timeout
-        self._pool: Any = None
-        self._vector_schema = "public"
         self._stop: anyio.Event | None = None
         self._stop_requested = False
+
+    @property
+    def health(self) -> DatabaseHealth:
+        """What the node believes about the database now; reading it never waits."""
+        return self._db.health
+
+    @property
+    def where(self) -> str:
+        """The database's dsn without its password."""
+        return redact(self._dsn)
 
     # --- life cycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Check pgvector, create the schema, open the pool. Raises DatabaseSetupError or Unavailable."""
-        if self._pool is not None:
-            return
-        try:
-            conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
-        except _UNAVAILABLE as exc:
-            raise Unavailable("database unavailable") from exc
-        try:
-            await self._setup_schema(conn)
-        except _UNAVAILABLE as exc:
-            raise Unavailable("database unavailable") from exc
-        finally:
-            await conn.close()
-        try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=min(2, self._pool_size),
-                max_size=self._pool_size,
-                init=self._init_connection,
-                timeout=self._connect_timeout,
-                max_inactive_connection_lifetime=300.0,
-                server_settings={
-                    "application_name": "shoal",
-                    # Acked writes must be durable, whatever the role's or server's default.
-                    "synchronous_commit": "on",
-                    "jit": "off",
-                    # A stalled client must not hold a collection's row lock forever.
-                    "idle_in_transaction_session_timeout": "300s",
-                },
-            )
-        except _UNAVAILABLE as exc:
-            raise Unavailable("database unavailable") from exc
+        """Check pgvector, create the schema, open the pool. Raises StartupError."""
+        await self._db.open()
 
     async def aclose(self) -> None:
         """Close the pool: in-flight calls finish (up to close_timeout), then connections drop."""
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self._close_timeout) as scope:
-                await pool.close()
-            if scope.cancelled_caught:
-                log.warning("database pool did not close in %.0fs; terminating", self._close_timeout)
-                pool.terminate()
+        await self._db.aclose()
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[Persistence] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Open, report started, serve until `close()`, then close the pool."""
+        """Open, report started, probe the database until `close()`, then close the pool."""
         self._stop = anyio.Event()
         if self._stop_requested:
             self._stop.set()
         await self.open()
         try:
-            task_status.started(self)
-            await self._stop.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._db.probe)
+                task_status.started(self)
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
         finally:
             await self.aclose()
 
     def close(self) -> None:
         """Ask `run()` to finish (idempotent)."""
         self._stop_requested = True
+        self.begin_shutdown()
         if self._stop is not None:
             self._stop.set()
+
+    def begin_shutdown(self) -> None:
+        """The node is stopping: a writer waiting to learn an in-doubt commit's outcome gives up."""
+        self._db.begin_shutdown()
 
     async def __aenter__(self) -> Persistence:
         await self.open()
@@ -216,75 +183,12 @@ class Persistence:
     ) -> None:
         await self.aclose()
 
-    async def _setup_schema(self, conn: Any) -> None:
-        async with conn.transaction():
-            # Several processes may start at once on one database.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
-            await self._ensure_pgvector(conn)
-            for ddl in CATALOG_DDL:
-                await conn.execute(ddl)
-            version = await conn.fetchval("SELECT max(version) FROM shoal_schema")
-            if version is None:
-                await conn.execute("INSERT INTO shoal_schema (version) VALUES ($1)", SCHEMA_VERSION)
-            elif version > SCHEMA_VERSION:
-                raise DatabaseSetupError(
-                    f"the database holds Shoal schema version {version}; this build knows {SCHEMA_VERSION}"
-                )
-            self._vector_schema = await conn.fetchval(
-                "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
-                "WHERE e.extname = 'vector'"
-            )
+    def _connection(self, timeout: float | None = -1.0) -> AbstractAsyncContextManager[Any]:
+        return self._db.connection(timeout)
 
-    @staticmethod
-    async def _ensure_pgvector(conn: Any) -> None:
-        installed = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-        if installed is None:
-            available = await conn.fetchval(
-                "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
-            )
-            if available is None:
-                raise DatabaseSetupError(
-                    "pgvector >= 0.7 required: the 'vector' extension is not available on this server"
-                )
-            try:
-                async with conn.transaction():
-                    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            except asyncpg.exceptions.InsufficientPrivilegeError as exc:
-                raise DatabaseSetupError(
-                    "pgvector >= 0.7 required: the 'vector' extension is not installed in this "
-                    "database and this role may not create it (run CREATE EXTENSION vector as an owner)"
-                ) from exc
-            installed = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-        if _version_tuple(str(installed)) < MIN_PGVECTOR:
-            raise DatabaseSetupError(f"pgvector >= 0.7 required; this database has {installed}")
-
-    async def _init_connection(self, conn: Any) -> None:
-        # pgvector's codecs (halfvec, sparsevec), then our own for `vector`: pgvector-python
-        # decodes to its Vector class, the engine wants float32 numpy arrays.
-        await register_vector(conn, schema=self._vector_schema)
-        await conn.set_type_codec(
-            "vector",
-            schema=self._vector_schema,
-            encoder=encode_vector,
-            decoder=decode_vector,
-            format="binary",
-        )
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
-        """A pooled connection; connection trouble inside the block becomes Unavailable."""
-        pool = self._pool
-        if pool is None:
-            raise Unavailable("database unavailable")
-        try:
-            async with pool.acquire(timeout=self._acquire_timeout) as conn:
-                yield conn
-        except _UNAVAILABLE as exc:
-            raise Unavailable("database unavailable") from exc
-        except asyncpg.exceptions.InterfaceError as exc:
-            if self._pool is not pool:  # the pool was closed under this call: shutting down
-                raise Unavailable("database unavailable") from exc
-            raise
+    async def ping(self) -> bool:
+        """True if the database answers a query now (within `command_timeout`); updates `health`."""
+        return await self._db.ping()
 
     # --- collections ---------------------------------------------------------------------------
 
@@ -293,7 +197,8 @@ class Persistence:
         metric = Metric(metric)
         if not 1 <= dim <= 16_000:
             raise BadRequest("dim must be between 1 and 16000")
-        async with self._connection() as conn, conn.transaction():
+
+        async def body(conn: Any) -> CollectionInfo:
             cid = await conn.fetchval(
                 "INSERT INTO shoal_collections (name, dim, metric) VALUES ($1, $2, $3) "
                 "ON CONFLICT (name) DO NOTHING RETURNING id",
@@ -305,15 +210,20 @@ class Persistence:
                 raise Exists(f"collection {name!r} already exists")
             for ddl in Tables(cid).create_ddl(dim):
                 await conn.execute(ddl)
-        return CollectionInfo(name, dim, metric, 0)
+            return CollectionInfo(name, dim, metric, 0)
+
+        return await self._db.write(body)
 
     async def drop_collection(self, name: str) -> None:
         """Drop the catalog row and the tables; waits for in-flight writes. Raises NotFound."""
-        async with self._connection() as conn, conn.transaction():
+
+        async def body(conn: Any) -> None:
             cid = await conn.fetchval("DELETE FROM shoal_collections WHERE name = $1 RETURNING id", name)
             if cid is None:
                 raise NotFound(f"no collection {name!r}")
             await conn.execute(Tables(cid).drop_ddl())
+
+        await self._db.write(body)
 
     async def list_collections(self) -> list[CollectionInfo]:
         async with self._connection() as conn:
@@ -342,24 +252,8 @@ class Persistence:
 
     def pool_stats(self) -> tuple[int, int, int, int] | None:
         """(connections in use, idle, the pool's bound, callers waiting for one), or None while
-        the pool is not open. asyncpg reports no waiters; they are the getters parked on its
-        connection queue, read defensively (0 if its internals change)."""
-        pool = self._pool
-        if pool is None:
-            return None
-        size, idle = pool.get_size(), pool.get_idle_size()
-        getters = getattr(getattr(pool, "_queue", None), "_getters", None) or ()
-        waiting = sum(1 for getter in getters if not getter.done())
-        return size - idle, idle, pool.get_max_size(), waiting
-
-    async def ping(self) -> bool:
-        """True if the database answers a query now."""
-        try:
-            async with self._connection() as conn:
-                await conn.fetchval("SELECT 1")
-        except Unavailable:
-            return False
-        return True
+        the pool is not open (see `DatabasePool.stats`)."""
+        return self._db.stats()
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -378,26 +272,27 @@ class Persistence:
             vectors, metas, widths = await anyio.to_thread.run_sync(encode_batch, docs)
         else:
             vectors, metas, widths = encode_batch(docs)
-        async with self._connection() as conn:
-            try:
-                async with conn.transaction():
-                    row = await conn.fetchrow(_ALLOCATE, name, n)
-                    if row is None:
-                        raise NotFound(f"no collection {name!r}")
-                    if widths != {row["dim"]}:
-                        raise DimensionMismatch(f"collection {name!r} has dim {row['dim']}")
-                    last = int(row["last_seq"])
-                    first = last - n + 1
-                    tables = Tables(row["id"])
-                    records = [
-                        (first + i, "upsert", doc.id, doc.text, vectors[i], metas[i])
-                        for i, doc in enumerate(docs)
-                    ]
-                    await conn.copy_records_to_table(tables.log, records=records, columns=LOG_COLUMNS)
-                    await conn.execute(tables.upsert_docs_from_log(), first, last, row["id"])
-            except asyncpg.exceptions.DataError as exc:
-                raise _bad_data(exc) from exc
-        return first, last
+
+        async def body(conn: Any) -> tuple[int, int]:
+            row = await conn.fetchrow(_ALLOCATE, name, n)
+            if row is None:
+                raise NotFound(f"no collection {name!r}")
+            if widths != {row["dim"]}:
+                raise DimensionMismatch(f"collection {name!r} has dim {row['dim']}")
+            last = int(row["last_seq"])
+            first = last - n + 1
+            tables = Tables(row["id"])
+            records = [
+                (first + i, "upsert", doc.id, doc.text, vectors[i], metas[i]) for i, doc in enumerate(docs)
+            ]
+            await conn.copy_records_to_table(tables.log, records=records, columns=LOG_COLUMNS)
+            await conn.execute(tables.upsert_docs_from_log(), first, last, row["id"])
+            return first, last
+
+        try:
+            return await self._db.write(body)
+        except asyncpg.exceptions.DataError as exc:
+            raise _bad_data(exc) from exc
 
     async def commit_delete_ids(self, name: str, ids: Sequence[str]) -> tuple[list[str], int]:
         """Delete the given ids that exist, one logged change each (in the order given).
@@ -406,7 +301,8 @@ class Persistence:
         Raises NotFound, Unavailable.
         """
         wanted = list(dict.fromkeys(ids))
-        async with self._connection() as conn, conn.transaction():
+
+        async def body(conn: Any) -> tuple[list[str], int]:
             row = await conn.fetchrow(_LOCK, name)
             if row is None:
                 raise NotFound(f"no collection {name!r}")
@@ -417,6 +313,8 @@ class Persistence:
             gone = {r["id"] for r in rows}
             deleted = [i for i in wanted if i in gone]
             return deleted, await self._log_deletes(conn, row, deleted)
+
+        return await self._db.write(body)
 
     async def commit_delete_where(
         self, name: str, where: Filter | None, where_text: TextFilter | None
@@ -438,20 +336,22 @@ class Persistence:
             params.extend(values)
         if not clauses:
             raise BadRequest("delete needs ids or a filter")
-        async with self._connection() as conn:
-            try:
-                async with conn.transaction():
-                    row = await conn.fetchrow(_LOCK, name)
-                    if row is None:
-                        raise NotFound(f"no collection {name!r}")
-                    tables = Tables(row["id"])
-                    rows = await conn.fetch(
-                        f"DELETE FROM {tables.docs} WHERE {' AND '.join(clauses)} RETURNING id", *params
-                    )
-                    deleted = sorted(r["id"] for r in rows)
-                    return deleted, await self._log_deletes(conn, row, deleted)
-            except asyncpg.exceptions.DataError as exc:
-                raise _bad_data(exc) from exc
+
+        async def body(conn: Any) -> tuple[list[str], int]:
+            row = await conn.fetchrow(_LOCK, name)
+            if row is None:
+                raise NotFound(f"no collection {name!r}")
+            tables = Tables(row["id"])
+            rows = await conn.fetch(
+                f"DELETE FROM {tables.docs} WHERE {' AND '.join(clauses)} RETURNING id", *params
+            )
+            deleted = sorted(r["id"] for r in rows)
+            return deleted, await self._log_deletes(conn, row, deleted)
+
+        try:
+            return await self._db.write(body)
+        except asyncpg.exceptions.DataError as exc:
+            raise _bad_data(exc) from exc
 
     @staticmethod
     async def _log_deletes(conn: Any, row: Any, deleted: list[str]) -> int:
@@ -486,7 +386,12 @@ class Persistence:
         return [row_to_change(r) for r in rows]
 
     async def _snapshot_batches(self, snap: CollectionSnapshot) -> AsyncGenerator[list[StoredDoc], None]:
-        async with self._connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        # No deadline around the whole scan (its consumer sets the pace); the pool's command
+        # timeout still bounds each fetch.
+        async with (
+            self._connection(timeout=None) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             row = await conn.fetchrow(_LOOKUP, snap.name)
             if row is None:
                 raise NotFound(f"no collection {snap.name!r}")

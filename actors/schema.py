@@ -8,8 +8,15 @@ of a catalog row; every value travels as a parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from actors.pg_server import DatabaseSetupError
 
 SCHEMA_VERSION = 1
+
+MIN_PGVECTOR = (0, 7)
 
 # pg_advisory_xact_lock key that serialises schema set-up between Shoal processes.
 SCHEMA_LOCK_KEY = 0x53484F414C  # "SHOAL" in ASCII
@@ -139,3 +146,72 @@ class Tables:
             INSERT INTO {self.log} (seq, op, doc_id)
             SELECT $1 + n - 1, 'delete', i FROM unnest($2::text[]) WITH ORDINALITY AS u(i, n)
         """
+
+
+# --- set-up at start ---------------------------------------------------------------------------
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in version.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+async def setup_schema(conn: Any) -> str:
+    """Check pgvector (creating the extension if allowed) and create the catalog tables.
+
+    Returns the schema the `vector` type lives in. Raises DatabaseSetupError.
+    """
+    try:
+        async with conn.transaction():
+            # Several processes may start at once on one database.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+            await ensure_pgvector(conn)
+            for ddl in CATALOG_DDL:
+                await conn.execute(ddl)
+            version = await conn.fetchval("SELECT max(version) FROM shoal_schema")
+            if version is None:
+                await conn.execute("INSERT INTO shoal_schema (version) VALUES ($1)", SCHEMA_VERSION)
+            elif version > SCHEMA_VERSION:
+                raise DatabaseSetupError(
+                    f"the database holds Shoal schema version {version}; this build knows "
+                    f"{SCHEMA_VERSION}: upgrade Shoal or use another database"
+                )
+            return str(
+                await conn.fetchval(
+                    "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                    "WHERE e.extname = 'vector'"
+                )
+            )
+    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        raise DatabaseSetupError(
+            f"the database role may not create Shoal's tables ({exc.message}): grant it CREATE on "
+            "the database and its schema, or use a role that owns them"
+        ) from exc
+
+
+async def ensure_pgvector(conn: Any) -> None:
+    """Raises DatabaseSetupError unless pgvector >= 0.7 is installed (or installable) here."""
+    installed = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    if installed is None:
+        available = await conn.fetchval(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
+        )
+        if available is None:
+            raise DatabaseSetupError(
+                "pgvector >= 0.7 required: the 'vector' extension is not available on this "
+                "PostgreSQL server (install pgvector there)"
+            )
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+            raise DatabaseSetupError(
+                "pgvector >= 0.7 required: the 'vector' extension is not installed in this "
+                "database and this role may not create it (run CREATE EXTENSION vector as an owner)"
+            ) from exc
+        installed = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    if _version_tuple(str(installed)) < MIN_PGVECTOR:
+        raise DatabaseSetupError(f"pgvector >= 0.7 required; this database has {installed}: upgrade it")

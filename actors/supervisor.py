@@ -49,7 +49,15 @@ class Engine:
     ) -> None:
         self.config = config
         self.limits = limits
-        self.persistence = Persistence(dsn, pool_size=config.pg_pool_size)
+        self.persistence = Persistence(
+            dsn,
+            pool_size=config.pg_pool_size,
+            connect_timeout=config.db_connect_timeout_s,
+            acquire_timeout=config.db_command_timeout_s,
+            command_timeout=config.db_command_timeout_s,
+            probe_interval=config.db_probe_interval_s,
+            probe_timeout=config.db_probe_timeout_s,
+        )
         self.embedder = Embedder(config)
         self.catalog = Catalog(config)
         self._listeners: list[Publisher] = []
@@ -66,6 +74,9 @@ class Engine:
         cls, dsn: str, config: EngineConfig, limits: Limits, subscriptions: SubscriptionConfig | None = None
     ) -> AsyncIterator[Engine]:
         engine = cls(dsn, config, limits, subscriptions)
+        # Opened before the task group, so that a StartupError (unreachable database, no
+        # pgvector) reaches the caller as itself, not inside an exception group.
+        await engine.persistence.open()
         started: list[tuple[Actor, anyio.Event]] = []
         async with anyio.create_task_group() as tg:
             try:
@@ -80,6 +91,7 @@ class Engine:
                 yield engine
             finally:
                 engine.ready = False
+                engine.persistence.begin_shutdown()  # no writer waits on a dead database now
                 # Reverse order; each actor finishes its queued work before the next one closes.
                 with anyio.CancelScope(shield=True):
                     for running, finished in reversed(started):

@@ -52,10 +52,14 @@ class Limits:
     # a node; values 1..10**6), the largest vector L2 norm (0 < x <= 4e18:
     # float32 dot products and squared distances of such vectors stay finite), and the request
     # size from which parsing runs in a worker thread instead of on the event loop (>= 0 bytes).
-    max_filter_nodes: int = 1_000
-    max_filter_values: int = 10_000
-    max_vector_norm: float = 1e18
-    parse_in_thread_bytes: int = 65_536
+    max_filter_nodes: int = field(default=1_000, metadata=bounds(1, 10_000))
+    max_filter_values: int = field(default=10_000, metadata=bounds(1, 1_000_000))
+    max_vector_norm: float = field(default=1e18, metadata=bounds(1e-6, 4e18))
+    parse_in_thread_bytes: int = field(default=65_536, metadata=bounds(0))
+    # Request deadlines (0.1..3600 s): a request still unanswered after its deadline answers
+    # `unavailable` (writes: upsert, delete, create/drop collection; reads: everything else).
+    write_deadline_s: float = field(default=5.0, metadata=bounds(0.1, 3600))
+    read_deadline_s: float = field(default=30.0, metadata=bounds(0.1, 3600))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +105,11 @@ class EngineConfig:
     # several overlap per core), at most 32 so that a few nodes fit PostgreSQL's
     # max_connections (100). Range 1..1000.
     pg_pool_size: int = field(default_factory=_per_cpu(4, 32), metadata=bounds(1, 1_000))
+    # Database faults. Connect and per-operation timeouts (0.1..600 s): past them an operation
+    # answers `unavailable` and its connection is dropped. The health probe's period and timeout
+    # (0.05..60 s). How often the embedded PostgreSQL is checked for a crash (0.05..60 s).
+    db_connect_timeout_s: float = field(default=5.0, metadata=bounds(0.1, 600))
+    db_command_timeout_s: float = field(default=10.0, metadata=bounds(0.1, 600))
+    db_probe_interval_s: float = field(default=1.0, metadata=bounds(0.05, 60))
+    db_probe_timeout_s: float = field(default=2.0, metadata=bounds(0.05, 60))
+    db_restart_check_s: float = field(default=0.5, metadata=bounds(0.05, 60))

@@ -127,7 +127,9 @@ def create_app(settings: Settings) -> Edge:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with (
-            open_database(settings.data_dir, settings.database_url) as dsn,
+            open_database(
+                settings.data_dir, settings.database_url, check_interval=settings.engine.db_restart_check_s
+            ) as dsn,
             Engine.running(dsn, settings.engine, settings.limits, settings.subscriptions) as engine,
             anyio.create_task_group() as tasks,
         ):

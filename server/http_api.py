@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from models.config import Limits
 from models.errors import BadRequest, MethodNotAllowed, ShoalError, TooLarge, UnknownOp, as_shoal_error
 from server.auth import bearer
+from server.deadlines import request_deadline
 from server.ops import execute, parse
 from server.state import AppState
 
@@ -105,7 +106,8 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
         parsed = await parse(op, args, state.settings.limits, size)
         state.auth.check(grant, caller, parsed)
         visible = None if grant is None else grant.collections
-        result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
+        with request_deadline(state, op):
+            result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
         response, code = _respond(result, 200, msgpack_reply), "ok"
     except Exception as exc:
         error = as_shoal_error(exc)
@@ -157,11 +159,14 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """200 once the engine is up and the database answers; 503 otherwise. Never waits on the
+    database: it reads the health state the background probe and the pool keep current."""
     state: AppState | None = getattr(request.app.state, "shoal", None)
     if state is None or not state.engine.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
-    if not await state.engine.database_reachable():
-        return JSONResponse({"status": "database unavailable"}, status_code=503)
+    health = state.engine.persistence.health
+    if not health.up:
+        return JSONResponse({"status": "database unavailable", "database": health.to_wire()}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 

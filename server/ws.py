@@ -59,6 +59,7 @@ from models.errors import (
 )
 from models.requests import Auth, Subscribe, Unsubscribe
 from server.auth import ApiKey, bearer
+from server.deadlines import request_deadline
 from server.ops import decode, execute, match_hit, parse
 from server.outbox import Outbox
 from server.state import AppState
@@ -210,7 +211,8 @@ class Connection:
                 self._unsubscribe(request.sub)
                 return encode_reply(frame.request_id, {}), "ok", None
             visible = None if self.grant is None else self.grant.collections
-            result: dict[str, Any] = await execute(self.state.engine, request, compact=True, visible=visible)
+            with request_deadline(self.state, frame.op):
+                result: dict[str, Any] = await execute(self.state.engine, request, compact=True, visible=visible)
             return encode_reply(frame.request_id, result), "ok", None
         except Exception as exc:
             error = as_shoal_error(exc)

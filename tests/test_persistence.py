@@ -20,7 +20,7 @@ from actors.persistence import CollectionSnapshot, Persistence
 from actors.pg_codecs import decode_vector, encode_vector
 from actors.pg_server import DatabaseServer, DatabaseSetupError, check_data_dir, open_database
 from actors.schema import Tables
-from models.errors import BadRequest, DimensionMismatch, Exists, NotFound, Unavailable
+from models.errors import BadRequest, DimensionMismatch, Exists, NotFound, StartupError, Unavailable
 from models.filters import parse_where, parse_where_text
 from models.records import DocId, Document, Metadata, Metric, StoredDoc
 
@@ -89,7 +89,7 @@ def test_vector_codec_round_trip() -> None:
 
 
 def test_pgvector_version_parsing() -> None:
-    from actors.persistence import MIN_PGVECTOR, _version_tuple
+    from actors.schema import MIN_PGVECTOR, _version_tuple
 
     assert _version_tuple("0.8.6") == (0, 8, 6) >= MIN_PGVECTOR
     assert _version_tuple("0.7.0") >= MIN_PGVECTOR
@@ -463,7 +463,8 @@ async def test_unavailable_while_the_server_is_down(tmp_root: Path) -> None:
 
 async def test_open_fails_fast_without_a_server(tmp_root: Path) -> None:
     dsn = f"postgresql://postgres:@/postgres?host={tmp_root / 'nowhere'}"
-    with anyio.fail_after(10), pytest.raises(Unavailable):
+    # At start-up an unreachable database is a configuration mistake, reported in one line.
+    with anyio.fail_after(10), pytest.raises(StartupError, match="cannot reach the database"):
         async with Persistence(dsn, connect_timeout=2.0):
             pass
 
