@@ -27,6 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import anyio
@@ -99,7 +100,19 @@ class _IdsMatching:
     reply: Reply[list[DocId]]
 
 
-_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching
+@dataclass(frozen=True, slots=True)
+class _SaveFiles:
+    directory: Path
+    reply: Reply[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadFiles:
+    directory: Path
+    reply: Reply[int]
+
+
+_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _SaveFiles | _LoadFiles
 # Smallest part a group of queued queries is split into to run on several threads at once.
 _MIN_PART = 4
 
@@ -263,6 +276,23 @@ class Shard:
         self._mailbox.offer(_IdsMatching(where, where_text, reply))
         return await reply.wait()
 
+    async def save_files(self, directory: Path) -> int:
+        """Write this shard's snapshot files into `directory`; returns the live count they hold.
+
+        Runs as a read in a pool thread: searches go on meanwhile, writes wait for it, so the
+        files hold exactly the writes sent before this call. Raises OSError.
+        """
+        reply: Reply[int] = Reply()
+        await self._mailbox.send(_SaveFiles(directory, reply))
+        return await reply.wait()
+
+    async def load_files(self, directory: Path) -> int:
+        """Replace this shard's state by the one in snapshot files (verified by the caller), as
+        a write; returns its live count. Raises ValueError (files that disagree), OSError."""
+        reply: Reply[int] = Reply()
+        await self._mailbox.send(_LoadFiles(directory, reply))
+        return await reply.wait()
+
     def sizes(self) -> ShardSizes:
         """Documents, deleted slots, memory and mailbox depth now (for metrics; no message)."""
         return self._state.sizes(self._mailbox.depth, self._mailbox.size)
@@ -320,6 +350,12 @@ class Shard:
             elif isinstance(msg, _Upsert | _Delete):
                 await self._readers_at_most(0)
                 await self._write(msg)
+            elif isinstance(msg, _SaveFiles):
+                await self._readers_at_most(self._max_reads - 1)
+                self._start_read(_bind(self._state.save_files, msg.directory), msg.reply.set, msg.reply.fail)
+            elif isinstance(msg, _LoadFiles):
+                await self._readers_at_most(0)
+                await self._load(msg)
             else:
                 self._in_hand = []  # nothing to answer: it carries no known reply
                 unknown_message("shard", msg)
@@ -424,6 +460,23 @@ class Shard:
         except BaseException:
             msg.reply.fail(Unavailable("shard is shutting down"))
             raise
+
+    async def _load(self, msg: _LoadFiles) -> None:
+        state = self._state
+        try:
+            loaded = await self._pool.call(
+                _bind(ShardState.load_files, msg.directory, state.dim, state.metric, state.config)
+            )
+        except Exception as exc:
+            msg.reply.fail(exc)
+            return
+        except BaseException:
+            msg.reply.fail(Unavailable("shard is shutting down"))
+            raise
+        loaded.occupancy = state.occupancy  # one record of overlaps over the shard's life
+        loaded.set_ef(state.ef)
+        self._state = loaded
+        msg.reply.set(loaded.n_live)
 
     def _fail_queued(self) -> None:
         """On exit (normal or cancelled), nobody waits forever: queued messages fail with

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import hnswlib
+import msgpack
 import numpy as np
 from numpy.typing import NDArray
 
@@ -24,6 +26,10 @@ from models.filters import Filter, MetadataColumns, TextFilter, text_mask
 from models.records import DocId, Hit, Include, Metadata, Metric, Seq, StoredDoc, Vector
 
 _SPACES = {Metric.COSINE: "cosine", Metric.L2: "l2", Metric.IP: "ip"}
+# The files of one shard in a snapshot.
+INDEX_FILE = "index.hnsw"
+ARRAYS_FILE = "arrays.npz"
+DOCS_FILE = "docs.msgpack"
 
 
 class Occupancy:
@@ -329,6 +335,98 @@ class ShardState:
             [Hit(ids[x], s, d, texts[x], metas[x], None) for x, s, d in zip(lab, sco, dis, strict=True)]
             for lab, sco, dis in zip(labels, scores, dists, strict=True)
         ]
+
+    # -- snapshot files (see actors/snapshot.py) -------------------------------------------------
+
+    def save_files(self, directory: Path) -> int:
+        """Write the index, the arrays and the documents into `directory` (not fsynced: the
+        caller fsyncs and checksums them); returns the live count the files hold.
+
+        A read: it may overlap searches, never a write. Raises OSError.
+        """
+        with self.occupancy.reading():
+            high = self.high
+            self.index.save_index(str(directory / INDEX_FILE))
+            with (directory / ARRAYS_FILE).open("wb") as f:
+                np.savez(
+                    f,
+                    vectors=self.vectors[:high],
+                    norms=self.norms[:high],
+                    live=self.live[:high],
+                    seqs=self.seqs[:high],
+                )
+            docs = {
+                "high": high,
+                "n_live": self.n_live,
+                "free": self.free,
+                "ids": self.ids[:high],
+                "texts": self.texts[:high],
+                "metas": self.metas[:high],
+            }
+            (directory / DOCS_FILE).write_bytes(msgpack.packb(docs, use_bin_type=True))
+            return self.n_live
+
+    @classmethod
+    def load_files(cls, directory: Path, dim: int, metric: Metric, config: EngineConfig) -> ShardState:
+        """A state rebuilt from files `save_files` wrote (and whose checksums were verified).
+
+        Raises ValueError when the files disagree with each other or with `dim`; OSError.
+        """
+        state = cls(dim, metric, config)
+        with np.load(directory / ARRAYS_FILE, allow_pickle=False) as arrays:
+            vectors = arrays["vectors"]
+            norms = arrays["norms"]
+            live = arrays["live"]
+            seqs = arrays["seqs"]
+        docs = msgpack.unpackb((directory / DOCS_FILE).read_bytes(), raw=False)
+        high = int(docs["high"])
+        ids: list[DocId | None] = docs["ids"]
+        texts: list[str | None] = docs["texts"]
+        metas: list[Metadata | None] = docs["metas"]
+        free = [int(x) for x in docs["free"]]
+        shapes_ok = (
+            vectors.shape == (high, dim)
+            and vectors.dtype == np.float32
+            and norms.shape == live.shape == seqs.shape == (high,)
+            and live.dtype == np.bool_
+            and len(ids) == len(texts) == len(metas) == high
+        )
+        if not shapes_ok:
+            raise ValueError("the snapshot's arrays and documents disagree in size or type")
+        labels = {doc_id: label for label, doc_id in enumerate(ids) if doc_id is not None}
+        n_live = int(docs["n_live"])
+        dead = [label for label, doc_id in enumerate(ids) if doc_id is None]
+        if not (len(labels) == n_live == int(np.count_nonzero(live)) and sorted(free) == dead):
+            raise ValueError("the snapshot's live documents and free slots disagree")
+        if any(not live[label] for label in labels.values()):
+            raise ValueError("the snapshot marks a document as deleted")
+        cap = max(state.capacity, high)
+        index = hnswlib.Index(space=_SPACES[metric], dim=dim)
+        index.load_index(str(directory / INDEX_FILE), max_elements=cap)
+        if int(index.element_count) != high:
+            raise ValueError(f"the snapshot's index holds {index.element_count} elements, its arrays {high}")
+        index.set_ef(state.ef)
+        state.index = index
+        state.vectors = np.zeros((cap, dim), np.float32)
+        state.vectors[:high] = vectors
+        state.norms = np.zeros(cap, np.float32)
+        state.norms[:high] = norms
+        state.live = np.zeros(cap, np.bool_)
+        state.live[:high] = live
+        state.seqs = np.zeros(cap, np.int64)
+        state.seqs[:high] = seqs
+        pad = cap - high
+        state.ids = ids + [None] * pad
+        state.texts = texts + [None] * pad
+        state.metas = metas + [None] * pad
+        state.labels = labels
+        state.free = free
+        state.high = high
+        state.n_live = n_live
+        for label, meta in enumerate(metas):
+            if meta:
+                state.columns.set_row(label, meta)
+        return state
 
 
 class _Nones:
