@@ -115,8 +115,7 @@ class Manifest:
             if body.get("format") != FORMAT_VERSION:
                 raise SnapshotInvalid(f"snapshot format {body.get('format')!r}, this build reads {FORMAT_VERSION}")
             shards = tuple(
-                ShardEntry(int(s["count"]), {k: FileEntry(**v) for k, v in s["files"].items()})
-                for s in body["shards"]
+                ShardEntry(int(s["count"]), {k: FileEntry(**v) for k, v in s["files"].items()}) for s in body["shards"]
             )
             return cls(
                 collection=str(body["collection"]),
