@@ -22,6 +22,13 @@ class Limits:
     max_ef: int = 10_000
     max_metadata_keys: int = 256
     max_in_flight_per_connection: int = 256
+    # Connection hardening. Reply bytes one WebSocket may have pending (queued to send, or
+    # reserved by requests being served) before the server stops reading its requests; 64 KiB
+    # up to a few GiB. A reply larger than this is still sent, alone.
+    max_pending_reply_bytes: int = 8 * MIB
+    # A WebSocket whose socket took nothing for this long while frames wait is closed with 1013
+    # (and dropped this long after that if the client still reads nothing); 0.1 s up to hours.
+    stuck_close_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

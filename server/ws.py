@@ -8,6 +8,13 @@ Bounds: at most `max_in_flight_per_connection` workers (once all are busy nobody
 flooding client is slowed by TCP back-pressure), and at most `OUTGOING_FRAMES` frames wait to be
 sent. Frames larger than the frame limit are closed with 1009 by the server before they reach us.
 
+A client that does not read its replies: a worker reads the next request only while the
+connection's pending reply bytes (`server.reply_budget`: queued in the outbox, or reserved by
+requests being served) leave room under `max_pending_reply_bytes`, so past it nobody reads and
+TCP holds the client back; a socket that takes nothing for `stuck_close_s` while frames wait is
+closed with 1013 (`server.ws_transport`). No reply larger than `max_frame_bytes` is sent: it is
+answered `too_large` instead, with a hint to ask for less.
+
 This is a plain ASGI app (`server.app` routes `/v1/ws` here ahead of Starlette): the request
 path is the hot one, and Starlette's WebSocket wrappers and middleware around every receive and
 send, a task per request and the hand-offs to a writer task cost more than the query's own
@@ -39,15 +46,19 @@ from starlette.types import Message, Receive, Scope, Send
 
 from actors.subscriber import ChangeEvent, Item, Lagged, Subscriber
 from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
-from models.errors import BadFrame, NotFound, ShoalError, TooLarge, Unauthorized, as_shoal_error
+from models.errors import BadFrame, Forbidden, NotFound, ShoalError, TooLarge, Unauthorized, as_shoal_error
 from models.requests import Auth, Subscribe, Unsubscribe, parse_request
-from server.auth import ApiKey, bearer
+from server.auth import Access, ApiKey, bearer
 from server.ops import execute, match_hit
 from server.outbox import Outbox
+from server.reply_budget import ReplyBudget, reply_too_large, vector_bytes_floor
 from server.state import AppState
+from server.ws_transport import close_now
 
 SUBPROTOCOL = "shoal.v1"
 OUTGOING_FRAMES = 1024
+# Close codes: the client's replies stopped going out (it does not read them); try again later.
+CLOSE_STUCK = 1013
 PUMP_TAKE = 64
 PUSH_WINDOW = 64
 # Subscriptions that end for these reasons are not told with an `ended` push.
@@ -74,7 +85,14 @@ class Connection:
     def __init__(self, state: AppState, scope: Scope, receive: Receive, send: Send) -> None:
         self.state = state
         self._receive = receive
-        self._outbox = Outbox(send, OUTGOING_FRAMES, self._sent)
+        limits = state.settings.limits
+        self._send = send
+        self._max_frame = limits.max_frame_bytes
+        self._stuck_s = limits.stuck_close_s
+        self._budget = ReplyBudget(limits.max_pending_reply_bytes)
+        self._outbox = Outbox(
+            send, OUTGOING_FRAMES, self._sent, stuck_after_s=limits.stuck_close_s, on_stuck=self._stuck
+        )
         self._max_workers = max(1, state.settings.limits.max_in_flight_per_connection)
         self._workers = 0
         self._listening = 0  # workers waiting for the next frame
@@ -104,6 +122,7 @@ class Connection:
                 self._workers = 1
                 await self._worker()
         finally:
+            self._outbox.close()
             for sub in list(self.subs.values()):
                 sub.close("connection closed")
             self.subs.clear()
@@ -112,9 +131,12 @@ class Connection:
         """Read a frame, serve it, repeat; the first to see the client leave ends the connection."""
         assert self._tasks is not None
         receive = self._receive
+        budget = self._budget
         while True:
             self._listening += 1
             try:
+                if not budget.has_room():  # the client is not reading its replies: neither do we
+                    await budget.wait_for_room()
                 message = await receive()
             finally:
                 self._listening -= 1
@@ -131,25 +153,55 @@ class Connection:
         data = message.get("bytes")
         if data is None:
             self._count("-", "bad_frame")
-            await self._outbox.put(encode_error(None, BadFrame("send binary frames holding one msgpack map")))
+            await self._queue(encode_error(None, BadFrame("send binary frames holding one msgpack map")))
             return
         try:
             frame = decode_frame(data)
         except FrameError as exc:
             self._count("-", exc.error.code)
-            await self._outbox.put(encode_error(exc.request_id, exc.error))
+            await self._queue(encode_error(exc.request_id, exc.error))
             return
         op = frame.op if isinstance(frame.op, str) else "-"
         started = time.perf_counter()
+        reserved = self._budget.reserve(vector_bytes_floor(frame.op, frame.args, self._dim_of))
         reply, code, sub = await self._serve(frame)
-        await self._outbox.put(reply)
+        if len(reply) > self._max_frame:
+            code = TooLarge.code
+            reply = encode_error(frame.request_id, reply_too_large(len(reply), self._max_frame))
+        self._budget.replace(reserved, len(reply))
+        await self._queue(reply)
         self.state.metrics.served("ws", op, code, time.perf_counter() - started)
         if sub is not None:
             await self._replay(sub)
 
+    async def _queue(self, data: bytes) -> None:
+        """Put a frame in the outbox, counted against the pending reply bytes until sent."""
+        self._budget.add(len(data))
+        await self._outbox.put(data)
+
     def _sent(self, data: bytes) -> None:
+        self._budget.release(len(data))
         if isinstance(data, _Push):
             self._push_credits.release()
+
+    def _dim_of(self, collection: str) -> int | None:
+        try:
+            return self.state.engine.catalog.get(collection).dim
+        except NotFound:
+            return None
+
+    def _stuck(self) -> None:
+        """The socket took nothing for `stuck_close_s` while frames waited: close with 1013
+        (written past the paused transport) and end the connection's tasks."""
+        log.warning(
+            "closing WebSocket of %s: no reply went out for %.1f s (%d reply bytes pending)",
+            self.caller,
+            self._stuck_s,
+            self._budget.pending,
+        )
+        close_now(self._send, CLOSE_STUCK, "replies are not being read", self._stuck_s)
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
 
     def _count(self, op: str, code: str) -> None:
         self.state.metrics.requests.labels("ws", op, code).inc()
@@ -163,6 +215,7 @@ class Connection:
             if isinstance(request, Auth):
                 self.grant = auth.lookup(request.key)
                 self.authenticated = True
+                self._end_unreadable_subs()
             auth.check(self.grant, self.caller, request)
             if isinstance(request, Subscribe):
                 sub = await self._subscribe(request)
@@ -194,6 +247,13 @@ class Connection:
         sub.waker = self._on_ready
         return sub
 
+    def _end_unreadable_subs(self) -> None:
+        """The connection's key changed: end (with an `ended` push, code `forbidden`) every
+        subscription the new key may not read; none of its buffered matches is sent."""
+        for sub in list(self.subs.values()):
+            if not _may_read(self.grant, sub.collection):
+                sub.close(f"this connection's key may not read collection {sub.collection!r}", Forbidden.code)
+
     def _unsubscribe(self, sub_id: str) -> None:
         sub = self.subs.pop(sub_id, None)
         if sub is None:
@@ -214,7 +274,7 @@ class Connection:
         if sub.closed and sub.replaying:
             # Ended before reaching the live point: what is buffered lies past a gap.
             if self.subs.pop(sub.id, None) is not None and sub.reason not in _SILENT_ENDS:
-                await self._outbox.put(self._ended(sub))
+                await self._queue(self._ended(sub))
             return
         sub.go_live()
 
@@ -234,7 +294,7 @@ class Connection:
                 if sub.pending and sub.reason not in _SILENT_ENDS:
                     self._ready[sub] = None
                 elif sub.closed and self.subs.pop(sub.id, None) is not None and sub.reason not in _SILENT_ENDS:
-                    await self._outbox.put(self._ended(sub))
+                    await self._queue(self._ended(sub))
 
     async def _send_push(self, sub: Subscriber, item: Item) -> None:
         """Queue a push within the connection's push window (waits while it is full); nothing once
@@ -243,10 +303,10 @@ class Connection:
             self._push_credits.acquire_nowait()  # no checkpoint per frame while there is room
         else:
             await self._push_credits.acquire()
-        if sub.reason in _SILENT_ENDS:
+        if sub.reason in _SILENT_ENDS or sub.code == Forbidden.code:
             self._push_credits.release()
             return
-        await self._outbox.put(self._push(sub, item))
+        await self._queue(self._push(sub, item))
 
     @staticmethod
     def _ended(sub: Subscriber) -> bytes:
@@ -259,6 +319,11 @@ class Connection:
         assert not isinstance(item, ChangeEvent), "WebSocket subscriptions carry matches only"
         body = {"sub": sub.id, "seq": item.seq, "op": "upsert", "hit": match_hit(item, sub.include, compact=True)}
         return _Push(encode_push("match", body))
+
+
+def _may_read(grant: ApiKey | None, collection: str) -> bool:
+    """Whether `grant` (None: auth is off) may read `collection` (what `subscribe` needs)."""
+    return grant is None or (grant.access >= Access.READ and grant.allows(collection))
 
 
 class _Push(bytes):
