@@ -20,6 +20,7 @@ from models.errors import BadRequest, ShoalError, TooLarge, UnknownOp, as_shoal_
 from models.requests import parse_request
 from server.auth import bearer
 from server.ops import execute
+from server.reply_budget import reply_too_large
 from server.state import AppState
 
 MSGPACK = "application/msgpack"
@@ -89,6 +90,8 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
         visible = None if grant is None else grant.collections
         result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
         response, code = _respond(result, 200, msgpack_reply), "ok"
+        if len(response.body) > state.settings.limits.max_frame_bytes:  # the same bound as a frame
+            raise reply_too_large(len(response.body), state.settings.limits.max_frame_bytes)
     except Exception as exc:
         error = as_shoal_error(exc)
         if not isinstance(exc, ShoalError):
