@@ -7,10 +7,12 @@ send is in progress, others only queue. So frames leave in the order they were p
 never more than one sender, and a slow socket (uvicorn waits while its transport is paused) holds
 up only that connection's tasks: at most `limit` frames wait, further `put`s wait for room.
 
-Stuck sockets: with `stuck_after_s`, a send that waits that long with no frame going out (the
-client reads nothing, so the transport stays paused) calls `on_stuck` once, from a timer; the
-outbox is closed from then on. The timer is armed once per `stuck_after_s` while frames are
-being sent, not per frame: a timed scope around every send cost more than the send itself.
+Stuck sockets: with `stuck_after_s`, a send that waits that long with no progress (no frame
+went out, and the bytes the transport holds did not shrink: the client reads nothing, so the
+transport stays paused) calls `on_stuck` once, from a timer; the outbox is closed from then on.
+The timer is armed once per `stuck_after_s` while frames are being sent, not per frame: a timed
+scope around every send cost more than the send itself. `buffered` (the transport's write
+buffer size) lets a client that reads a large frame slowly count as making progress.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Outbox:
         *,
         stuck_after_s: float = 0.0,
         on_stuck: Callable[[], None] | None = None,
+        buffered: Callable[[], int] | None = None,
     ) -> None:
         """`stuck_after_s` <= 0 or no `on_stuck`: never called stuck."""
         self._send = send
@@ -46,6 +49,8 @@ class Outbox:
         self._loop = asyncio.get_running_loop()
         self._progress_at = 0.0  # loop time a frame last went out (or sending began)
         self._watch: asyncio.TimerHandle | None = None
+        self._buffered = buffered
+        self._last_buffered = 0  # what `buffered` said when last looked at
 
     async def put(self, data: bytes) -> None:
         """Send `data` after every frame put before it; returns once it is sent or queued."""
@@ -66,6 +71,8 @@ class Outbox:
             self._progress_at = self._loop.time()
             if self._watch is None:
                 self._watch = self._loop.call_at(self._progress_at + self._stuck_after, self._check_stuck)
+                if self._buffered is not None:
+                    self._last_buffered = self._buffered()
         try:
             queue = self._queue
             while queue and not self.closed:
@@ -97,8 +104,14 @@ class Outbox:
         self._watch = None
         if self.closed or not self._sending:
             return  # idle now: armed again by the next sender
+        now = self._loop.time()
+        if self._buffered is not None:
+            size = self._buffered()
+            if size < self._last_buffered:  # the client took some bytes since the last look
+                self._progress_at = now
+            self._last_buffered = size
         due = self._progress_at + self._stuck_after
-        if self._loop.time() < due:
+        if now < due:
             self._watch = self._loop.call_at(due, self._check_stuck)
             return
         self.close()

@@ -48,9 +48,14 @@ class ReplyBudget:
         """True when one more request may be read."""
         return not self.pending or self.pending + self.typical <= self.limit
 
-    async def wait_for_room(self) -> None:
-        """Return once one more request may be read (at once when there is room)."""
-        while not self.has_room():
+    def fits(self, size: int) -> bool:
+        """True when a frame of `size` bytes may be queued now."""
+        return not self.pending or self.pending + size <= self.limit
+
+    async def wait_for_room(self, size: int | None = None) -> None:
+        """Return once one more request may be read (`size` None), or a frame of `size` bytes
+        may be queued; at once when there is room."""
+        while not (self.has_room() if size is None else self.fits(size)):
             if self._room is None:
                 self._room = anyio.Event()
             await self._room.wait()
@@ -63,11 +68,13 @@ class ReplyBudget:
         return reserved
 
     def replace(self, reserved: int, size: int) -> None:
-        """The reply is built: drop its reservation and learn its size (queue it with `add`)."""
-        self.pending -= reserved
+        """The reply is built and about to be queued: its reservation becomes its real `size`,
+        counted until `release`; the typical size learns from it."""
+        self.pending += size - reserved
         typical = self.typical
         self.typical = size if size > typical else max(1, typical - (typical - size) // _DECAY)
-        self._maybe_wake()
+        if size < reserved:
+            self._wake()
 
     def add(self, size: int) -> None:
         """A frame of `size` bytes was queued to be sent."""
@@ -76,10 +83,11 @@ class ReplyBudget:
     def release(self, size: int) -> None:
         """A frame of `size` bytes was handed to the socket."""
         self.pending -= size
-        self._maybe_wake()
+        self._wake()
 
-    def _maybe_wake(self) -> None:
-        if self._room is not None and self.has_room():
+    def _wake(self) -> None:
+        # Every waiter checks its own condition again: readers and pushes wait for different room.
+        if self._room is not None:
             self._room.set()
             self._room = None
 

@@ -53,7 +53,7 @@ from server.ops import execute, match_hit
 from server.outbox import Outbox
 from server.reply_budget import ReplyBudget, reply_too_large, vector_bytes_floor
 from server.state import AppState
-from server.ws_transport import close_now
+from server.ws_transport import close_now, write_buffer_size
 
 SUBPROTOCOL = "shoal.v1"
 OUTGOING_FRAMES = 1024
@@ -91,7 +91,12 @@ class Connection:
         self._stuck_s = limits.stuck_close_s
         self._budget = ReplyBudget(limits.max_pending_reply_bytes)
         self._outbox = Outbox(
-            send, OUTGOING_FRAMES, self._sent, stuck_after_s=limits.stuck_close_s, on_stuck=self._stuck
+            send,
+            OUTGOING_FRAMES,
+            self._sent,
+            stuck_after_s=limits.stuck_close_s,
+            on_stuck=self._stuck,
+            buffered=write_buffer_size(send),
         )
         self._max_workers = max(1, state.settings.limits.max_in_flight_per_connection)
         self._workers = 0
@@ -169,7 +174,7 @@ class Connection:
             code = TooLarge.code
             reply = encode_error(frame.request_id, reply_too_large(len(reply), self._max_frame))
         self._budget.replace(reserved, len(reply))
-        await self._queue(reply)
+        await self._outbox.put(reply)
         self.state.metrics.served("ws", op, code, time.perf_counter() - started)
         if sub is not None:
             await self._replay(sub)
@@ -303,10 +308,21 @@ class Connection:
             self._push_credits.acquire_nowait()  # no checkpoint per frame while there is room
         else:
             await self._push_credits.acquire()
-        if sub.reason in _SILENT_ENDS or sub.code == Forbidden.code:
+        if self._push_unwanted(sub):
             self._push_credits.release()
             return
-        await self._queue(self._push(sub, item))
+        push = self._push(sub, item)
+        if not self._budget.fits(len(push)):  # the socket is slow: the subscriber buffers fill
+            await self._budget.wait_for_room(len(push))
+            if self._push_unwanted(sub):
+                self._push_credits.release()
+                return
+        await self._queue(push)
+
+    @staticmethod
+    def _push_unwanted(sub: Subscriber) -> bool:
+        """Unsubscribed or closed with the connection, or no longer readable by its key."""
+        return sub.reason in _SILENT_ENDS or sub.code == Forbidden.code
 
     @staticmethod
     def _ended(sub: Subscriber) -> bytes:

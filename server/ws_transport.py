@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from starlette.types import Send
 
@@ -56,3 +57,11 @@ def close_now(send: Send, code: int, reason: str, abort_after_s: float) -> bool:
         transport.resume_reading()
     protocol.close_timer = asyncio.get_running_loop().call_later(max(0.0, abort_after_s), transport.abort)
     return True
+
+
+def write_buffer_size(send: Send) -> Callable[[], int] | None:
+    """A function giving the bytes `send`'s transport holds, not yet taken by the socket; None
+    when `send` is not uvicorn's websockets-sansio protocol."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    size = getattr(transport, "get_write_buffer_size", None)
+    return size if callable(size) else None
