@@ -312,6 +312,8 @@ class Connection:
             self._push_credits.release()
             return
         push = self._push(sub, item)
+        if len(push) > self._max_frame:  # a match too large to push whole is reported dropped
+            push = _Push(encode_push("lagged", {"sub": sub.id, "dropped": 1}))
         if not self._budget.fits(len(push)):  # the socket is slow: the subscriber buffers fill
             await self._budget.wait_for_room(len(push))
             if self._push_unwanted(sub):

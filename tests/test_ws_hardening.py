@@ -237,3 +237,41 @@ async def test_reads_racing_a_drop_answer_ok_or_not_found(
     assert not unexpected, f"only ok / not_found expected: {dict(codes)}"
     assert sum(v for k, v in codes.items() if k.endswith(":not_found")) > 0, "the race never hit"
     assert all(codes[f"{op}:ok"] > 0 for op in ("text", "vector", "get", "count", "list", "upsert"))
+
+
+async def test_a_match_too_large_to_push_is_reported_dropped(hardened: ServerProcess) -> None:
+    name = unique("bigpush")
+    async with ShoalClient.connect(hardened.ws_url, ADMIN) as admin:
+        await admin.create_collection(name)  # the embedding model's 384 dimensions
+        async with websockets.connect(
+            hardened.ws_url,
+            subprotocols=[websockets.Subprotocol("shoal.v1")],
+            additional_headers=headers(ADMIN),
+            max_size=None,
+        ) as ws:
+            request = {
+                "id": 1,
+                "op": "subscribe",
+                "collection": name,
+                "text": "anything",
+                "threshold": -1.0,
+                "include": ["metadata", "vector"],
+            }
+            await ws.send(msgpack.packb(request))
+            assert msgpack.unpackb(await asyncio.wait_for(ws.recv(), 20))["ok"] is True
+            # Its upsert frame fits the limit; its push adds the 1,536-byte vector and does not.
+            filler = "m" * (FRAME_LIMIT - 1_000)
+            await admin.upsert(name, [{"id": "huge", "text": "x", "metadata": {"blob": filler}}])
+            await admin.upsert(name, [{"id": "small", "text": "y", "metadata": {"blob": "z"}}])
+            sizes: list[int] = []
+            frames: list[dict[str, Any]] = []
+            async with asyncio.timeout(20):
+                while len(frames) < 2:
+                    data = await ws.recv()
+                    assert isinstance(data, bytes)
+                    sizes.append(len(data))
+                    frames.append(msgpack.unpackb(data))
+        assert max(sizes) <= FRAME_LIMIT
+        assert frames[0]["event"] == "lagged" and frames[0]["dropped"] == 1
+        assert frames[1]["event"] == "match" and frames[1]["hit"]["id"] == "small"
+        await admin.drop_collection(name)
