@@ -212,6 +212,7 @@ class RawWebSocket:
         host, port = url.split("//")[1].split("/")[0].split(":")
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         self.sock.connect((host, int(port)))
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
@@ -379,7 +380,9 @@ async def test_a_client_that_never_reads_is_held_back_and_closed(guarded: Server
             f"p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms; in the flood's first 10 s: "
             f"{len(first_10s)} queries, p99 {p99_10s * 1000:.1f} ms"
         )
-        assert sent < FLOOD, "the server stopped reading the flooder (TCP back-pressure)"
+        # The server stopped reading the flooder (TCP back-pressure): what it took sits in socket
+        # buffers, a few hundred kilobytes, where a server that read on took every request.
+        assert sent < FLOOD // 2, "the server read on while the flooder read nothing"
         assert hwm - baseline < RSS_BOUND, f"server memory grew by {(hwm - baseline) / 2**20:.0f} MiB"
         assert p99 < P99_BOUND_S, f"the other client's p99 was {p99 * 1000:.0f} ms"
         # The flooder's socket was stuck from its first large reply on (its receive buffer is
