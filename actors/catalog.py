@@ -66,6 +66,11 @@ class Catalog:
     def close(self) -> None:
         self._closed.set()
 
+    @property
+    def read_pool(self) -> ReadPool:
+        """The search threads every shard shares (read its size and queue for metrics)."""
+        return self._pool
+
     def get(self, name: str) -> Collection:
         """The running collection; raises NotFound."""
         collection = self._collections.get(name)

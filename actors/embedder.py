@@ -27,8 +27,9 @@ texts were in that batch; the actor keeps serving.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
@@ -37,7 +38,8 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 from numpy.typing import NDArray
 
-from actors.mailbox import Mailbox, Reply
+from actors.latency import LatencyHistogram
+from actors.mailbox import Mailbox, Reply, unknown_message
 from actors.onnx_model import MiniLM, TokenIds
 from models.config import EngineConfig
 from models.errors import Unavailable
@@ -79,6 +81,16 @@ class EmbedderStats:
     failed_batches: int = 0
     abandoned: int = 0
     largest_batch: int = 0
+    # Time of each model run (a batch in its worker thread), successful or not.
+    batch_seconds: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneDepth:
+    """What waits in one lane now, and its bound (texts for the query lane, chunks for bulk)."""
+
+    queued: int
+    limit: int
 
 
 @dataclass(slots=True)
@@ -104,12 +116,15 @@ class _Lane:
         if self.done:
             return None
         try:
-            return self.rx.receive_nowait()
+            chunk = self.rx.receive_nowait()
         except anyio.WouldBlock:
             return None
         except anyio.EndOfStream:
             self.done = True
             return None
+        if not isinstance(chunk, _Chunk):
+            unknown_message("embedder", chunk)
+        return chunk
 
     @property
     def drained(self) -> bool:
@@ -173,6 +188,13 @@ class Embedder:
     @property
     def stats(self) -> EmbedderStats:
         return self._stats
+
+    def queue_depths(self) -> dict[str, LaneDepth]:
+        """What waits in each lane ("query", "bulk") now, with the lane's bound."""
+        return {
+            "query": LaneDepth(self._queries.depth, self._queries.size),
+            "bulk": LaneDepth(self._bulk.depth, self._bulk.size),
+        }
 
     # ------------------------------------------------------------------ public API
 
@@ -319,8 +341,12 @@ class Embedder:
     async def _run_batch(self, model: EmbeddingModel, batch: _Batch) -> None:
         stats = self._stats
         rows = [row for chunk in batch.chunks for row in chunk.rows]
+        started = time.perf_counter()
         try:
-            vectors = await anyio.to_thread.run_sync(model.encode_ids, rows, limiter=self._limiter)
+            try:
+                vectors = await anyio.to_thread.run_sync(model.encode_ids, rows, limiter=self._limiter)
+            finally:
+                stats.batch_seconds.observe(time.perf_counter() - started)
             offset = 0
             for chunk in batch.chunks:
                 chunk.reply.set(vectors[offset : offset + len(chunk.rows)])

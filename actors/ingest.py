@@ -24,7 +24,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskStatus
 
 from actors.catalog import Catalog, Collection
 from actors.embedder import Embedder
-from actors.mailbox import Mailbox, Reply
+from actors.mailbox import Mailbox, Reply, unknown_message
 from actors.persistence import Persistence
 from models.config import EngineConfig
 from models.errors import Exists, ShoalError
@@ -164,9 +164,11 @@ class Ingest:
                         job = await self._mailbox.receive.receive()
                     except anyio.EndOfStream:
                         return
-                if not isinstance(job, UpsertJob):
+                if isinstance(job, DeleteJob | CreateJob | DropJob):
                     await out.send(job)
                     continue
+                if not isinstance(job, UpsertJob):
+                    unknown_message("ingest", job)
                 jobs, carried = await self._coalesce(job)
                 batch = await self._embed(jobs)
                 if batch is not None:
@@ -236,10 +238,12 @@ class Ingest:
             await self._commit_delete(item)
         elif isinstance(item, CreateJob):
             await self._commit_create(item)
-        else:
+        elif isinstance(item, DropJob):
             await self._persistence.drop_collection(item.name)
             await self._catalog.remove(item.name)
             item.reply.set(None)
+        else:
+            unknown_message("ingest committer", item)
 
     async def _commit_upserts(self, batch: UpsertBatch) -> None:
         collection = self._catalog.get(batch.collection)

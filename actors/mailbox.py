@@ -1,13 +1,15 @@
 """The two primitives every actor is built from: a bounded mailbox and a one-shot reply.
 
 A caller builds a frozen message carrying a `Reply`, puts it in the actor's mailbox and awaits
-the reply. The actor owns its state and is the only task that touches it.
+the reply. The actor owns its state and is the only task that touches it. An actor's dispatch
+ends in `unknown_message`: a message of a type it does not handle raises, never falls into some
+other branch.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Generic, TypeVar
+from typing import Generic, Never, NoReturn, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -49,6 +51,12 @@ class Reply(Generic[T]):
         return await self._future
 
 
+def unknown_message(actor: str, message: Never) -> NoReturn:
+    """Raise TypeError naming the message's type: end an actor's dispatch with this, after the
+    branch of every message type it handles (mypy then checks that none is left out)."""
+    raise TypeError(f"{actor} got a message it does not handle: {type(message).__name__}")
+
+
 class Mailbox(Generic[M]):
     """A bounded stream of messages for one actor.
 
@@ -58,9 +66,15 @@ class Mailbox(Generic[M]):
 
     def __init__(self, size: int, name: str) -> None:
         self.name = name
+        self.size = size
         send, receive = anyio.create_memory_object_stream[M](size)
         self._send: MemoryObjectSendStream[M] = send
         self.receive: MemoryObjectReceiveStream[M] = receive
+
+    @property
+    def depth(self) -> int:
+        """Messages queued now (at most `size`), for metrics."""
+        return self.receive.statistics().current_buffer_used
 
     async def send(self, message: M) -> None:
         try:

@@ -340,6 +340,18 @@ class Persistence:
             raise NotFound(f"no collection {name!r}")
         return int(row["last_seq"])
 
+    def pool_stats(self) -> tuple[int, int, int, int] | None:
+        """(connections in use, idle, the pool's bound, callers waiting for one), or None while
+        the pool is not open. asyncpg reports no waiters; they are the getters parked on its
+        connection queue, read defensively (0 if its internals change)."""
+        pool = self._pool
+        if pool is None:
+            return None
+        size, idle = pool.get_size(), pool.get_idle_size()
+        getters = getattr(getattr(pool, "_queue", None), "_getters", None) or ()
+        waiting = sum(1 for getter in getters if not getter.done())
+        return size - idle, idle, pool.get_max_size(), waiting
+
     async def ping(self) -> bool:
         """True if the database answers a query now."""
         try:

@@ -84,6 +84,12 @@ class ReadPool:
                 worker.join(timeout=5.0)
             self._loop = None
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a thread now (for metrics; the shards bound it: each hands the pool
+        at most twice `search_threads` reads at a time, plus its one write)."""
+        return self._jobs.qsize()
+
     def submit(self, fn: Callable[[], T], ok: Callable[[T], None], fail: Callable[[BaseException], None]) -> None:
         """Run `fn` on a worker; then `ok(result)` or `fail(error)` on the event loop."""
         if self._loop is None:

@@ -33,9 +33,10 @@ import anyio
 import numpy as np
 from anyio.abc import TaskStatus
 
-from actors.mailbox import Mailbox, Reply
+from actors.mailbox import Mailbox, Reply, unknown_message
 from actors.read_pool import ReadPool
 from actors.shard_state import ShardState
+from actors.status import ShardSizes
 from models.config import EngineConfig
 from models.errors import DimensionMismatch, Unavailable
 from models.filters import Filter, TextFilter
@@ -262,6 +263,10 @@ class Shard:
         self._mailbox.offer(_IdsMatching(where, where_text, reply))
         return await reply.wait()
 
+    def sizes(self) -> ShardSizes:
+        """Documents, deleted slots, memory and mailbox depth now (for metrics; no message)."""
+        return self._state.sizes(self._mailbox.depth, self._mailbox.size)
+
     def close(self) -> None:
         """No more messages: what is queued is still answered, then `run()` returns."""
         self._mailbox.close()
@@ -312,9 +317,12 @@ class Shard:
                 await self._readers_at_most(self._max_reads - 1)
                 fn = _bind(self._state.ids_matching, msg.where, msg.where_text)
                 self._start_read(fn, msg.reply.set, msg.reply.fail)
-            else:
+            elif isinstance(msg, _Upsert | _Delete):
                 await self._readers_at_most(0)
                 await self._write(msg)
+            else:
+                self._in_hand = []  # nothing to answer: it carries no known reply
+                unknown_message("shard", msg)
 
     def _drain_searches(self, first: _Search) -> list[_Search]:
         """`first` and the searches queued right behind it, up to `search_batch`.
@@ -408,7 +416,7 @@ class Shard:
                 # hnswlib adds with up to search_threads threads of its own: off the pin.
                 await self._pool.call(self._pool.spread(_bind(self._state.upsert, msg.docs)))
                 msg.reply.set(None)
-            else:
+            elif isinstance(msg, _Delete):
                 existed = await self._pool.call(_bind(self._state.delete, msg.ids))
                 msg.reply.set(existed)
         except Exception as exc:

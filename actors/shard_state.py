@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from actors import exact
 from actors.planner import choose_plan
+from actors.status import ShardSizes, hnsw_bytes
 from models.config import EngineConfig
 from models.errors import DimensionMismatch
 from models.filters import Filter, MetadataColumns, TextFilter, text_mask
@@ -112,6 +113,20 @@ class ShardState:
     def capacity(self) -> int:
         return int(self.vectors.shape[0])
 
+    def sizes(self, queued: int, queue_limit: int) -> ShardSizes:
+        """Counts and memory now, read without taking the occupancy (a metrics gauge may lag a
+        write that is being applied)."""
+        arrays = (self.vectors, self.norms, self.live, self.seqs)
+        return ShardSizes(
+            documents=self.n_live,
+            deleted=len(self.free),
+            capacity=self.capacity,
+            index_bytes=hnsw_bytes(self.capacity, self.high, self.dim, self.config.hnsw_m),
+            vector_bytes=sum(int(a.nbytes) for a in arrays),
+            queued=queued,
+            queue_limit=queue_limit,
+        )
+
     # -- writes -----------------------------------------------------------------------------
 
     def upsert(self, docs: Sequence[StoredDoc]) -> None:
@@ -198,7 +213,7 @@ class ShardState:
             if self.n_live == 0 or k <= 0:
                 return [[] for _ in queries]
             q = queries[0][None, :] if len(queries) == 1 else np.stack(queries)
-            plan = choose_plan(self.n_live, self.n_live, k, self.config)
+            plan = choose_plan(self.n_live, self.n_live, k, self.config, len(queries))
             k_eff = min(k, self.n_live)
             if plan == "hnsw":
                 try:

@@ -3,8 +3,12 @@
 A `Subscriber` is filled by the subscriptions actor (`offer`, synchronous, never waits) and
 drained by exactly one consumer: a WebSocket connection's push pump or an SSE stream. Its buffer
 holds at most `capacity` events; what does not fit is either counted and reported as one
-`Lagged` item where the gap is (WebSocket), or ends the subscriber with reason "lagged" (SSE,
+`Lagged` item where the gap is (WebSocket), or ends the subscriber with `EndReason.LAGGED` (SSE,
 whose client resumes from its last id).
+
+Every end has an `EndReason`. The consumer's own ends (unsubscribe, its connection or stream
+going away) are told to nobody; every other end carries the `ShoalError` the client is told
+(the WebSocket `ended` push, the SSE `event: error` block).
 """
 
 from __future__ import annotations
@@ -13,15 +17,59 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Literal
 
 from actors.matching import StandingQuery
+from models.errors import Forbidden, Internal, NotFound, Overloaded, ShoalError, Unavailable
 from models.records import DocId, Include, Metric, StoredDoc
 
 if TYPE_CHECKING:
     from actors.catalog import Collection
 
 Kind = Literal["match", "changes"]
+
+
+# --- why a subscription ended ----------------------------------------------------------------
+
+
+class EndReason(StrEnum):
+    """Why a subscriber was closed. The value is the message the client is told."""
+
+    # The consumer's own doing: nobody is told.
+    UNSUBSCRIBED = "unsubscribed"
+    CONNECTION_CLOSED = "connection closed"  # the WebSocket connection ended
+    DISCONNECTED = "disconnected"  # the SSE reader went away
+    # Told to the client, with the error of `error_class`.
+    # SSE only: the stream ends with `event: lagged` (the code is for completeness); a WebSocket
+    # subscription is never ended for lag, it gets `lagged` pushes.
+    LAGGED = "lagged"
+    COLLECTION_DROPPED = "collection dropped"
+    SERVER_STOPPING = "server shutting down"
+    REPLAY_FAILED = "replay failed"  # the error is the one the replay raised
+    FORBIDDEN = "the key no longer allows this subscription"  # re-authenticated with less access
+    INTERNAL = "internal error"  # matching failed; details are in the log
+
+    @property
+    def silent(self) -> bool:
+        """True when the end is the consumer's own doing, so there is nobody to tell."""
+        return self in _SILENT
+
+    @property
+    def error_class(self) -> type[ShoalError] | None:
+        """The error this end is told as; None for the silent ends and for REPLAY_FAILED, whose
+        error is the one the replay raised."""
+        return _ERROR_OF.get(self)
+
+
+_SILENT = frozenset({EndReason.UNSUBSCRIBED, EndReason.CONNECTION_CLOSED, EndReason.DISCONNECTED})
+_ERROR_OF: dict[EndReason, type[ShoalError]] = {
+    EndReason.LAGGED: Overloaded,
+    EndReason.COLLECTION_DROPPED: NotFound,
+    EndReason.SERVER_STOPPING: Unavailable,
+    EndReason.FORBIDDEN: Forbidden,
+    EndReason.INTERNAL: Internal,
+}
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -92,10 +140,10 @@ class Subscriber:
         "close_hooks",
         "close_on_overflow",
         "closed",
-        "code",
         "collection",
         "counters",
         "dropped_total",
+        "error",
         "id",
         "include",
         "kind",
@@ -140,8 +188,9 @@ class Subscriber:
         # The actor's counters ("dropped" is added to), for the server's metrics.
         self.counters: dict[str, int] | None = None
         self.closed = False
-        self.reason: str | None = None
-        self.code: str | None = None  # an error code when it ended abnormally (e.g. not_found)
+        self.reason: EndReason | None = None
+        # What the client is told of the end; None while open and for the silent ends.
+        self.error: ShoalError | None = None
 
     def __repr__(self) -> str:
         return f"<Subscriber {self.id} {self.kind} on {self.collection!r}>"
@@ -174,7 +223,7 @@ class Subscriber:
             if self.counters is not None:
                 self.counters["dropped"] += 1
             if self.close_on_overflow:
-                self.close("lagged")
+                self.close(EndReason.LAGGED)
             else:
                 self._gap += 1
             return
@@ -192,7 +241,7 @@ class Subscriber:
         if self.counters is not None:
             self.counters["dropped"] += dropped
         if self.close_on_overflow:
-            self.close("lagged")
+            self.close(EndReason.LAGGED)
         else:
             self._gap += dropped
             self._notify()
@@ -237,14 +286,22 @@ class Subscriber:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def close(self, reason: str, code: str | None = None) -> None:
+    @property
+    def code(self) -> str | None:
+        """The error code the client is told of the end (None while open or for a silent end)."""
+        return None if self.error is None else self.error.code
+
+    def close(self, reason: EndReason, cause: ShoalError | None = None) -> None:
         """End the subscription (idempotent): no more events are queued; consumers are woken.
-        `code` is the error code to tell the client when the end is not its own doing."""
+
+        `cause` is the error behind a REPLAY_FAILED end (its code is told, its message follows
+        the reason's); the other ends are told with their reason's own error class.
+        """
         if self.closed:
             return
         self.closed = True
         self.reason = reason
-        self.code = code
+        self.error = _end_error(reason, cause)
         if self._detach is not None:
             self._detach(self)
             self._detach = None
@@ -256,3 +313,15 @@ class Subscriber:
         self._wake_waiter()
         if self._live and self.waker is not None:
             self.waker(self)
+
+
+def _end_error(reason: EndReason, cause: ShoalError | None) -> ShoalError | None:
+    if reason.silent:
+        return None
+    if reason is EndReason.REPLAY_FAILED:
+        if cause is None:
+            return Internal(reason.value)
+        return type(cause)(f"{reason.value}: {cause.message}")
+    error_class = reason.error_class
+    assert error_class is not None, f"{reason!r} has no error class"
+    return error_class(reason.value)

@@ -20,7 +20,7 @@ Queue policies:
   the missing changes back from the durable log. Overload costs PostgreSQL reads, not matches.
 - Each subscriber buffers at most `buffer` events. When a match does not fit, a WebSocket
   subscriber counts it and later gets one `lagged` event with the number dropped, where the gap
-  is; an SSE subscriber is closed (reason "lagged") and its client resumes from its last id.
+  is; an SSE subscriber is closed (`EndReason.LAGGED`) and its client resumes from its last id.
   Nothing waits for a consumer, so one slow reader slows nobody else.
 """
 
@@ -40,7 +40,7 @@ from actors.catalog import Collection
 from actors.ingest import Applied
 from actors.matching import Matches, QuerySet, StandingQuery, compile_queries, doc_batch, match
 from actors.persistence import Persistence
-from actors.subscriber import ChangeEvent, Event, Kind, MatchEvent, Subscriber, Upserted
+from actors.subscriber import ChangeEvent, EndReason, Event, Kind, MatchEvent, Subscriber, Upserted
 from models.errors import NotFound, Overloaded, ShoalError, Unavailable
 from models.records import Change, DocId, Include, Seq, StoredDoc
 
@@ -163,22 +163,23 @@ class Subscriptions:
                         break
                 except anyio.EndOfStream:
                     break
+                if not isinstance(applied, Applied):
+                    raise TypeError(f"the subscriptions actor got an unknown message {type(applied).__name__}")
                 await self._handle(applied)
                 # Let consumers drain what this batch queued before the next batch adds more.
                 await anyio.lowlevel.checkpoint()
-        self.close_all("server shutting down")
+        self.close_all()
 
     def close(self) -> None:
         """Stop: queued batches are still matched, then every subscriber is closed."""
         self._closing = True
         self._send.close()
 
-    def close_all(self, reason: str = "server shutting down") -> None:
-        """Close every subscriber and refuse new ones (the server is stopping)."""
+    def close_all(self) -> None:
+        """Close every subscriber (told `unavailable`) and refuse new ones: the server is stopping."""
         self._closing = True
         for room in list(self._rooms.values()):
-            for sub in [*room.subs.values(), *room.feeds.values()]:
-                sub.close(reason, "unavailable")
+            self._close_room(room, EndReason.SERVER_STOPPING)
 
     def stats(self) -> SubscriptionStats:
         subs = sum(len(r.subs) for r in self._rooms.values())
@@ -205,7 +206,7 @@ class Subscriptions:
     def collection_dropped(self, name: str) -> None:
         room = self._rooms.pop(name, None)
         if room is not None:
-            self._close_room(room, "collection dropped", "not_found")
+            self._close_room(room, EndReason.COLLECTION_DROPPED)
 
     # -- registration (edge side, synchronous) ------------------------------------------------
 
@@ -231,7 +232,7 @@ class Subscriptions:
             raise Overloaded(f"this server holds its maximum of {self.config.max_subscriptions} subscriptions")
         room = self._rooms.get(collection.name)
         if room is not None and room.collection is not collection:  # dropped and created again
-            self._close_room(room, "collection dropped", "not_found")
+            self._close_room(room, EndReason.COLLECTION_DROPPED)
             room = None
         if room is None:
             room = self._rooms[collection.name] = _Room(collection)
@@ -257,15 +258,15 @@ class Subscriptions:
 
     def _detach(self, sub: Subscriber, room: _Room) -> None:
         self._count -= 1
-        if sub.reason == "lagged":
+        if sub.reason is EndReason.LAGGED:
             self._stats["lagged_closes"] += 1
         room.remove(sub)
         if room.empty and self._rooms.get(room.name) is room:
             del self._rooms[room.name]
 
-    def _close_room(self, room: _Room, reason: str, code: str) -> None:
+    def _close_room(self, room: _Room, reason: EndReason) -> None:
         for sub in [*room.subs.values(), *room.feeds.values()]:
-            sub.close(reason, code)
+            sub.close(reason)
 
     # -- replay (runs in the consumer's task) ---------------------------------------------------
 
@@ -318,7 +319,7 @@ class Subscriptions:
         except Exception:
             log.exception("matching a batch of %r failed; closing its subscribers", applied.collection)
             self._rooms.pop(room.name, None)
-            self._close_room(room, "internal error", "internal")
+            self._close_room(room, EndReason.INTERNAL)
 
     async def _catch_up_behind(self) -> None:
         self._behind = False
@@ -330,7 +331,7 @@ class Subscriptions:
                 except Exception:
                     log.exception("catching up %r failed; closing its subscribers", room.name)
                     self._rooms.pop(room.name, None)
-                    self._close_room(room, "internal error", "internal")
+                    self._close_room(room, EndReason.INTERNAL)
 
     async def _catch_up(self, room: _Room, until: int) -> None:
         """Match the changes (done_seq, until] that never reached the mailbox, read from the log."""

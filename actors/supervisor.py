@@ -31,8 +31,9 @@ from actors.matching import StandingQuery
 from actors.persistence import Persistence
 from actors.planner import merge_hits
 from actors.shard import Shard
-from actors.subscriber import Subscriber
-from actors.subscriptions import SubscriptionConfig, Subscriptions
+from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
+from actors.subscriber import Event, Subscriber
+from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
 from models import requests as rq
 from models.config import EngineConfig, Limits
 from models.errors import DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable
@@ -243,6 +244,56 @@ class Engine:
     def changes(self, name: str, after_seq: int | None) -> Subscriber:
         """A registered change-feed subscriber (closed, not counted, when it overflows)."""
         return self.subscriptions.register(self.catalog.get(name), None, after_seq=after_seq, close_on_overflow=True)
+
+    # -- what the edges need besides the operations (they talk to the Engine, not its actors) ---
+
+    @property
+    def subscription_config(self) -> SubscriptionConfig:
+        """The bounds of subscriptions (per connection, buffers, grace of a closing stream)."""
+        return self.subscriptions.config
+
+    async def replay_page(self, sub: Subscriber) -> list[Event]:
+        """The next page of `sub`'s replay from the durable log (see `Subscriptions.replay_page`).
+        Raises NotFound if the collection is gone, Unavailable if the database is unreachable."""
+        return await self.subscriptions.replay_page(sub)
+
+    def subscription_stats(self) -> SubscriptionStats:
+        return self.subscriptions.stats()
+
+    def close_subscriptions(self) -> None:
+        """End every subscription, told `unavailable` (the server is stopping); refuse new ones."""
+        self.subscriptions.close_all()
+
+    def collection_dim(self, name: str) -> int | None:
+        """The vector width of collection `name`, None if there is none (a plain lookup)."""
+        try:
+            return self.catalog.get(name).dim
+        except NotFound:
+            return None
+
+    async def database_reachable(self) -> bool:
+        """True if PostgreSQL answers a query now."""
+        return await self.persistence.ping()
+
+    def status(self) -> EngineStatus:
+        """Sizes, queues and their bounds now, for an operator's metrics. Sends no message to any
+        actor, so it answers even while they are busy (a figure may be a write behind)."""
+        collections = tuple(
+            CollectionStatus(c.name, tuple(shard.sizes() for shard in c.shards)) for c in self.catalog.all()
+        )
+        embed = self.embedder.queue_depths()
+        queues = {
+            "ingest": Queue(self.ingest.queued, self.config.ingest_queue),
+            "embed_query": Queue(embed["query"].queued, embed["query"].limit),
+            "embed_bulk": Queue(embed["bulk"].queued, embed["bulk"].limit),
+            "subscriptions": Queue(self.subscriptions.stats().queued, self.subscriptions.config.sub_mailbox),
+        }
+        pool = self.persistence.pool_stats()
+        database = None if pool is None else PoolStatus(*pool)
+        read_pool = self.catalog.read_pool
+        return EngineStatus(
+            self.ready, collections, queues, database, read_pool.threads, read_pool.queued, self.embedder.stats
+        )
 
 
 def _check_vector(collection: Collection, vector: Vector, what: str) -> None:

@@ -95,6 +95,10 @@ class Internal(ShoalError):
     code, http_status = "internal", 500
 
 
+class MethodNotAllowed(ShoalError):
+    code, http_status = "method_not_allowed", 405
+
+
 ERROR_CLASSES: dict[str, type[ShoalError]] = {
     cls.code: cls
     for cls in (
@@ -112,6 +116,7 @@ ERROR_CLASSES: dict[str, type[ShoalError]] = {
         Unavailable,
         Overloaded,
         Internal,
+        MethodNotAllowed,
     )
 }
 
@@ -121,6 +126,7 @@ _STATUS_CLASSES: dict[int, type[ShoalError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    405: MethodNotAllowed,
     409: Exists,
     413: TooLarge,
     422: BadRequest,

@@ -85,6 +85,13 @@ class Internal(ShoalError):
     code, http_status = "internal", 500
 
 
+class MethodNotAllowed(ShoalError):
+    """An HTTP method the path does not answer (an addition to the contract's table); the
+    response's `Allow` header lists the ones it does."""
+
+    code, http_status = "method_not_allowed", 405
+
+
 INTERNAL_MESSAGE = "internal error"
 
 
@@ -116,4 +123,5 @@ ALL_ERRORS: tuple[type[ShoalError], ...] = (
     Unavailable,
     Overloaded,
     Internal,
+    MethodNotAllowed,
 )

@@ -4,17 +4,23 @@ lifespan: open database (embedded PostgreSQL or URL) -> Engine.running -> serve 
 
 `/` is the browser page (server/static: search over the WebSocket with msgpack, live matches
 over SSE); its files, and the vendored msgpack library, are served from `/static`.
+
+Every HTTP error has the JSON error body `{"error": {"code", "message"}}`: an unknown path is
+`not_found` (404), a method the path does not answer `method_not_allowed` (405, with `Allow`),
+and anything unexpected `internal` (500, no details: they go to the log).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -25,9 +31,23 @@ from starlette.types import ASGIApp
 
 from actors.pg_server import open_database
 from actors.supervisor import Engine
-from server import http_api, sse
-from server.auth import Authenticator, parse_api_keys
+from models.errors import (
+    INTERNAL_MESSAGE,
+    BadRequest,
+    Forbidden,
+    Internal,
+    MethodNotAllowed,
+    NotFound,
+    RateLimited,
+    ShoalError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from server import http_api, sse, ws
+from server.auth import Authenticator, AuthFailures, parse_api_keys
 from server.edge import Edge
+from server.guard import guard_policy
 from server.metrics import Metrics
 from server.settings import Settings
 from server.state import AppState
@@ -41,8 +61,69 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
 
 
+# The error an HTTP-level status stands for (the router, static files, the request parser).
+_STATUS_ERRORS: dict[int, type[ShoalError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: TooLarge,
+    429: RateLimited,
+    503: Unavailable,
+}
+
+
+def error_response(request: Request, error: ShoalError, headers: dict[str, str] | None = None) -> Response:
+    """The error body in the format the request asked for (JSON unless msgpack), with the HTTP
+    status of the error's code."""
+    response = http_api.error_reply(error, http_api.wants_msgpack(request))
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """A Starlette HTTPException (no route, wrong method, ...) as the JSON error of its status:
+    404 `not_found`, 405 `method_not_allowed` keeping the `Allow` header; other 4xx answer
+    `bad_request` (400), other 5xx `internal`."""
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    error_class = _STATUS_ERRORS.get(status) or (BadRequest if status < 500 else Internal)
+    if error_class is NotFound:
+        message = f"no such path: {request.url.path[:200]}"
+    elif error_class is MethodNotAllowed:
+        message = f"{request.method[:16]} is not allowed on {request.url.path[:200]}"
+    elif error_class is Internal:
+        message = INTERNAL_MESSAGE
+    else:
+        message = str(exc.detail)[:200]
+    headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
+    return error_response(request, error_class(message), headers)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """Anything a route did not handle: 500 `internal`, no details. Starlette re-raises the
+    exception after this response, so the server logs it with its traceback."""
+    return error_response(request, Internal(INTERNAL_MESSAGE))
+
+
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    HTTPException: http_error,
+    Exception: unexpected_error,
+}
+
+
 def create_app(settings: Settings) -> ASGIApp:
-    authenticator = Authenticator(parse_api_keys(settings.api_keys), settings.rate_limit, settings.rate_burst)
+    failures = AuthFailures(
+        settings.auth_failures_per_minute, settings.auth_failure_burst, settings.auth_failure_addresses
+    )
+    authenticator = Authenticator(
+        parse_api_keys(settings.api_keys),
+        settings.rate_limit,
+        settings.rate_burst,
+        failures,
+        settings.ws_auth_failures_close,
+    )
     subscriptions = sse.subscription_config()
 
     @asynccontextmanager
@@ -53,6 +134,7 @@ def create_app(settings: Settings) -> ASGIApp:
             anyio.create_task_group() as tasks,
         ):
             metrics = Metrics()
+            metrics.watch(engine, ws.connection_caps(settings.limits))
             metrics.registry.register(sse.SubscriptionCollector(engine, app.state.sse))
             app.state.shoal = AppState(settings, metrics, engine, authenticator)
             tasks.start_soon(app.state.sse.heartbeats)
@@ -60,16 +142,22 @@ def create_app(settings: Settings) -> ASGIApp:
             tasks.cancel_scope.cancel()
         log.info("engine stopped")
 
+    # HEAD is answered where GET is (Starlette adds it) and nowhere else: a write route takes its
+    # one method, and any other method gets a JSON 405 from the catch-all after it.
     routes = [
-        Route("/v1/collections", http_api.collections, methods=["GET", "POST"]),
-        Route("/v1/collections/{name}", http_api.collection, methods=["DELETE"]),
+        Route("/v1/collections", http_api.list_collections, methods=["GET"]),
+        Route("/v1/collections", http_api.create_collection, methods=["POST"]),
+        Route("/v1/collections", http_api.WrongMethod("GET, HEAD, POST")),
+        Route("/v1/collections/{name}", http_api.drop_collection, methods=["DELETE"]),
+        Route("/v1/collections/{name}", http_api.WrongMethod("DELETE")),
         Route("/v1/collections/{name}/subscribe", sse.subscribe, methods=["GET"]),
         Route("/v1/collections/{name}/changes", sse.changes, methods=["GET"]),
-        Route("/v1/collections/{name}/{op}", http_api.collection_op, methods=["GET", "POST"]),
-        Route("/healthz", http_api.healthz),
-        Route("/readyz", http_api.readyz),
-        Route("/metrics", http_api.metrics),
-        Route("/", index),
+        Route("/v1/collections/{name}/{op}", http_api.collection_op, methods=["POST"]),
+        Route("/v1/collections/{name}/{op}", http_api.WrongMethod("POST")),
+        Route("/healthz", http_api.healthz, methods=["GET"]),
+        Route("/readyz", http_api.readyz, methods=["GET"]),
+        Route("/metrics", http_api.metrics, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     middleware = []
@@ -83,6 +171,6 @@ def create_app(settings: Settings) -> ASGIApp:
                 expose_headers=["*"],
             )
         )
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.sse = sse.SSEState(settings.heartbeat_s)
-    return Edge(app)
+    return Edge(app, guard_policy(settings))

@@ -15,8 +15,9 @@ from typing import Any
 import msgpack
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
 
-from models.errors import BadRequest, ShoalError, TooLarge, UnknownOp, as_shoal_error
+from models.errors import BadRequest, MethodNotAllowed, ShoalError, TooLarge, UnknownOp, as_shoal_error
 from models.requests import parse_request
 from server.auth import bearer
 from server.ops import execute
@@ -29,9 +30,15 @@ COLLECTION_OPS = frozenset({"upsert", "delete", "get", "query", "count"})
 log = logging.getLogger("shoal.http")
 
 
-def _wants_msgpack(request: Request) -> bool:
+def wants_msgpack(request: Request) -> bool:
+    """True when the reply should be msgpack (the request was msgpack, or `Accept` asks)."""
     content_type = request.headers.get("content-type", "")
     return content_type.startswith(MSGPACK) or MSGPACK in request.headers.get("accept", "")
+
+
+def error_reply(error: ShoalError, msgpack_reply: bool) -> Response:
+    """`{"error": {"code", "message"}}` with the HTTP status of the error's code."""
+    return _respond({"error": error.to_wire()}, error.http_status, msgpack_reply)
 
 
 def _respond(body: dict[str, Any], status: int, msgpack_reply: bool) -> Response:
@@ -72,13 +79,14 @@ async def _read_body(request: Request, limit: int) -> dict[str, Any]:
 
 async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Response:
     state: AppState = request.app.state.shoal
-    msgpack_reply = _wants_msgpack(request)
+    msgpack_reply = wants_msgpack(request)
     started = time.perf_counter()
     try:
-        grant = state.auth.lookup(bearer(request.headers.get("authorization")))
+        caller = request.client.host if request.client else "-"
+        grant = state.auth.lookup(bearer(request.headers.get("authorization")), caller)
         args = (
             await _read_body(request, state.settings.limits.max_frame_bytes)
-            if request.method != "GET"
+            if request.method not in ("GET", "HEAD")
             else {}
         )
         for key, value in path_args.items():
@@ -86,7 +94,7 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
                 raise BadRequest(f"'{key}' in the body differs from the path")
             args[key] = value
         parsed = parse_request(op, args, state.settings.limits)
-        state.auth.check(grant, request.client.host if request.client else "-", parsed)
+        state.auth.check(grant, caller, parsed)
         visible = None if grant is None else grant.collections
         result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
         response, code = _respond(result, 200, msgpack_reply), "ok"
@@ -101,21 +109,39 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
     return response
 
 
-async def collections(request: Request) -> Response:
-    if request.method == "GET":
-        return await _serve(request, "list_collections", {})
+async def list_collections(request: Request) -> Response:
+    return await _serve(request, "list_collections", {})
+
+
+async def create_collection(request: Request) -> Response:
     return await _serve(request, "create_collection", {})
 
 
-async def collection(request: Request) -> Response:
+async def drop_collection(request: Request) -> Response:
     return await _serve(request, "drop_collection", {"name": request.path_params["name"]})
+
+
+class WrongMethod:
+    """The ASGI app behind a route's own methods (a Route of an ASGI app takes every method):
+    405 `method_not_allowed` with `Allow: allow`, so that a HEAD, GET or any other method never
+    reaches a write."""
+
+    def __init__(self, allow: str) -> None:
+        self.allow = allow
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        error = MethodNotAllowed(f"{request.method[:16]} is not allowed here; use {self.allow}")
+        response = error_reply(error, wants_msgpack(request))
+        response.headers["allow"] = self.allow
+        await response(scope, receive, send)
 
 
 async def collection_op(request: Request) -> Response:
     op = request.path_params["op"]
     if op not in COLLECTION_OPS:
         error = UnknownOp(f"no such op: {op[:64]!r}")
-        return _respond({"error": error.to_wire()}, error.http_status, _wants_msgpack(request))
+        return _respond({"error": error.to_wire()}, error.http_status, wants_msgpack(request))
     return await _serve(request, op, {"collection": request.path_params["name"]})
 
 
@@ -127,16 +153,19 @@ async def readyz(request: Request) -> Response:
     state: AppState | None = getattr(request.app.state, "shoal", None)
     if state is None or not state.engine.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
-    if not await state.engine.persistence.ping():
+    if not await state.engine.database_reachable():
         return JSONResponse({"status": "database unavailable"}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus text. It names every collection, so with auth on it needs a key that may read
+    it (admin, or `"metrics": true`): 401 without a valid key, 403 with another."""
     state: AppState = request.app.state.shoal
-    engine = state.engine
-    state.metrics.ready.set(1 if engine.ready else 0)
-    state.metrics.ingest_queue.set(engine.ingest.queued)
-    for info in await engine.list_collections():
-        state.metrics.documents.labels(info.name).set(info.count)
+    if state.auth.enabled:
+        try:
+            caller = request.client.host if request.client else "-"
+            state.auth.check_metrics(state.auth.lookup(bearer(request.headers.get("authorization")), caller))
+        except ShoalError as exc:
+            return _respond({"error": exc.to_wire()}, exc.http_status, False)
     return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,19 +1,56 @@
-"""Prometheus metrics of one server instance (own registry, so several apps can share a process)."""
+"""Prometheus metrics of one server instance (own registry, so several apps can share a process).
+
+Request counters and latencies are updated as requests are served. Everything about the engine
+(sizes, queues with their bounds, the database pool, plans, the embedder's batches) is read when
+/metrics is scraped, by `EngineCollector`, from `Engine.status()`: no actor is messaged, so a
+scrape answers while the engine is busy. Each bounded queue is exported as a pair, `<name>` and
+`<name>_limit`, so an alert can compare the two.
+"""
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Iterator, Mapping
+from importlib import metadata
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from actors.embedder import EmbedderStats
+from actors.latency import LatencyHistogram
+from actors.planner import plan_counts
+from actors.supervisor import Engine
 from models.requests import PARSERS
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Fixed caps exported as constant gauges: family name -> (help, value).
+Caps = Mapping[str, tuple[str, int]]
+
+
+def version() -> str:
+    """The installed package's version ("unknown" when run from a bare checkout)."""
+    try:
+        return metadata.version("shoal")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.requests = Counter(
             "shoal_requests",
             "Requests served, by transport, op and result code",
@@ -30,16 +67,17 @@ class Metrics:
         self.ws_connections = Gauge(
             "shoal_ws_connections", "Open WebSocket connections", registry=self.registry
         )
-        self.documents = Gauge(
-            "shoal_documents", "Documents per collection", ["collection"], registry=self.registry
+        build = Gauge(
+            "shoal_build_info", "Always 1; the labels name the build", ["version", "python"], registry=self.registry
         )
-        self.ingest_queue = Gauge(
-            "shoal_ingest_queue", "Write jobs waiting in the ingest mailbox", registry=self.registry
-        )
-        self.ready = Gauge("shoal_ready", "1 when the engine serves requests", registry=self.registry)
+        build.labels(version(), platform.python_version()).set(1)
 
         # Labelled children looked up once: `labels()` per request showed in the query profile.
         self._served: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def watch(self, engine: Engine, caps: Caps) -> None:
+        """Export the engine's state, read at each scrape, and the fixed per-connection caps."""
+        self.registry.register(EngineCollector(engine, caps))
 
     def served(self, transport: str, op: str, code: str, seconds: float) -> None:
         """Count one request and observe its latency; an unknown op counts as "-", so a client
@@ -55,3 +93,128 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# Bounded queues of `EngineStatus.queues`: key -> (family, help).
+_QUEUES = {
+    "ingest": ("shoal_ingest_queue", "Write jobs waiting in the ingest mailbox"),
+    "subscriptions": ("shoal_subscription_queue", "Applied batches waiting for the subscriptions actor"),
+}
+_EMBED_LANES = {"embed_query": "query", "embed_bulk": "bulk"}
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class EngineCollector(Collector):
+    """The engine's sizes, queues, pool and plan counts, read when /metrics is scraped."""
+
+    def __init__(self, engine: Engine, caps: Caps) -> None:
+        self.engine = engine
+        self.caps = dict(caps)
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        status = engine.status()
+        yield _gauge("shoal_ready", "1 when the engine serves requests", 1 if status.ready else 0)
+
+        for key, (name, doc) in _QUEUES.items():
+            queue = status.queues[key]
+            if key != "subscriptions":  # its depth is exported with the subscription metrics
+                yield _gauge(name, doc, queue.queued)
+            yield _gauge(f"{name}_limit", f"Bound of {name}", queue.limit)
+
+        depth = GaugeMetricFamily("shoal_embed_queue", "Work waiting for the embedder, by lane", labels=["lane"])
+        limit = GaugeMetricFamily(
+            "shoal_embed_queue_limit", "Bound of shoal_embed_queue (query: texts, bulk: chunks)", labels=["lane"]
+        )
+        for key, lane in _EMBED_LANES.items():
+            depth.add_metric([lane], status.queues[key].queued)
+            limit.add_metric([lane], status.queues[key].limit)
+        yield depth
+        yield limit
+        yield from _embedder_metrics(status.embedder)
+
+        docs = GaugeMetricFamily("shoal_documents", "Live documents per collection", labels=["collection"])
+        families = {
+            "documents": GaugeMetricFamily(
+                "shoal_shard_documents", "Live documents per shard", labels=["collection", "shard"]
+            ),
+            "deleted": GaugeMetricFamily(
+                "shoal_shard_deleted",
+                "Deleted slots per shard, reused by later inserts",
+                labels=["collection", "shard"],
+            ),
+            "capacity": GaugeMetricFamily(
+                "shoal_shard_capacity", "Slots allocated per shard (grows by doubling)", labels=["collection", "shard"]
+            ),
+            "index_bytes": GaugeMetricFamily(
+                "shoal_index_bytes",
+                "Estimated memory of the HNSW index per shard (graph and its vectors)",
+                labels=["collection", "shard"],
+            ),
+            "vector_bytes": GaugeMetricFamily(
+                "shoal_vector_bytes",
+                "Memory of the exact replica's arrays per shard (vectors, norms, flags, seqs)",
+                labels=["collection", "shard"],
+            ),
+            "queued": GaugeMetricFamily(
+                "shoal_shard_queue", "Messages waiting in the shard's mailbox", labels=["collection", "shard"]
+            ),
+        }
+        for collection in status.collections:
+            docs.add_metric([collection.name], sum(s.documents for s in collection.shards))
+            for number, sizes in enumerate(collection.shards):
+                labels = [collection.name, str(number)]
+                for field, family in families.items():
+                    family.add_metric(labels, getattr(sizes, field))
+        yield docs
+        yield from families.values()
+        yield _gauge("shoal_shard_queue_limit", "Bound of shoal_shard_queue", engine.config.shard_mailbox)
+
+        yield _gauge("shoal_search_threads", "Threads running shard searches and writes", status.search_threads)
+        yield _gauge("shoal_search_pool_queue", "Shard jobs waiting for a search thread", status.search_pool_queued)
+
+        plans = CounterMetricFamily(
+            "shoal_planner_queries", "Shard searches by the plan chosen (hnsw, hnsw_filtered, exact)", labels=["plan"]
+        )
+        for plan, count in plan_counts().items():
+            plans.add_metric([plan], count)
+        yield plans
+
+        if status.database is not None:
+            pool = status.database
+            conns = GaugeMetricFamily("shoal_db_connections", "Database connections, by state", labels=["state"])
+            conns.add_metric(["in_use"], pool.in_use)
+            conns.add_metric(["idle"], pool.idle)
+            yield conns
+            yield _gauge("shoal_db_connections_limit", "Bound of the database connection pool", pool.limit)
+            yield _gauge("shoal_db_waiting", "Callers waiting for a database connection", pool.waiting)
+
+        subs = engine.subscription_config
+        yield _gauge("shoal_subscriptions_limit", "Subscriptions this server holds at most", subs.max_subscriptions)
+        yield _gauge("shoal_subscription_buffer_limit", "Events buffered per subscription at most", subs.sub_buffer)
+        yield _gauge(
+            "shoal_subscriptions_per_connection_limit",
+            "Subscriptions per WebSocket connection at most",
+            subs.max_subscriptions_per_connection,
+        )
+        for name, (doc, value) in self.caps.items():
+            yield _gauge(name, doc, value)
+
+
+def _embedder_metrics(stats: EmbedderStats) -> Iterator[Metric]:
+    yield _histogram(
+        "shoal_embed_batch_seconds", "Time of one embedding model run (a batch of texts)", stats.batch_seconds
+    )
+    texts = CounterMetricFamily("shoal_embed_texts", "Texts embedded, by lane", labels=["lane"])
+    texts.add_metric(["query"], stats.query_texts)
+    texts.add_metric(["bulk"], stats.bulk_texts)
+    yield texts
+    yield CounterMetricFamily("shoal_embed_failed_batches", "Model runs that raised", value=stats.failed_batches)
+
+
+def _histogram(name: str, doc: str, histogram: LatencyHistogram) -> HistogramMetricFamily:
+    buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in histogram.cumulative()]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=histogram.sum)

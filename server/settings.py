@@ -40,6 +40,13 @@ class Settings:
     rate_burst: float = 0.0
     limits: Limits = field(default_factory=Limits)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # guard (browsers, origins, hosts; failed authentications): see server/guard.py, server/auth.py
+    allowed_origins: tuple[str, ...] = ()  # extra origins a page may call from; "*" = any
+    allowed_hosts: tuple[str, ...] = ()  # extra Host names (beyond the bind address and loopback); "*" = any
+    auth_failures_per_minute: float = 10.0  # failed key checks per client address, >= 0 (0 = unlimited)
+    auth_failure_burst: float = 5.0  # failures allowed at once before the rate applies, >= 1
+    auth_failure_addresses: int = 10_000  # client addresses remembered, >= 1 (least recent forgotten)
+    ws_auth_failures_close: int = 5  # failed `auth` ops that close a WebSocket (1008), >= 0 (0 = never)
 
 
 def _coerce(value: str, kind: Any, name: str) -> Any:
@@ -88,6 +95,19 @@ def load_settings(env: Mapping[str, str] | None = None, **flags: Any) -> Setting
         base["rate_burst"] = float(env["SHOAL_RATE_BURST"])
     if "SHOAL_HEARTBEAT_S" in env:
         base["heartbeat_s"] = float(env["SHOAL_HEARTBEAT_S"])
+    # guard settings (server/guard.py, server/auth.py)
+    for name in ("allowed_origins", "allowed_hosts"):
+        if env.get(var := f"SHOAL_{name.upper()}"):
+            base[name] = tuple(x.strip() for x in env[var].split(",") if x.strip())
+    guard_numbers = {
+        "auth_failures_per_minute": float,
+        "auth_failure_burst": float,
+        "auth_failure_addresses": int,
+        "ws_auth_failures_close": int,
+    }
+    for name, kind in guard_numbers.items():
+        if (var := f"SHOAL_{name.upper()}") in env:
+            base[name] = _coerce(env[var], kind, var)
     base["limits"] = _from_env(Limits, env)
     base["engine"] = _from_env(EngineConfig, env)
     for key, value in flags.items():

@@ -45,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from actors.subscriber import ChangeEvent, Item, Lagged, MatchEvent, Subscriber
+from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, MatchEvent, Subscriber
 from actors.subscriptions import SubscriptionConfig
 from actors.supervisor import Engine
 from models import requests as rq
@@ -176,8 +176,15 @@ def parse_subscribe(name: str, request: Request, state: AppState) -> rq.Subscrib
 def _authorize(request: Request, state: AppState, params: QueryParams, access: rq.Request) -> None:
     # EventSource cannot set headers, so a browser may pass its key as `key=` instead.
     key = bearer(request.headers.get("authorization")) or params.get("key")
-    grant = state.auth.lookup(key)
-    state.auth.check(grant, request.client.host if request.client else "-", access)
+    caller = request.client.host if request.client else "-"
+    grant = state.auth.lookup(key, caller)
+    state.auth.check(grant, caller, access)
+
+
+def _head(sub: Subscriber) -> Response:
+    """HEAD: what a GET would start with (every check passed), without the stream."""
+    sub.close(EndReason.DISCONNECTED)
+    return Response(headers={k.decode(): v.decode() for k, v in HEADERS})
 
 
 # --- endpoints -----------------------------------------------------------------------------------
@@ -195,31 +202,34 @@ async def subscribe(request: Request) -> Response | EventStream:
     state: AppState = request.app.state.shoal
     name = request.path_params["name"]
     try:
+        # Authenticate before looking at parameters: a caller without a key learns nothing.
+        # A subscribe needs what a count of the collection needs (read access).
+        _authorize(request, state, request.query_params, rq.Count(name))
         req = parse_subscribe(name, request, state)
-        _authorize(request, state, request.query_params, req)
         sub = await state.engine.subscribe(req, close_on_overflow=True)
     except Exception as exc:
         state.metrics.requests.labels("sse", "subscribe", as_shoal_error(exc).code).inc()
         return _error(exc)
     state.metrics.requests.labels("sse", "subscribe", "ok").inc()
-    return EventStream(sub, state, request.app.state.sse)
+    return _head(sub) if request.method == "HEAD" else EventStream(sub, state, request.app.state.sse)
 
 
 async def changes(request: Request) -> Response | EventStream:
     state: AppState = request.app.state.shoal
     name = request.path_params["name"]
     try:
+        # Reading the change feed needs the access a count of the collection needs; checked
+        # before the parameters, so a caller without a key learns nothing.
+        _authorize(request, state, request.query_params, rq.Count(name))
         params = _single(request.query_params, CHANGES_PARAMS)
         if not rq.COLLECTION_NAME.fullmatch(name):
             raise BadRequest("the collection name must match [A-Za-z0-9_-]{1,64}")
-        # Reading the change feed needs the access a count of the collection needs.
-        _authorize(request, state, request.query_params, rq.Count(name))
         sub = state.engine.changes(name, _resume_point(params, request))
     except Exception as exc:
         state.metrics.requests.labels("sse", "changes", as_shoal_error(exc).code).inc()
         return _error(exc)
     state.metrics.requests.labels("sse", "changes", "ok").inc()
-    return EventStream(sub, state, request.app.state.sse)
+    return _head(sub) if request.method == "HEAD" else EventStream(sub, state, request.app.state.sse)
 
 
 # --- encoding --------------------------------------------------------------------------------------
@@ -263,7 +273,7 @@ class EventStream:
         self.sub = sub
         self.engine: Engine = state.engine
         self.heartbeat = sse.heartbeat
-        self.grace = self.engine.subscriptions.config.sse_send_grace_s
+        self.grace = self.engine.subscription_config.sse_send_grace_s
         self.sse = sse
         self.scope: anyio.CancelScope | None = None
         self.next_ping = 0.0
@@ -292,7 +302,7 @@ class EventStream:
             if self.scope.cancelled_caught:
                 log.info("SSE stream %s: the reader stalled after it closed (%s)", self.sub.id, self.sub.reason)
         finally:
-            self.sub.close("disconnected")
+            self.sub.close(EndReason.DISCONNECTED)
             self.sse.streams.discard(self)
 
     @staticmethod
@@ -317,10 +327,10 @@ class EventStream:
         await self._write(send, f"retry: {RETRY_MS}\n\n".encode())
         try:
             while sub.replaying and not sub.closed:
-                page = await self.engine.subscriptions.replay_page(sub)
+                page = await self.engine.replay_page(sub)
                 await self._write(send, b"".join(encode_item(e, sub.include) for e in page))
         except ShoalError as exc:  # the collection is gone, or the log cannot be read
-            sub.close(f"replay failed: {exc.message}", exc.code)
+            sub.close(EndReason.REPLAY_FAILED, exc)
         if sub.replaying:
             # Closed before the replay reached the live point: what is buffered lies past a gap.
             return await self._finish(send)
@@ -336,7 +346,7 @@ class EventStream:
                     lagged = lagged or isinstance(item, Lagged)
                 await self._write(send, chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 if lagged:
-                    sub.close("lagged")
+                    sub.close(EndReason.LAGGED)
                     break
                 continue
             if sub.closed:
@@ -348,10 +358,10 @@ class EventStream:
 
     async def _finish(self, send: Send) -> None:
         sub = self.sub
-        if sub.reason == "lagged":
+        if sub.reason is EndReason.LAGGED:
             await self._write(send, encode_item(Lagged(sub.dropped_total), frozenset()))
-        elif sub.code is not None:  # the collection was dropped, the server is stopping, ...
-            error = {"error": {"code": sub.code, "message": sub.reason or ""}}
+        elif sub.error is not None:  # the collection was dropped, the server is stopping, ...
+            error = {"error": {"code": sub.error.code, "message": sub.error.message}}
             await self._write(send, f"event: error\ndata: {_dumps(error)}\n\n".encode())
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -367,7 +377,7 @@ class SubscriptionCollector(Collector):
         self.sse = sse
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.engine.subscriptions.stats()
+        stats = self.engine.subscription_stats()
         subs = GaugeMetricFamily("shoal_subscriptions", "Registered subscribers, by kind", labels=["kind"])
         subs.add_metric(["match"], stats.subscriptions)
         subs.add_metric(["changes"], stats.feeds)

@@ -29,12 +29,19 @@ and given back once the frame is on the socket), so replies are never stuck behi
 wall of pushes, and when the socket is slow the subscribers' own bounded buffers are what fill up;
 what overflows is reported as one `lagged` push per gap. A slow socket never blocks the
 subscriptions actor. A subscription ends with
-`unsubscribe`, with the connection, or (pushed as `{"event": "ended", "sub", "reason"}`) when
-its collection is dropped or the server stops (`code` is `not_found` / `unavailable`).
+`unsubscribe`, with the connection, or (pushed as `{"event": "ended", "sub", "code", "reason"}`)
+when the server ends it: the `EndReason`'s error gives `code` and `reason` (its collection was
+dropped: `not_found`; the server stops: `unavailable`; ...).
+
+The handshake must offer the `shoal.v1` subprotocol; one that does not is refused before it is
+accepted: 400 with the JSON error body where the server can send an HTTP response to a
+WebSocket handshake, else 403.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 from typing import Any
@@ -44,9 +51,19 @@ from anyio.abc import TaskGroup
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from actors.subscriber import ChangeEvent, Item, Lagged, Subscriber
+from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, Subscriber
 from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
-from models.errors import BadFrame, Forbidden, NotFound, ShoalError, TooLarge, Unauthorized, as_shoal_error
+from models.config import Limits
+from models.errors import (
+    BadFrame,
+    BadRequest,
+    NotFound,
+    RateLimited,
+    ShoalError,
+    TooLarge,
+    Unauthorized,
+    as_shoal_error,
+)
 from models.requests import Auth, Subscribe, Unsubscribe, parse_request
 from server.auth import Access, ApiKey, bearer
 from server.ops import execute, match_hit
@@ -61,24 +78,38 @@ OUTGOING_FRAMES = 1024
 CLOSE_STUCK = 1013
 PUMP_TAKE = 64
 PUSH_WINDOW = 64
-# Subscriptions that end for these reasons are not told with an `ended` push.
-_SILENT_ENDS = frozenset({"unsubscribed", "connection closed"})
+
 
 log = logging.getLogger("shoal.ws")
 
 
 async def serve_websocket(state: AppState, scope: Scope, receive: Receive, send: Send) -> None:
-    """The ASGI app of `/v1/ws`: accept (with the `shoal.v1` subprotocol when offered), serve."""
+    """The ASGI app of `/v1/ws`: accept with the `shoal.v1` subprotocol, serve; a handshake that
+    does not offer it is refused."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    offered = scope.get("subprotocols") or []
-    await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None})
+    if SUBPROTOCOL not in (scope.get("subprotocols") or []):
+        await refuse_handshake(scope, send, BadRequest(f"offer the WebSocket subprotocol {SUBPROTOCOL!r}"))
+        return
+    await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
     state.metrics.ws_connections.inc()
     try:
         await Connection(state, scope, receive, send).serve()
     finally:
         state.metrics.ws_connections.dec()
+
+
+async def refuse_handshake(scope: Scope, send: Send, error: ShoalError) -> None:
+    """Refuse a WebSocket handshake before accepting it: an HTTP response with the JSON error body
+    where the server supports that extension, else a close (which the server answers with 403)."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        body = json.dumps({"error": error.to_wire()}, separators=(",", ":")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "websocket.http.response.start", "status": error.http_status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
 
 
 class Connection:
@@ -106,12 +137,13 @@ class Connection:
         self.caller = client[0] if client else "-"
         self.grant: ApiKey | None = None
         self.authenticated = not state.auth.enabled
+        self.auth_failures = 0  # failed `auth` ops; at `ws_failures_close` the connection closes
         key = bearer(Headers(scope=scope).get("authorization"))
         if key is not None and state.auth.enabled:
             try:
-                self.grant = state.auth.lookup(key)
+                self.grant = state.auth.lookup(key, self.caller)
                 self.authenticated = True
-            except Unauthorized:
+            except (Unauthorized, RateLimited):
                 pass  # every op but `auth` answers unauthorized until a good key arrives
         self.subs: dict[str, Subscriber] = {}
         self._reserved = 0  # subscribes registering right now (counted against the limit)
@@ -129,7 +161,7 @@ class Connection:
         finally:
             self._outbox.close()
             for sub in list(self.subs.values()):
-                sub.close("connection closed")
+                sub.close(EndReason.CONNECTION_CLOSED)
             self.subs.clear()
 
     async def _worker(self) -> None:
@@ -168,7 +200,7 @@ class Connection:
             return
         op = frame.op if isinstance(frame.op, str) else "-"
         started = time.perf_counter()
-        reserved = self._budget.reserve(vector_bytes_floor(frame.op, frame.args, self._dim_of))
+        reserved = self._budget.reserve(vector_bytes_floor(frame.op, frame.args, self.state.engine.collection_dim))
         reply, code, sub = await self._serve(frame)
         if len(reply) > self._max_frame:
             code = TooLarge.code
@@ -188,12 +220,6 @@ class Connection:
         self._budget.release(len(data))
         if isinstance(data, _Push):
             self._push_credits.release()
-
-    def _dim_of(self, collection: str) -> int | None:
-        try:
-            return self.state.engine.catalog.get(collection).dim
-        except NotFound:
-            return None
 
     def _stuck(self) -> None:
         """The socket took nothing for `stuck_close_s` while frames waited: close with 1013
@@ -218,7 +244,13 @@ class Connection:
             request = parse_request(frame.op, frame.args, self.state.settings.limits)
             auth = self.state.auth
             if isinstance(request, Auth):
-                self.grant = auth.lookup(request.key)
+                try:
+                    self.grant = auth.lookup(request.key, self.caller)
+                except (Unauthorized, RateLimited) as failed:
+                    self.auth_failures += 1
+                    if self.auth_failures == auth.ws_failures_close:  # 0: never
+                        await self._close_policy_violation(encode_error(frame.request_id, failed))
+                    raise
                 self.authenticated = True
                 self._end_unreadable_subs()
             auth.check(self.grant, self.caller, request)
@@ -240,7 +272,7 @@ class Connection:
     # -- subscriptions ------------------------------------------------------------------------
 
     async def _subscribe(self, request: Subscribe) -> Subscriber:
-        limit = self.state.engine.subscriptions.config.max_subscriptions_per_connection
+        limit = self.state.engine.subscription_config.max_subscriptions_per_connection
         if len(self.subs) + self._reserved >= limit:
             raise TooLarge(f"at most {limit} subscriptions per connection")
         self._reserved += 1
@@ -257,29 +289,29 @@ class Connection:
         subscription the new key may not read; none of its buffered matches is sent."""
         for sub in list(self.subs.values()):
             if not _may_read(self.grant, sub.collection):
-                sub.close(f"this connection's key may not read collection {sub.collection!r}", Forbidden.code)
+                sub.close(EndReason.FORBIDDEN)
 
     def _unsubscribe(self, sub_id: str) -> None:
         sub = self.subs.pop(sub_id, None)
         if sub is None:
             raise NotFound(f"no subscription {sub_id!r} on this connection")
-        sub.close("unsubscribed")
+        sub.close(EndReason.UNSUBSCRIBED)
         self._ready.pop(sub, None)
 
     async def _replay(self, sub: Subscriber) -> None:
         """Send the matches of `after_seq < seq <= S` from the log, then let the pump go live."""
         try:
             while sub.replaying and not sub.closed:
-                for event in await self.state.engine.subscriptions.replay_page(sub):
+                for event in await self.state.engine.replay_page(sub):
                     if sub.closed:
                         break
                     await self._send_push(sub, event)
         except ShoalError as exc:  # the collection is gone, or the log cannot be read
-            sub.close(f"replay failed: {exc.message}", exc.code)
+            sub.close(EndReason.REPLAY_FAILED, exc)
         if sub.closed and sub.replaying:
             # Ended before reaching the live point: what is buffered lies past a gap.
-            if self.subs.pop(sub.id, None) is not None and sub.reason not in _SILENT_ENDS:
-                await self._queue(self._ended(sub))
+            if self.subs.pop(sub.id, None) is not None and sub.error is not None:
+                await self._queue(_ended(sub, sub.error))
             return
         sub.go_live()
 
@@ -296,10 +328,10 @@ class Connection:
                 del self._ready[sub]
                 for item in sub.take(PUMP_TAKE):
                     await self._send_push(sub, item)
-                if sub.pending and sub.reason not in _SILENT_ENDS:
+                if sub.pending and not _silenced(sub):
                     self._ready[sub] = None
-                elif sub.closed and self.subs.pop(sub.id, None) is not None and sub.reason not in _SILENT_ENDS:
-                    await self._queue(self._ended(sub))
+                elif sub.closed and self.subs.pop(sub.id, None) is not None and sub.error is not None:
+                    await self._queue(_ended(sub, sub.error))
 
     async def _send_push(self, sub: Subscriber, item: Item) -> None:
         """Queue a push within the connection's push window (waits while it is full); nothing once
@@ -324,11 +356,7 @@ class Connection:
     @staticmethod
     def _push_unwanted(sub: Subscriber) -> bool:
         """Unsubscribed or closed with the connection, or no longer readable by its key."""
-        return sub.reason in _SILENT_ENDS or sub.code == Forbidden.code
-
-    @staticmethod
-    def _ended(sub: Subscriber) -> bytes:
-        return encode_push("ended", {"sub": sub.id, "code": sub.code or "internal", "reason": sub.reason or ""})
+        return _silenced(sub) or sub.reason is EndReason.FORBIDDEN
 
     @staticmethod
     def _push(sub: Subscriber, item: Item) -> _Push:
@@ -337,6 +365,26 @@ class Connection:
         assert not isinstance(item, ChangeEvent), "WebSocket subscriptions carry matches only"
         body = {"sub": sub.id, "seq": item.seq, "op": "upsert", "hit": match_hit(item, sub.include, compact=True)}
         return _Push(encode_push("match", body))
+
+    async def _close_policy_violation(self, reply: bytes) -> None:
+        """Send `reply`, then close with 1008 and end the connection (too many failed `auth`s)."""
+        await self._outbox.put(reply)
+        self._outbox.closed = True  # the reply to this frame, and anything later, is dropped
+        with contextlib.suppress(RuntimeError, OSError):  # the client is gone already
+            await self._send({"type": "websocket.close", "code": 1008, "reason": "too many failed authentications"})
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+
+
+def _silenced(sub: Subscriber) -> bool:
+    """True once the consumer itself ended `sub` (unsubscribe, the connection closing): nothing
+    of it is sent any more."""
+    return sub.reason is not None and sub.reason.silent
+
+
+def _ended(sub: Subscriber, error: ShoalError) -> bytes:
+    """The `ended` push of a subscription the server ended, telling the client why."""
+    return encode_push("ended", {"sub": sub.id, "code": error.code, "reason": error.message})
 
 
 def _may_read(grant: ApiKey | None, collection: str) -> bool:
@@ -348,3 +396,19 @@ class _Push(bytes):
     """A push frame: the writer gives its credit back once it is sent."""
 
     __slots__ = ()
+
+
+def connection_caps(limits: Limits) -> dict[str, tuple[str, int]]:
+    """The fixed per-connection bounds, as constant gauges for the metrics (name -> help, value)."""
+    return {
+        "shoal_ws_in_flight_limit": (
+            "Requests served at once per WebSocket connection at most",
+            limits.max_in_flight_per_connection,
+        ),
+        "shoal_ws_outgoing_frames_limit": ("Frames waiting to be sent per WebSocket connection", OUTGOING_FRAMES),
+        "shoal_ws_push_window_limit": ("Push frames waiting to be sent per WebSocket connection", PUSH_WINDOW),
+        "shoal_ws_pending_reply_bytes_limit": (
+            "Reply bytes pending per WebSocket connection before its requests are no longer read",
+            limits.max_pending_reply_bytes,
+        ),
+    }

@@ -136,7 +136,7 @@ def test_error_mapping_hides_internals() -> None:
     assert as_shoal_error(KeyError("secret path /etc")).to_wire() == {"code": "internal", "message": "internal error"}
     assert isinstance(as_shoal_error(ValueError()), Internal)
     codes = [cls("m").code for cls in ALL_ERRORS]
-    assert len(codes) == len(set(codes)) == 14
+    assert len(codes) == len(set(codes)) == 15
 
 
 def test_api_keys_and_token_bucket() -> None:

@@ -195,13 +195,13 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
-async def ws_connections(server: ServerProcess) -> float:
+async def gauge(server: ServerProcess, name: str) -> float:
     async with httpx.AsyncClient(timeout=20.0) as http:
         text = (await http.get(f"{server.url}/metrics")).text
     for line in text.splitlines():
-        if line.startswith("shoal_ws_connections "):
+        if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("shoal_ws_connections not in /metrics")
+    raise AssertionError(f"{name} not in /metrics")
 
 
 class RawWebSocket:
@@ -320,6 +320,7 @@ async def test_a_client_that_never_reads_is_held_back_and_closed(guarded: Server
             await normal.query(name, vector=vectors[1], k=10)
         assert guarded.pid is not None
         baseline = memory(guarded.pid)["VmRSS"]
+        assert await gauge(guarded, "shoal_ws_pending_reply_bytes_limit") == PENDING_BYTES
 
         requests = [
             RawWebSocket.frame(
@@ -363,7 +364,7 @@ async def test_a_client_that_never_reads_is_held_back_and_closed(guarded: Server
                 peak = max(peak, memory(guarded.pid)["VmRSS"])
                 if loop.done():
                     loop.result()
-                if blocked.is_set() and await ws_connections(guarded) <= 1:
+                if blocked.is_set() and await gauge(guarded, "shoal_ws_connections") <= 1:
                     closed_after = time.monotonic() - started
                     break
         finally:
