@@ -38,6 +38,7 @@ from models import requests as rq
 from models.config import EngineConfig, Limits
 from models.errors import DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable
 from models.records import MODEL_DIM, CollectionInfo, Hit, Metric, StoredDoc, Vector
+from models.reply_size import check_rows_fit
 
 log = logging.getLogger("shoal.engine")
 
@@ -161,7 +162,9 @@ class Engine:
                     found[doc.id] = doc
         except Unavailable as exc:
             raise self._read_failed(collection, exc) from None
-        return [found[i] for i in dict.fromkeys(req.ids) if i in found]
+        docs = [found[i] for i in dict.fromkeys(req.ids) if i in found]
+        check_rows_fit(docs, req.include, collection.dim, self.limits)
+        return docs
 
     async def count(self, req: rq.Count) -> int:
         collection = self.catalog.get(req.collection)
@@ -192,16 +195,20 @@ class Engine:
 
     async def query(self, req: rq.Query) -> list[Hit]:
         """The k best hits over every shard. Raises NotFound (also when the collection is
-        dropped while the query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable."""
+        dropped while the query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable,
+        and TooLarge when the hits' texts and vectors alone would not fit in one frame."""
         collection = self.catalog.get(req.collection)
         vector = await self.query_vector(collection, req.vector, req.text)
         shards = collection.shards
         try:
             if len(shards) == 1:
-                return await shards[0].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
-            return merge_hits(await self._search_shards(shards, vector, req), req.k)
+                hits = await shards[0].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
+            else:
+                hits = merge_hits(await self._search_shards(shards, vector, req), req.k)
         except Unavailable as exc:
             raise self._read_failed(collection, exc) from None
+        check_rows_fit(hits, req.include, collection.dim, self.limits)
+        return hits
 
     @staticmethod
     async def _search_shards(shards: tuple[Shard, ...], vector: Vector, req: rq.Query) -> list[list[Hit]]:

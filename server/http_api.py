@@ -18,10 +18,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from models.errors import BadRequest, MethodNotAllowed, ShoalError, TooLarge, UnknownOp, as_shoal_error
+from models.reply_size import reply_too_large
 from models.requests import parse_request
 from server.auth import bearer
 from server.ops import execute
-from server.reply_budget import reply_too_large
 from server.state import AppState
 
 MSGPACK = "application/msgpack"

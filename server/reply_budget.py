@@ -1,4 +1,4 @@
-"""The reply bytes one WebSocket connection may have pending, and the size bound of one reply.
+"""The reply bytes one WebSocket connection may have pending.
 
 Pending bytes are the frames queued in the connection's outbox (waiting for the socket, or being
 handed to it) plus what the requests being served have reserved. The connection reads its next
@@ -21,8 +21,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
-
-from models.errors import TooLarge
 
 # Before any reply has been seen, a request is guessed at this fraction of the bound.
 _FIRST_GUESS_FRACTION = 32
@@ -110,13 +108,3 @@ def vector_bytes_floor(op: object, args: Mapping[str, Any], dim_of: Callable[[st
     if not isinstance(rows, int) or rows <= 0 or not isinstance(collection, str):
         return 0
     return rows * 4 * (dim_of(collection) or 0)
-
-
-def reply_too_large(size: int, limit: int) -> TooLarge:
-    """The error that stands in for a reply of `size` bytes over the `limit`-byte frame bound."""
-    return TooLarge(
-        f"the reply would be {size} bytes, over the {limit}-byte frame limit: ask for less per "
-        "request (fewer ids, a smaller k) or leave 'vector' (or 'text') out of 'include'",
-        reply_bytes=size,
-        max_frame_bytes=limit,
-    )

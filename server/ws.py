@@ -64,11 +64,12 @@ from models.errors import (
     Unauthorized,
     as_shoal_error,
 )
+from models.reply_size import reply_too_large
 from models.requests import Auth, Subscribe, Unsubscribe, parse_request
 from server.auth import Access, ApiKey, bearer
 from server.ops import execute, match_hit
 from server.outbox import Outbox
-from server.reply_budget import ReplyBudget, reply_too_large, vector_bytes_floor
+from server.reply_budget import ReplyBudget, vector_bytes_floor
 from server.state import AppState
 from server.ws_transport import close_now, write_buffer_size
 

@@ -24,6 +24,10 @@ import websockets
 
 from client import ShoalClient
 from client.errors import ShoalError
+from models.config import Limits
+from models.errors import TooLarge
+from models.records import DocId, Hit, Include, Seq, StoredDoc
+from models.reply_size import check_rows_fit
 from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(240)
@@ -97,6 +101,7 @@ async def test_a_reply_over_the_frame_limit_answers_too_large(hardened: ServerPr
         assert reply["ok"] is False and reply["error"]["code"] == "too_large", reply
         assert "fewer ids" in reply["error"]["message"] and reply["error"]["max_frame_bytes"] == FRAME_LIMIT
         assert reply["error"]["reply_bytes"] > FRAME_LIMIT
+        assert "at least" in reply["error"]["message"], "refused from the rows, before any encoding"
         size, reply = await call(2, op="query", collection=name, vector=[1.0, 0, 0, 0], k=30, include=["text"])
         assert size <= FRAME_LIMIT and reply["error"]["code"] == "too_large"
         # Paged, the same documents come back, and the connection is still fine.
@@ -119,6 +124,20 @@ async def test_a_reply_over_the_frame_limit_answers_too_large(hardened: ServerPr
         response = await http.post(url, json={"ids": ids[:5], "include": ["text"]})
         assert response.status_code == 200 and len(response.json()["docs"]) == 5
         await http.delete(f"{hardened.url}/v1/collections/{name}")
+
+
+def test_rows_are_measured_only_when_they_could_reach_the_limit() -> None:
+    limits = Limits(max_frame_bytes=10_000, max_text_chars=1_000, max_id_chars=10)
+    vector = np.zeros(4, dtype=np.float32)
+    docs = [StoredDoc(DocId(f"d{i}"), "x" * 900, vector, {}, Seq(i)) for i in range(12)]
+    check_rows_fit(docs[:9], frozenset({Include.TEXT}), 4, limits)  # 9 x 1,010 could not exceed
+    check_rows_fit(docs, frozenset({Include.METADATA}), 4, limits)  # nothing large asked for
+    with pytest.raises(TooLarge, match="at least 10826 bytes"):
+        check_rows_fit(docs, frozenset({Include.TEXT}), 4, limits)  # ids of 2-3 characters, 12 x 900 of text
+    hits = [Hit(DocId(f"h{i}"), 1.0, 0.0, None, None, vector) for i in range(700)]
+    with pytest.raises(TooLarge):
+        check_rows_fit(hits, frozenset({Include.VECTOR}), 4, limits)  # 700 x (2 + 16)
+    check_rows_fit(hits[:500], frozenset({Include.VECTOR}), 4, limits)
 
 
 # -- re-authentication -------------------------------------------------------------------------
@@ -271,7 +290,18 @@ async def test_a_match_too_large_to_push_is_reported_dropped(hardened: ServerPro
                     assert isinstance(data, bytes)
                     sizes.append(len(data))
                     frames.append(msgpack.unpackb(data))
+            # Its metadata and vector come to more than a frame: only the encoded reply shows it.
+            await ws.send(
+                msgpack.packb(
+                    {"id": 2, "op": "get", "collection": name, "ids": ["huge"], "include": ["metadata", "vector"]}
+                )
+            )
+            data = await asyncio.wait_for(ws.recv(), 20)
+            assert isinstance(data, bytes) and len(data) <= FRAME_LIMIT
+            assert msgpack.unpackb(data)["error"]["code"] == "too_large"
         assert max(sizes) <= FRAME_LIMIT
         assert frames[0]["event"] == "lagged" and frames[0]["dropped"] == 1
         assert frames[1]["event"] == "match" and frames[1]["hit"]["id"] == "small"
+        got = await admin.get(name, ["huge"], include=["metadata"])  # without the vector it fits
+        assert got[0]["metadata"]["blob"] == filler
         await admin.drop_collection(name)
