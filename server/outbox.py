@@ -11,8 +11,10 @@ Stuck sockets: with `stuck_after_s`, a send that waits that long with no progres
 went out, and the bytes the transport holds did not shrink: the client reads nothing, so the
 transport stays paused) calls `on_stuck` once, from a timer; the outbox is closed from then on.
 The timer is armed once per `stuck_after_s` while frames are being sent, not per frame: a timed
-scope around every send cost more than the send itself. `buffered` (the transport's write
-buffer size) lets a client that reads a large frame slowly count as making progress.
+scope around every send cost more than the send itself. `buffered` (the bytes written and not
+yet taken by the client) lets a client that reads a large frame slowly count as making
+progress: the timer then looks four times per `stuck_after_s`, and a socket is called stuck
+within a quarter period of `stuck_after_s` after it last took anything.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from collections.abc import Callable
 
 import anyio
 from starlette.types import Send
+
+# The most bytes a server frame's header adds to its payload (2, plus 8 for a long length).
+_MAX_FRAME_HEADER = 10
 
 
 class Outbox:
@@ -50,7 +55,10 @@ class Outbox:
         self._progress_at = 0.0  # loop time a frame last went out (or sending began)
         self._watch: asyncio.TimerHandle | None = None
         self._buffered = buffered
-        self._last_buffered = 0  # what `buffered` said when last looked at
+        # With `buffered`: bytes handed to the socket so far (counting the most a frame header
+        # adds), and how many of them the client had taken at the last look.
+        self._written = 0
+        self._taken_at_look = 0
 
     async def put(self, data: bytes) -> None:
         """Send `data` after every frame put before it; returns once it is sent or queued."""
@@ -70,9 +78,9 @@ class Outbox:
         if self._stuck_after:
             self._progress_at = self._loop.time()
             if self._watch is None:
-                self._watch = self._loop.call_at(self._progress_at + self._stuck_after, self._check_stuck)
+                self._watch = self._loop.call_at(self._progress_at + self._look_every(), self._check_stuck)
                 if self._buffered is not None:
-                    self._last_buffered = self._buffered()
+                    self._taken_at_look = self._written - self._buffered()
         try:
             queue = self._queue
             while queue and not self.closed:
@@ -86,6 +94,7 @@ class Outbox:
                     break
                 if self._stuck_after:
                     self._progress_at = self._loop.time()
+                    self._written += len(item) + _MAX_FRAME_HEADER
                 self._on_sent(item)
         finally:
             self._sending = False
@@ -106,17 +115,22 @@ class Outbox:
             return  # idle now: armed again by the next sender
         now = self._loop.time()
         if self._buffered is not None:
-            size = self._buffered()
-            if size < self._last_buffered:  # the client took some bytes since the last look
+            taken = self._written - self._buffered()
+            if taken > self._taken_at_look:  # the client took bytes since the last look
                 self._progress_at = now
-            self._last_buffered = size
+            self._taken_at_look = taken
         due = self._progress_at + self._stuck_after
         if now < due:
-            self._watch = self._loop.call_at(due, self._check_stuck)
+            self._watch = self._loop.call_at(min(due, now + self._look_every()), self._check_stuck)
             return
         self.close()
         assert self._on_stuck is not None
         self._on_stuck()
+
+    def _look_every(self) -> float:
+        # Without `buffered` only sends mark progress, and each is timed exactly: look when the
+        # period is due. With it, progress shows only when looked at: look four times a period.
+        return self._stuck_after if self._buffered is None else self._stuck_after / 4
 
     def _made_room(self) -> None:
         if self._room is not None:

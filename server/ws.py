@@ -71,7 +71,7 @@ from server.ops import execute, match_hit
 from server.outbox import Outbox
 from server.reply_budget import ReplyBudget, vector_bytes_floor
 from server.state import AppState
-from server.ws_transport import close_now, write_buffer_size
+from server.ws_transport import close_now, unsent_bytes
 
 SUBPROTOCOL = "shoal.v1"
 OUTGOING_FRAMES = 1024
@@ -128,7 +128,7 @@ class Connection:
             self._sent,
             stuck_after_s=limits.stuck_close_s,
             on_stuck=self._stuck,
-            buffered=write_buffer_size(send),
+            buffered=unsent_bytes(send),
         )
         self._max_workers = max(1, state.settings.limits.max_in_flight_per_connection)
         self._workers = 0

@@ -13,8 +13,12 @@ end-to-end tests exercise it); with any other server, `close_now` does nothing a
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 from collections.abc import Callable
+from typing import cast
 
 from starlette.types import Send
 
@@ -59,9 +63,26 @@ def close_now(send: Send, code: int, reason: str, abort_after_s: float) -> bool:
     return True
 
 
-def write_buffer_size(send: Send) -> Callable[[], int] | None:
-    """A function giving the bytes `send`'s transport holds, not yet taken by the socket; None
-    when `send` is not uvicorn's websockets-sansio protocol."""
+def unsent_bytes(send: Send) -> Callable[[], int] | None:
+    """A function giving the bytes written on `send`'s connection that the client has not taken
+    yet: what its transport holds plus what the kernel's send queue holds (Linux `TIOCOUTQ`).
+    Both are needed: while the kernel's queue drains, the transport's buffer may not move for
+    seconds. None when `send` is not uvicorn's websockets-sansio protocol."""
     transport = getattr(getattr(send, "__self__", None), "transport", None)
-    size = getattr(transport, "get_write_buffer_size", None)
-    return size if callable(size) else None
+    buffered = getattr(transport, "get_write_buffer_size", None)
+    if transport is None or not callable(buffered):
+        return None
+    sock = transport.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    request = getattr(termios, "TIOCOUTQ", None)
+    if fd < 0 or request is None:
+        return cast(Callable[[], int], buffered)
+
+    def unsent() -> int:
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+        except OSError:  # the socket is gone: nothing more will drain
+            queued = 0
+        return int(buffered()) + int(queued)
+
+    return unsent
