@@ -9,6 +9,13 @@ Collection create/drop travel the same path, so they are ordered with the writes
 
 Queue policy: the mailbox is bounded and `send` waits, so a writer faster than the database is
 slowed down (back-pressure) instead of growing memory.
+
+Isolation: upserts of several clients share one batch and one transaction, so one job that the
+database refuses would fail all of them. When a batch of several jobs fails to commit (or to
+embed) for any reason but the database being unavailable, it is split in halves and each half is
+committed on its own, recursively: only the job at fault gets the error, every other job commits
+(in the original order) and is acked. A batch with one bad job among n costs about 2 log2(n)
+extra transactions; `unavailable` still fails the whole batch at once.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from actors.embedder import Embedder
 from actors.mailbox import Mailbox, Reply, unknown_message
 from actors.persistence import Persistence
 from models.config import EngineConfig
-from models.errors import Exists, ShoalError
+from models.errors import Exists, Overloaded, ShoalError, Unavailable
 from models.filters import Filter, TextFilter
 from models.records import CollectionInfo, DocId, Document, Metric, Seq, StoredDoc, Vector
 
@@ -202,6 +209,8 @@ class Ingest:
         return jobs, None
 
     async def _embed(self, jobs: list[UpsertJob]) -> UpsertBatch | None:
+        """The jobs' documents with every vector filled in; a job whose texts cannot be embedded
+        is failed and left out (None when none is left)."""
         docs = [doc for job in jobs for doc in job.docs]
         missing = [i for i, doc in enumerate(docs) if doc.vector is None]
         if missing:
@@ -209,7 +218,20 @@ class Ingest:
                 texts = [docs[i].text or "" for i in missing]
                 vectors = await self._embedder.embed_documents(texts)
             except Exception as exc:
-                log.exception("embedding failed")
+                if len(jobs) > 1 and not isinstance(exc, Unavailable | Overloaded):
+                    # One job's text may be at fault: embed each job alone.
+                    log.warning("embedding a batch of %d jobs failed; embedding them one by one", len(jobs))
+                    alone = [await self._embed([job]) for job in jobs]
+                    kept = [batch for batch in alone if batch is not None]
+                    if not kept:
+                        return None
+                    return UpsertBatch(
+                        jobs[0].collection,
+                        tuple(doc for batch in kept for doc in batch.docs),
+                        tuple(job for batch in kept for job in batch.jobs),
+                    )
+                if not isinstance(exc, ShoalError):
+                    log.exception("embedding failed")
                 for job in jobs:
                     job.reply.fail(exc)
                 return None
@@ -246,8 +268,26 @@ class Ingest:
             unknown_message("ingest committer", item)
 
     async def _commit_upserts(self, batch: UpsertBatch) -> None:
+        """Commit, apply and ack a batch; if several jobs share it and the commit fails for a
+        reason other than `unavailable`, commit its halves apart (see the module docstring).
+        Raises what committing a single job raised."""
         collection = self._catalog.get(batch.collection)
-        first, last = await self._persistence.commit_upserts(batch.collection, batch.docs)
+        try:
+            first, last = await self._persistence.commit_upserts(batch.collection, batch.docs)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            if len(batch.jobs) == 1:
+                raise
+            # Nothing of the batch was committed (one transaction): retrying halves is safe.
+            log.warning(
+                "a batch of %d upsert jobs failed to commit (%s); committing its halves apart",
+                len(batch.jobs),
+                type(exc).__name__,
+            )
+            for half in _halves(batch):
+                await self._commit_part(half)
+            return
         stored = tuple(
             StoredDoc(doc.id, doc.text, _vector(doc), doc.metadata, Seq(first + i))
             for i, doc in enumerate(batch.docs)
@@ -260,6 +300,21 @@ class Ingest:
             job.reply.set((len(job.docs), end))
         if self._publish is not None:
             await self._publish(Applied(batch.collection, stored, ()))
+
+    async def _commit_part(self, part: UpsertBatch) -> None:
+        """Commit one half of a failed batch; a failure of a single job fails that job alone,
+        `unavailable` fails the whole half (the caller fails what is left)."""
+        try:
+            await self._commit_upserts(part)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            # A single job at fault, or (several jobs) a failure after their commit: replies
+            # already acked stay acked, a second fill being a no-op.
+            if not isinstance(exc, ShoalError):
+                log.error("%d upsert job(s) failed to commit", len(part.jobs), exc_info=exc)
+            for job in part.jobs:
+                job.reply.fail(exc)
 
     async def _commit_delete(self, job: DeleteJob) -> None:
         collection = self._catalog.get(job.collection)
@@ -309,6 +364,16 @@ async def _apply_upserts(collection: Collection, docs: Sequence[StoredDoc]) -> N
     async with anyio.create_task_group() as tg:
         for index, part in by_shard.items():
             tg.start_soon(collection.shards[index].apply_upserts, part)
+
+
+def _halves(batch: UpsertBatch) -> tuple[UpsertBatch, UpsertBatch]:
+    """The first and second half of a batch's jobs, each with its own documents, in order."""
+    middle = len(batch.jobs) // 2
+    split = sum(len(job.docs) for job in batch.jobs[:middle])
+    return (
+        UpsertBatch(batch.collection, batch.docs[:split], batch.jobs[:middle]),
+        UpsertBatch(batch.collection, batch.docs[split:], batch.jobs[middle:]),
+    )
 
 
 def _replies_of(item: Stage2) -> list[Reply[object]]:

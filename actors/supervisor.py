@@ -57,7 +57,7 @@ class Engine:
     ) -> None:
         self.config = config
         self.limits = limits
-        self.persistence = Persistence(dsn)
+        self.persistence = Persistence(dsn, pool_size=config.pg_pool_size)
         self.embedder = Embedder(config)
         self.catalog = Catalog(config)
         self._listeners: list[Publisher] = []

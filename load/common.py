@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from client.errors import ClientError, ConnectionClosed, ShoalError
 from load.server import ROOT, ServerProcess, local_server
+from shoal_client.errors import ClientError, ConnectionClosed, ShoalError
 
 T = TypeVar("T")
 

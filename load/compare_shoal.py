@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
-from client import ShoalClient
-from client.codec import encode_vector
 from load.common import log, run_async, target, unique_name
 from load.compare_common import (
     INGEST_BATCH,
@@ -28,6 +26,8 @@ from load.compare_common import (
     point_of,
 )
 from load.corpus import Corpus
+from shoal_client import ShoalClient
+from shoal_client.codec import encode_vector
 
 
 @contextlib.asynccontextmanager

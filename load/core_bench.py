@@ -52,7 +52,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from actors.onnx_model import MiniLM, TokenIds
-from client import ShoalClient
 from load.common import (
     RESULTS_DIR,
     CpuMeter,
@@ -75,6 +74,7 @@ from load.query import close_clients, open_clients, query_requests, recall_of, r
 from load.query import summarize as query_summary
 from models.config import EngineConfig
 from server.settings import load_settings
+from shoal_client import ShoalClient
 
 K = 10
 EF_SWEEP = (10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 128, 160, 200, 256, 320, 400, 512)

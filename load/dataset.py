@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from client.codec import encode_vector
 from load.common import unit_rows
+from shoal_client.codec import encode_vector
 
 BUCKETS = 100
 DEFAULT_SIZE = 20_000

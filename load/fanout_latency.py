@@ -45,9 +45,9 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from client import ShoalClient
-from client.types import MatchEvent
 from load.server import local_server
+from shoal_client import ShoalClient
+from shoal_client.types import MatchEvent
 
 T = TypeVar("T")
 

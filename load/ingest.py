@@ -29,8 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from client import ShoalClient
-from client.errors import ConnectionClosed
 from load.common import (
     CpuMeter,
     ErrorCounts,
@@ -46,6 +44,8 @@ from load.common import (
 )
 from load.dataset import Dataset, add_dataset_args, load_dataset
 from load.query import close_clients, open_clients
+from shoal_client import ShoalClient
+from shoal_client.errors import ConnectionClosed
 
 REQUEST_TIMEOUT = 120.0
 

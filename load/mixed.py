@@ -36,10 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from client import ShoalClient
-from client.errors import ConnectionClosed
-from client.types import LaggedEvent
-from client.ws import Subscription
 from load.common import (
     CpuMeter,
     ErrorCounts,
@@ -55,6 +51,10 @@ from load.common import (
 )
 from load.dataset import Dataset, add_dataset_args, load_dataset
 from load.query import close_clients, fill_collection, open_clients, query_requests, run_closed
+from shoal_client import ShoalClient
+from shoal_client.errors import ConnectionClosed
+from shoal_client.types import LaggedEvent
+from shoal_client.ws import Subscription
 
 REQUEST_TIMEOUT = 30.0
 K = 10

@@ -36,9 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from client import ShoalClient
-from client.codec import encode_vector
-from client.errors import ConnectionClosed, NotFound
 from load.common import (
     CpuMeter,
     ErrorCounts,
@@ -55,6 +52,9 @@ from load.common import (
     unique_name,
 )
 from load.dataset import BUCKETS, Dataset, add_dataset_args, load_dataset
+from shoal_client import ShoalClient
+from shoal_client.codec import encode_vector
+from shoal_client.errors import ConnectionClosed, NotFound
 
 REQUEST_TIMEOUT = 30.0
 

@@ -7,12 +7,12 @@ a socket, so the whole protocol surface is testable with bytes alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from models.errors import BadFrame, BadRequest, ShoalError
+from models.errors import BadFrame, BadRequest, ShoalError, echo
 
 RESERVED_KEYS = frozenset({"id", "op"})
 MAX_REQUEST_ID = 2**64 - 1
@@ -25,20 +25,24 @@ class Frame:
     request_id: int
     op: object
     args: dict[str, Any]
+    # Bytes the frame took on the wire: big requests are parsed off the event loop.
+    size: int = field(default=0, compare=False)
 
 
-class FrameError(Exception):
-    """A frame that cannot be served; carries the id to answer with (None if unknown)."""
+class FrameError(ShoalError):
+    """A frame that cannot be served; carries the id to answer with (None if unknown) and the
+    error to answer, whose code and status it takes (so it is a ShoalError like any other)."""
 
     def __init__(self, request_id: int | None, error: ShoalError) -> None:
-        super().__init__(error.message)
+        super().__init__(error.message, **error.extra)
+        self.code, self.http_status = error.code, error.http_status
         self.request_id = request_id
         self.error = error
 
 
 def decode_frame(data: bytes) -> Frame:
     """Decode one binary frame. Raises FrameError (bad_frame or bad_request) with the request id
-    when the frame was a map that carried a valid one."""
+    when the frame was a map that carried a valid one; never any other exception."""
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for malformed input
@@ -56,7 +60,10 @@ def decode_frame(data: bytes) -> Frame:
     if op is None:
         raise FrameError(request_id, BadRequest("'op' is required"))
     args = {k: v for k, v in obj.items() if k not in RESERVED_KEYS}
-    return Frame(request_id, op, args)
+    for key in args:
+        if not isinstance(key, str):  # msgpack `bin` keys: argument names are strings
+            raise FrameError(request_id, BadRequest(f"argument names must be strings, got {echo(key)}"))
+    return Frame(request_id, op, args, len(data))
 
 
 def _pack(obj: dict[str, Any]) -> bytes:

@@ -1,10 +1,36 @@
-"""Limits and tuning knobs. Pure values: `server/settings.py` fills them from the environment."""
+"""Limits and tuning knobs. Pure values: `server/settings.py` fills them from the environment.
+
+Every field is settable as `SHOAL_<FIELD>` and range-checked there generically: an int is a
+count (>= 1, or >= 0 when its default is 0), a float a non-negative finite number (a fraction,
+by its name, in 0..1). A field whose range differs says so in its metadata (`bounds`).
+Thread and pool counts default from the CPUs this process may run on (`available_cpus`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
 MIB = 1024 * 1024
+
+
+def bounds(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    """Field metadata overriding the generic range check: the value must be in lo..hi."""
+    return {"min": lo, "max": hi}
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and `taskset`
+    narrow), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _per_cpu(per_cpu: int, cap: int) -> Any:
+    """A default factory: `per_cpu` for every available CPU, at most `cap`."""
+    return lambda: max(1, min(cap, per_cpu * available_cpus()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +48,14 @@ class Limits:
     max_ef: int = 10_000
     max_metadata_keys: int = 256
     max_in_flight_per_connection: int = 256
+    # Hostile input: filter size (nodes 1..10,000: a delete by filter takes up to 4 SQL parameters
+    # a node; values 1..10**6), the largest vector L2 norm (0 < x <= 4e18:
+    # float32 dot products and squared distances of such vectors stay finite), and the request
+    # size from which parsing runs in a worker thread instead of on the event loop (>= 0 bytes).
+    max_filter_nodes: int = 1_000
+    max_filter_values: int = 10_000
+    max_vector_norm: float = 1e18
+    parse_in_thread_bytes: int = 65_536
     # Connection hardening. Reply bytes one WebSocket may have pending (queued to send, or
     # reserved by requests being served) before the server stops reading its requests; 64 KiB
     # up to a few GiB. A reply larger than this is still sent, alone.
@@ -33,39 +67,44 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Tuning of the actors; defaults suit a 2-core machine."""
+    """Tuning of the actors. Thread counts follow the CPUs available to the process."""
 
     shards_per_collection: int = 1
-    hnsw_m: int = 16
+    hnsw_m: int = field(default=16, metadata=bounds(2, 1_000))
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 64
     hnsw_initial_capacity: int = 1_024
     # A filtered query is answered by exact search when at most this many rows match, or when
     # the matching fraction is below `exact_selectivity`: HNSW under a tight filter walks most
     # of the graph and may come back short, a dot product over a few thousand rows does not.
-    exact_max_rows: int = 4_096
-    exact_selectivity: float = 0.05
+    exact_max_rows: int = field(default=4_096, metadata=bounds(0))
+    exact_selectivity: float = field(default=0.05, metadata=bounds(0.0, 1.0))
     # Ingest micro-batching: a batch is cut at this many documents or after this linger.
     ingest_batch_docs: int = 2_000
     ingest_linger_ms: float = 2.0
     ingest_queue: int = 64
-    # Embedding: texts per ONNX run, worker threads, intra-op threads per run. On 2 cores, two
-    # single-threaded runs beat one two-threaded run, and batches of ~16 length-sorted texts are
-    # the most work per CPU-second (load/embed_bench.py measures both).
+    # Embedding: texts per ONNX run, worker threads (one per CPU: several single-threaded runs
+    # beat one multi-threaded run), intra-op threads per run. Batches of ~16 length-sorted texts
+    # are the most work per CPU-second (load/embed_bench.py measures both).
     embed_batch: int = 16
     # Padded tokens per ONNX run (texts x longest text): long texts go in smaller batches, so
     # every run takes a bounded time.
     embed_batch_tokens: int = 1_024
-    embed_workers: int = 2
+    # One model session per worker; each holds its own copy of the weights, hence the cap.
+    embed_workers: int = field(default_factory=_per_cpu(1, 16))
     embed_intra_threads: int = 1
     # Extra threads only query batches may use while every worker is busy with bulk work.
-    embed_express_slots: int = 1
+    embed_express_slots: int = field(default=1, metadata=bounds(0))
     embed_queue: int = 1_024
-    # Threads that may run hnswlib / numpy work at once.
-    search_threads: int = 2
+    # Threads that may run hnswlib / numpy work at once: one per CPU.
+    search_threads: int = field(default_factory=_per_cpu(1, 1_024))
     # Keep each search thread on its own CPU when the process has no more CPUs than search
-    # threads (never on a bigger machine): +10-16% q/s on 2 cores (actors/read_pool.py).
+    # threads (never on a bigger machine; see actors/read_pool.py).
     pin_search_threads: bool = True
     shard_mailbox: int = 1_024
     # Largest number of queued queries one shard answers with a single knn_query call.
     search_batch: int = 64
+    # startup: PostgreSQL connections in the pool, four per CPU (a commit waits on the disk, so
+    # several overlap per core), at most 32 so that a few nodes fit PostgreSQL's
+    # max_connections (100). Range 1..1000.
+    pg_pool_size: int = field(default_factory=_per_cpu(4, 32), metadata=bounds(1, 1_000))

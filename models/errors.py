@@ -9,14 +9,59 @@ from __future__ import annotations
 
 from typing import Any
 
+# How much of a client's own input an error message may quote (see `echo`).
+ECHO_CHARS = 64
+# The longest message any error carries: a last bound for messages that quote input.
+MAX_MESSAGE_CHARS = 1_024
+ELLIPSIS = "\u2026"
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """A short, printable quotation of a client-supplied value for an error message.
+
+    Strings and bytes are quoted like `repr` (so control characters and lone surrogates come
+    out escaped) and cut after `limit` characters with an ellipsis; huge integers are described
+    by their size (printing one costs time quadratic in its length); containers by their type
+    and length. Never raises, never returns more than about `limit` + 8 characters.
+    """
+    if isinstance(value, str | bytes | bytearray):
+        cut = value[:limit]
+        return repr(cut) + (ELLIPSIS if len(value) > limit else "")
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > 3 * limit:
+            return f"<a {value.bit_length()}-bit integer>"
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list | tuple | dict | set | frozenset):
+        return f"<{type(value).__name__} of {len(value)}>"
+    return f"<{type(value).__name__}>"
+
+
+def _wire_safe(message: str) -> str:
+    """`message` cut to MAX_MESSAGE_CHARS, with anything UTF-8 cannot carry (lone surrogates)
+    backslash-escaped, so every encoder (JSON, msgpack, SSE) can send it."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + ELLIPSIS
+    if not message.isascii():
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return message
+
 
 class ShoalError(Exception):
-    """Base of every client-visible error. Subclasses fix `code` and `http_status`."""
+    """Base of every client-visible error. Subclasses fix `code` and `http_status`.
+
+    The message is made wire-safe on construction (bounded length, valid UTF-8), so an error
+    that quotes hostile input can always be sent; quote input through `echo`.
+    """
 
     code: str = "internal"
     http_status: int = 500
 
     def __init__(self, message: str, **extra: Any) -> None:
+        message = _wire_safe(message)
         super().__init__(message)
         self.message = message
         # Extra fields travel inside the error map (e.g. retry_after_ms for rate_limited).

@@ -13,6 +13,8 @@ Semantics, shared exactly by `MetadataColumns.mask` and `to_sql`:
 * Several field keys in one map, or several operators in one operator map, are ANDed.
 * Depth: a comparison is depth 1 and each explicit `$and` / `$or` adds one; the implicit AND of a
   map with several keys adds nothing.
+* Size: at most `Limits.max_filter_nodes` nodes and `Limits.max_filter_values` values per filter
+  (`too_large`), so parsing and evaluating one is bounded whatever the client sends.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Literal, cast
 import numpy as np
 from numpy.typing import NDArray
 
-from models.errors import BadRequest
+from models.config import Limits
+from models.errors import ECHO_CHARS, BadRequest, TooLarge, echo
 from models.records import MetaValue
+from models.strings import check_string
 
 Scalar = str | int | float | bool
 CompareOp = Literal["$eq", "$ne", "$gt", "$gte", "$lt", "$lte"]
@@ -90,11 +94,42 @@ def _type_name(obj: object) -> str:
     return type(obj).__name__
 
 
+def _segment(key: str) -> str:
+    """A field or operator name as it appears in an error path: cut, since names are client input."""
+    if len(key) <= ECHO_CHARS and key.isprintable():
+        return key
+    return echo(key)  # quoted and escaped, cut with an ellipsis
+
+
+class _Budget:
+    """Counts what a filter holds while it is parsed, so an oversized one is refused before the
+    rest of it is read: nodes (each comparison, each $in / $nin, each $and / $or) and values (each
+    compared scalar, each element of an $in / $nin list)."""
+
+    __slots__ = ("max_nodes", "max_values", "nodes", "values")
+
+    def __init__(self, max_nodes: int, max_values: int) -> None:
+        self.max_nodes, self.max_values = max_nodes, max_values
+        self.nodes = self.values = 0
+
+    def take(self, nodes: int, values: int, path: str) -> None:
+        self.nodes += nodes
+        self.values += values
+        if self.nodes > self.max_nodes:
+            raise TooLarge(f"{path}: a filter holds at most {self.max_nodes} comparisons and $and / $or nodes")
+        if self.values > self.max_values:
+            raise TooLarge(f"{path}: a filter holds at most {self.max_values} values in all")
+
+
 def _scalar(obj: object, path: str, numeric_only: bool) -> Scalar:
-    if isinstance(obj, bool | str):
+    if isinstance(obj, bool):
         if numeric_only:
             raise BadRequest(f"{path}: needs a number, got {_type_name(obj)}")
         return obj
+    if isinstance(obj, str):
+        if numeric_only:
+            raise BadRequest(f"{path}: needs a number, got {_type_name(obj)}")
+        return check_string(obj, path)
     if isinstance(obj, int):
         if not -_INT_LIMIT <= obj < _INT_LIMIT:
             raise BadRequest(f"{path}: integer out of the 64-bit range")
@@ -107,30 +142,35 @@ def _scalar(obj: object, path: str, numeric_only: bool) -> Scalar:
     raise BadRequest(f"{path}: needs {want}, got {_type_name(obj)}")
 
 
-def _parse_field(name: str, obj: object, path: str) -> list[Filter]:
+def _parse_field(name: str, obj: object, path: str, budget: _Budget) -> list[Filter]:
     if not isinstance(obj, Mapping):
+        budget.take(1, 1, path)
         return [Compare(name, "$eq", _scalar(obj, path, numeric_only=False))]
     if not obj:
         raise BadRequest(f"{path}: empty operator map")
     out: list[Filter] = []
     for op, arg in obj.items():
-        where = f"{path}.{op}"
+        if not isinstance(op, str):
+            raise BadRequest(f"{path}: operators must be strings, got {_type_name(op)}")
+        where = f"{path}.{_segment(op)}"
         if op in _COMPARE_OPS:
+            budget.take(1, 1, where)
             value = _scalar(arg, where, numeric_only=op in ORDER_OPS)
             out.append(Compare(name, cast(CompareOp, op), value))
         elif op in _SET_OPS:
             if not isinstance(arg, list | tuple):
                 raise BadRequest(f"{where}: needs a list, got {_type_name(arg)}")
+            budget.take(1, len(arg), where)  # before reading the list: it may be huge
             values = tuple(_scalar(v, f"{where}[{i}]", numeric_only=False) for i, v in enumerate(arg))
             out.append(InSet(name, cast(SetOp, op), values))
-        elif isinstance(op, str) and op.startswith("$"):
-            raise BadRequest(f"{path}: unknown operator {op!r}")
+        elif op.startswith("$"):
+            raise BadRequest(f"{path}: unknown operator {echo(op)}")
         else:
-            raise BadRequest(f"{path}: expected an operator such as $eq, got key {op!r} (no nested maps)")
+            raise BadRequest(f"{path}: expected an operator such as $eq, got key {echo(op)} (no nested maps)")
     return out
 
 
-def _parse_map(obj: object, path: str, nesting: int, max_depth: int) -> Filter:
+def _parse_map(obj: object, path: str, nesting: int, max_depth: int, budget: _Budget) -> Filter:
     """`nesting` counts the $and/$or around `obj`; a comparison inside sits at depth nesting + 1."""
     if not isinstance(obj, Mapping):
         raise BadRequest(f"{path}: a filter must be a map, got {_type_name(obj)}")
@@ -140,7 +180,7 @@ def _parse_map(obj: object, path: str, nesting: int, max_depth: int) -> Filter:
     for key, val in obj.items():
         if not isinstance(key, str):
             raise BadRequest(f"{path}: keys must be strings, got {_type_name(key)}")
-        where = f"{path}.{key}"
+        where = f"{path}.{_segment(key)}"
         if key in ("$and", "$or"):
             # Checked before descending so a hostile, deeply nested input cannot exhaust the stack.
             if nesting + 2 > max_depth:
@@ -149,38 +189,56 @@ def _parse_map(obj: object, path: str, nesting: int, max_depth: int) -> Filter:
                 raise BadRequest(f"{where}: needs a list of filters, got {_type_name(val)}")
             if not val:
                 raise BadRequest(f"{where}: empty list")
-            kids = tuple(_parse_map(c, f"{where}[{i}]", nesting + 1, max_depth) for i, c in enumerate(val))
+            budget.take(1, 0, where)
+            kids = tuple(
+                _parse_map(c, f"{where}[{i}]", nesting + 1, max_depth, budget) for i, c in enumerate(val)
+            )
             parts.append(And(kids) if key == "$and" else Or(kids))
         elif key.startswith("$"):
-            raise BadRequest(f"{path}: unknown operator {key!r}")
+            raise BadRequest(f"{path}: unknown operator {echo(key)}")
         elif not key:
             raise BadRequest(f"{path}: empty field name")
         else:
             if nesting + 1 > max_depth:
                 raise BadRequest(f"{where}: filter nested deeper than {max_depth}")
-            parts.extend(_parse_field(key, val, where))
+            check_string(key, f"{where}: the field name")
+            parts.extend(_parse_field(key, val, where, budget))
     return parts[0] if len(parts) == 1 else And(tuple(parts))
 
 
-def parse_where(obj: object, max_depth: int = 8) -> Filter:
-    """Parse a `where` map. Raises BadRequest on unknown operators, wrong types or depth > max_depth.
+_DEFAULTS = Limits()
+
+
+def parse_where(
+    obj: object,
+    max_depth: int = _DEFAULTS.max_filter_depth,
+    *,
+    max_nodes: int = _DEFAULTS.max_filter_nodes,
+    max_values: int = _DEFAULTS.max_filter_values,
+) -> Filter:
+    """Parse a `where` map. Raises BadRequest on unknown operators, wrong types, depth > max_depth,
+    strings holding NUL or lone surrogates; TooLarge when the filter holds more than `max_nodes`
+    nodes or `max_values` values (counted as in `_Budget`, checked before a list is read).
 
     The message names the offending part by path, e.g. `where.$and[1].price.$gt: needs a number`.
     An empty map is rejected; a caller that wants "no filter" passes no `where` at all.
     """
-    return _parse_map(obj, "where", 0, max_depth)
+    return _parse_map(obj, "where", 0, max_depth, _Budget(max_nodes, max_values))
 
 
-def parse_where_text(obj: object) -> TextFilter:
-    """Parse a `where_text` map: one of `$contains` / `$not_contains` with a string. Raises BadRequest."""
+def parse_where_text(obj: object, max_chars: int = _DEFAULTS.max_text_chars) -> TextFilter:
+    """Parse a `where_text` map: one of `$contains` / `$not_contains` with a string. Raises
+    BadRequest (wrong shape, NUL or lone surrogate), TooLarge (needle over `max_chars`)."""
     if not isinstance(obj, Mapping) or len(obj) != 1:
         raise BadRequest("where_text: needs a map with exactly one of $contains / $not_contains")
     ((op, arg),) = obj.items()
     if op not in ("$contains", "$not_contains"):
-        raise BadRequest(f"where_text: unknown operator {op!r}")
+        raise BadRequest(f"where_text: unknown operator {echo(op)}")
     if not isinstance(arg, str):
         raise BadRequest(f"where_text.{op}: needs a string, got {_type_name(arg)}")
-    return TextFilter(arg, op == "$not_contains")
+    if len(arg) > max_chars:
+        raise TooLarge(f"where_text.{op}: the string is longer than {max_chars} characters")
+    return TextFilter(check_string(arg, f"where_text.{op}"), op == "$not_contains")
 
 
 # --- columnar evaluation -------------------------------------------------------------------------

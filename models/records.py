@@ -20,6 +20,26 @@ Vector = NDArray[np.float32]
 # The embedding model's output width; the default `dim` of a new collection.
 MODEL_DIM = 384
 
+# The largest float32: a score or distance beyond it (or NaN) is never sent (see `wire_number`).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def wire_number(value: float | None, worst: float) -> float | None:
+    """`value` if finite (or None: a hit without that number); +/-inf clamped to +/-FLOAT32_MAX,
+    NaN replaced by `worst`.
+
+    Validation keeps vectors small enough that scores stay finite; this is the last guard, at
+    the one place hits become wire maps, so that no encoder (JSON refuses NaN, msgpack and SSE
+    would pass it on) ever meets a non-finite score from data stored before that validation.
+    """
+    if value is None or -FLOAT32_MAX <= value <= FLOAT32_MAX:
+        return value
+    if value > 0:
+        return FLOAT32_MAX
+    if value < 0:
+        return -FLOAT32_MAX
+    return worst  # NaN
+
 
 class Metric(enum.StrEnum):
     """Similarity measure of a collection. `score` is always 'higher is better'."""
@@ -86,12 +106,21 @@ class Hit(NamedTuple):
         """The Hit maps of a result list. Ids and scores only (the common case) are built in one
         comprehension: a query answers k of them, and per-hit calls showed in the loop's profile."""
         if not include:
-            return [{"id": h.id, "score": h.score, "distance": h.distance} for h in hits]
+            top = FLOAT32_MAX
+            return [
+                {"id": h.id, "score": wire_number(h.score, -top), "distance": wire_number(h.distance, top)}
+                for h in hits
+            ]
         return [h.to_wire(include, compact_vectors) for h in hits]
 
     def to_wire(self, include: frozenset[Include], compact_vectors: bool) -> dict[str, object]:
-        """The Hit map of PROTOCOL.md; vectors as little-endian float32 bytes when compact."""
-        out: dict[str, object] = {"id": self.id, "score": self.score, "distance": self.distance}
+        """The Hit map of PROTOCOL.md; vectors as little-endian float32 bytes when compact.
+        A non-finite score or distance is clamped (see `wire_number`): NaN reads as the worst."""
+        out: dict[str, object] = {
+            "id": self.id,
+            "score": wire_number(self.score, -FLOAT32_MAX),
+            "distance": wire_number(self.distance, FLOAT32_MAX),
+        }
         if Include.TEXT in include and self.text is not None:
             out["text"] = self.text
         if Include.METADATA in include and self.metadata is not None:

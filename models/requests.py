@@ -3,6 +3,11 @@
 Both edges (WebSocket and HTTP) call `parse_request`; nothing past this module sees an
 unvalidated value. Unknown arguments are rejected so a typo (`"were"` for `"where"`) cannot
 silently turn a filtered query into an unfiltered one.
+
+Hostile input: every string accepted passes `check_string` (no NUL, no lone surrogate), every
+integer fits in 64 bits, every number converts to a finite float, every vector has a bounded
+norm, and error messages quote input only through `echo`. Whatever the input, `parse_request`
+raises nothing but `ShoalError` subclasses.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 
 from models.config import Limits
-from models.errors import BadRequest, InvalidVector, TooLarge, UnknownOp
+from models.errors import BadRequest, InvalidVector, TooLarge, UnknownOp, echo
 from models.filters import Filter, TextFilter, parse_where, parse_where_text
 from models.records import DEFAULT_INCLUDE, DocId, Document, Include, Metadata, Metric, Vector
+from models.strings import check_string
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_K = 10
@@ -146,7 +153,9 @@ class Args:
     def finish(self) -> None:
         unknown = sorted(set(self.raw) - self.used)
         if unknown:
-            raise BadRequest(f"unknown argument(s): {', '.join(unknown)}")
+            shown = ", ".join(echo(key) for key in unknown[:MAX_ECHOED_NAMES])
+            more = f" and {len(unknown) - MAX_ECHOED_NAMES} more" if len(unknown) > MAX_ECHOED_NAMES else ""
+            raise BadRequest(f"unknown argument(s): {shown}{more}")
 
     def collection_name(self, key: str = "collection") -> str:
         value = self._get(key)
@@ -162,7 +171,7 @@ class Args:
             return None
         if not isinstance(value, str):
             raise BadRequest(f"'{key}' must be a string")
-        return value
+        return check_string(value, f"'{key}'")
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key)
@@ -180,6 +189,8 @@ class Args:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise BadRequest(f"'{key}' must be an integer")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise BadRequest(f"'{key}' must be an integer that fits in 64 bits")
         if value < low:
             raise BadRequest(f"'{key}' must be >= {low}")
         if high is not None and value > high:
@@ -192,9 +203,10 @@ class Args:
             if required:
                 raise BadRequest(f"'{key}' is required")
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        number = _finite_float(value)
+        if number is None:
             raise BadRequest(f"'{key}' must be a finite number")
-        return float(value)
+        return number
 
     def include(self) -> frozenset[Include]:
         value = self._get("include")
@@ -202,6 +214,8 @@ class Args:
             return DEFAULT_INCLUDE
         if not isinstance(value, list):
             raise BadRequest("'include' must be a list of 'text', 'metadata', 'vector'")
+        if len(value) > MAX_INCLUDE_ITEMS:  # a bound before the list is read item by item
+            raise BadRequest(f"'include' holds at most {MAX_INCLUDE_ITEMS} items")
         try:
             return frozenset(Include(item) for item in value)
         except (ValueError, TypeError) as exc:
@@ -222,62 +236,115 @@ class Args:
     def where(self) -> Filter | None:
         value = self._get("where")
         # `{}` means "no filter", as in Chroma.
-        return None if value is None or value == {} else parse_where(value, self.limits.max_filter_depth)
+        if value is None or value == {}:
+            return None
+        limits = self.limits
+        return parse_where(
+            value,
+            limits.max_filter_depth,
+            max_nodes=limits.max_filter_nodes,
+            max_values=limits.max_filter_values,
+        )
 
     def where_text(self) -> TextFilter | None:
         value = self._get("where_text")
-        return None if value is None or value == {} else parse_where_text(value)
+        return None if value is None or value == {} else parse_where_text(value, self.limits.max_text_chars)
 
     def vector(self, key: str = "vector") -> Vector | None:
         value = self._get(key)
         return None if value is None else parse_vector(value, self.limits)
 
     def text(self, key: str = "text") -> str | None:
-        value = self.string(key)
-        if value is not None and len(value) > self.limits.max_text_chars:
+        """A query's text: non-empty (nothing to embed or match otherwise), bounded in length."""
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise BadRequest(f"'{key}' must be a string")
+        if not value:
+            raise BadRequest(f"'{key}' must not be empty")
+        if len(value) > self.limits.max_text_chars:
             raise TooLarge(f"'{key}' is longer than {self.limits.max_text_chars} characters")
-        return value
+        return check_string(value, f"'{key}'")
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Items of an `include` list (duplicates are allowed, so more than its three names).
+MAX_INCLUDE_ITEMS = 16
+# Subscription ids are short server-made strings; a longer 'sub' cannot name one.
+MAX_SUB_ID_CHARS = 64
+# Unknown argument or field names quoted in one error message at most.
+MAX_ECHOED_NAMES = 5
+# The largest vector norm any setting may allow: with |x|, |y| <= 4e18 the float32 values
+# |x|**2, x . y and |x - y|**2 <= 6.4e37 stay below float32's 3.4e38.
+VECTOR_NORM_CEILING = 4e18
 
 
-def _check_no_nul(value: str, what: str) -> None:
-    # PostgreSQL text cannot hold NUL; rejecting it here keeps a bad document from failing a
-    # whole committed batch later.
-    if "\x00" in value:
-        raise BadRequest(f"{what} must not contain NUL characters")
+def _finite_float(value: object) -> float | None:
+    """`value` as a finite float; None for a non-number, a bool, NaN / inf or an integer too big
+    for a float (a JSON body may carry one of any length)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def doc_id(value: object, limits: Limits) -> DocId:
     if not isinstance(value, str) or not value:
         raise BadRequest("a document id must be a non-empty string")
-    _check_no_nul(value, "a document id")
     if len(value) > limits.max_id_chars:
         raise TooLarge(f"a document id is at most {limits.max_id_chars} characters")
-    return DocId(value)
+    return DocId(check_string(value, lambda: f"document id {echo(value)}"))
 
 
 def parse_vector(value: object, limits: Limits) -> Vector:
-    """A float32 vector from msgpack `bin` (little-endian float32) or a list of numbers."""
+    """A float32 vector from msgpack `bin` (little-endian float32) or a list of numbers.
+
+    Raises BadRequest (wrong type, a number that is no float), TooLarge (over `max_dim`
+    values) or InvalidVector (NaN, infinity, or an L2 norm over `max_vector_norm`: beyond it
+    float32 scores and distances overflow).
+    """
     if isinstance(value, (bytes, bytearray, memoryview)):
         if len(value) % 4:
             raise BadRequest("a binary vector must hold little-endian float32 values (length % 4 == 0)")
-        # One copy, into native float32 (a writable array owning its memory).
-        vector = np.frombuffer(value, dtype="<f4").astype(np.float32)
+        if len(value) // 4 > limits.max_dim:
+            raise TooLarge(f"a vector has at most {limits.max_dim} values")
+        vector = np.frombuffer(value, dtype="<f4").astype(np.float32)  # a copy owning its memory
     elif isinstance(value, list):
+        if len(value) > limits.max_dim:
+            raise TooLarge(f"a vector has at most {limits.max_dim} values")
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
             raise BadRequest("a vector must be a list of numbers")
-        vector = np.asarray(value, dtype=np.float32)
+        try:
+            vector = np.asarray(value, dtype=np.float64)  # checked wide: 1e39 must not become inf
+        except OverflowError as exc:  # an integer beyond float64
+            raise BadRequest("a vector's values must be numbers within the float range") from exc
     else:
         raise BadRequest("a vector must be float32 bytes or a list of numbers")
     if vector.size == 0:
         raise BadRequest("a vector must not be empty")
-    if vector.size > limits.max_dim:
-        raise TooLarge(f"a vector has at most {limits.max_dim} values")
-    if not np.isfinite(vector).all():
-        raise InvalidVector("a vector must not contain NaN or infinity")
-    return vector
+    bound = min(limits.max_vector_norm, VECTOR_NORM_CEILING)
+    # One float64 dot product decides the common case: it is NaN with a NaN, inf with an inf or
+    # when the squares overflow, and those all fail the comparison. Squares of float32 values
+    # cannot overflow float64; those of float64 values from a JSON list can.
+    if vector.dtype == np.float32:
+        wide = vector.astype(np.float64)
+        squared = float(np.dot(wide, wide))
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            squared = float(np.dot(vector, vector))
+    if not squared <= bound * bound:
+        if not np.isfinite(vector).all():
+            raise InvalidVector("a vector must not contain NaN or infinity")
+        raise InvalidVector(f"a vector's L2 norm must be at most {bound:g}")
+    return vector if vector.dtype == np.float32 else vector.astype(np.float32)
+
+
+def _metadata_name(key: str, suffix: str) -> str:
+    return f"metadata {echo(key)}{suffix}"
 
 
 def parse_metadata(value: object, limits: Limits) -> Metadata:
@@ -288,20 +355,20 @@ def parse_metadata(value: object, limits: Limits) -> Metadata:
     for key, item in value.items():
         if not isinstance(key, str) or not key or key.startswith("$"):
             raise BadRequest("metadata keys must be non-empty strings not starting with '$'")
-        _check_no_nul(key, "a metadata key")
-        if isinstance(item, float) and not math.isfinite(item):
-            raise BadRequest(f"metadata '{key}' must be a finite number")
-        if isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
-            raise BadRequest(f"metadata '{key}' must fit in a 64-bit integer")
+        check_string(key, partial(_metadata_name, key, ": the key"))
         if isinstance(item, str):
-            _check_no_nul(item, f"metadata '{key}'")
-        if isinstance(item, list):
+            check_string(item, partial(_metadata_name, key, ""))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise BadRequest(f"metadata {echo(key)} must be a finite number")
+        elif isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
+            raise BadRequest(f"metadata {echo(key)} must fit in a 64-bit integer")
+        elif isinstance(item, list):
             if not all(isinstance(x, str) for x in item):
-                raise BadRequest(f"metadata '{key}': a list may only hold strings")
+                raise BadRequest(f"metadata {echo(key)}: a list may only hold strings")
             for x in item:
-                _check_no_nul(x, f"metadata '{key}'")
-        elif not isinstance(item, (str, int, float, bool)):
-            raise BadRequest(f"metadata '{key}' must be a string, number, boolean or list of strings")
+                check_string(x, partial(_metadata_name, key, ""))
+        elif not isinstance(item, (int, float, bool)):
+            raise BadRequest(f"metadata {echo(key)} must be a string, number, boolean or list of strings")
     return value
 
 
@@ -311,21 +378,22 @@ DOC_KEYS = frozenset({"id", "text", "vector", "metadata"})
 def parse_document(value: object, limits: Limits) -> Document:
     if not isinstance(value, dict):
         raise BadRequest("each document must be a map")
-    unknown = set(value) - DOC_KEYS
+    unknown = [key for key in value if key not in DOC_KEYS]
     if unknown:
-        raise BadRequest(f"unknown document field(s): {', '.join(sorted(map(str, unknown)))}")
+        shown = ", ".join(echo(key) for key in unknown[:MAX_ECHOED_NAMES])
+        raise BadRequest(f"unknown document field(s): {shown}")
     ident = doc_id(value.get("id"), limits)
     text = value.get("text")
     if text is not None:
         if not isinstance(text, str):
-            raise BadRequest(f"document {ident!r}: 'text' must be a string")
+            raise BadRequest(f"document {echo(ident)}: 'text' must be a string")
         if len(text) > limits.max_text_chars:
-            raise TooLarge(f"document {ident!r}: text is longer than {limits.max_text_chars} characters")
-        _check_no_nul(text, f"document {ident!r}: text")
+            raise TooLarge(f"document {echo(ident)}: text is longer than {limits.max_text_chars} characters")
+        check_string(text, lambda: f"document {echo(ident)}: text")
     raw_vector = value.get("vector")
     vector = None if raw_vector is None else parse_vector(raw_vector, limits)
     if text is None and vector is None:
-        raise BadRequest(f"document {ident!r} needs 'text' or 'vector'")
+        raise BadRequest(f"document {echo(ident)} needs 'text' or 'vector'")
     raw_meta = value.get("metadata")
     metadata = {} if raw_meta is None else parse_metadata(raw_meta, limits)
     return Document(id=ident, text=text, vector=vector, metadata=metadata)
@@ -381,7 +449,7 @@ def _query(a: Args) -> Query:
     if mode not in ("vector", "keyword", "hybrid"):
         raise BadRequest("'mode' must be vector, keyword or hybrid")
     if mode != "vector":
-        raise BadRequest(f"mode '{mode}' is not available yet; use 'vector'")
+        raise BadRequest(f"mode {echo(mode)} is not available yet; use 'vector'")
     fusion = a.string("fusion") or "rrf"
     if fusion not in ("rrf", "weighted"):
         raise BadRequest("'fusion' must be rrf or weighted")
@@ -431,6 +499,8 @@ def _auth(a: Args) -> Auth:
 def _unsubscribe(a: Args) -> Unsubscribe:
     sub = a.string("sub", required=True)
     assert sub is not None
+    if len(sub) > MAX_SUB_ID_CHARS:
+        raise BadRequest(f"'sub' is a subscription id of at most {MAX_SUB_ID_CHARS} characters")
     return Unsubscribe(sub)
 
 
@@ -451,12 +521,17 @@ PARSERS: dict[str, Callable[[Args], Request]] = {
 
 
 def parse_request(op: object, args: Mapping[str, Any], limits: Limits) -> Request:
-    """Validate one request. Raises UnknownOp, BadRequest, TooLarge or InvalidVector."""
+    """Validate one request. Raises UnknownOp, BadRequest, TooLarge or InvalidVector, and no
+    other exception whatever `op` and `args` hold."""
     if not isinstance(op, str):
         raise BadRequest("'op' must be a string")
     parser = PARSERS.get(op)
     if parser is None:
-        raise UnknownOp(f"no such op: {op[:64]!r}")
+        raise UnknownOp(f"no such op: {echo(op)}")
+    for key in args:
+        # msgpack maps may have binary keys; the accessors and the unknown-argument check need str.
+        if not isinstance(key, str):
+            raise BadRequest(f"argument names must be strings, got {echo(key)}")
     accessor = Args(args, limits)
     request = parser(accessor)
     accessor.finish()

@@ -27,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp
 
 from actors.pg_server import open_database
 from actors.supervisor import Engine
@@ -113,7 +112,7 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
 }
 
 
-def create_app(settings: Settings) -> ASGIApp:
+def create_app(settings: Settings) -> Edge:
     failures = AuthFailures(
         settings.auth_failures_per_minute, settings.auth_failure_burst, settings.auth_failure_addresses
     )
@@ -124,13 +123,12 @@ def create_app(settings: Settings) -> ASGIApp:
         failures,
         settings.ws_auth_failures_close,
     )
-    subscriptions = sse.subscription_config()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with (
             open_database(settings.data_dir, settings.database_url) as dsn,
-            Engine.running(dsn, settings.engine, settings.limits, subscriptions) as engine,
+            Engine.running(dsn, settings.engine, settings.limits, settings.subscriptions) as engine,
             anyio.create_task_group() as tasks,
         ):
             metrics = Metrics()

@@ -12,16 +12,17 @@ import logging
 import time
 from typing import Any
 
+import anyio
 import msgpack
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from models.config import Limits
 from models.errors import BadRequest, MethodNotAllowed, ShoalError, TooLarge, UnknownOp, as_shoal_error
 from models.reply_size import reply_too_large
-from models.requests import parse_request
 from server.auth import bearer
-from server.ops import execute
+from server.ops import execute, parse
 from server.state import AppState
 
 MSGPACK = "application/msgpack"
@@ -51,30 +52,41 @@ def _respond(body: dict[str, Any], status: int, msgpack_reply: bool) -> Response
     )
 
 
-async def _read_body(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"request body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        return {}
+def _decode_body(raw: bytes, as_msgpack: bool) -> dict[str, Any]:
+    """The body as a map. Raises BadRequest: any decoding failure (bad syntax, nesting deep
+    enough to exhaust the recursion limit, an integer of more digits than Python converts)."""
     try:
-        if request.headers.get("content-type", "").startswith(MSGPACK):
-            body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        else:
-            body = json.loads(raw)
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True) if as_msgpack else json.loads(raw)
     except Exception as exc:
         raise BadRequest("request body is not valid JSON or msgpack") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object / msgpack map")
     return body
+
+
+async def _read_body(request: Request, limits: Limits) -> tuple[dict[str, Any], int]:
+    """The body as a map and its size in bytes; a big one is decoded in a worker thread."""
+    limit = limits.max_frame_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left, or its body stalled (SHOAL_BODY_TIMEOUT_S)
+        raise BadRequest("the request body did not arrive") from None
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}, 0
+    as_msgpack = request.headers.get("content-type", "").startswith(MSGPACK)
+    if len(raw) < limits.parse_in_thread_bytes:
+        return _decode_body(raw, as_msgpack), len(raw)
+    return await anyio.to_thread.run_sync(_decode_body, raw, as_msgpack), len(raw)
 
 
 async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Response:
@@ -84,16 +96,14 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
     try:
         caller = request.client.host if request.client else "-"
         grant = state.auth.lookup(bearer(request.headers.get("authorization")), caller)
-        args = (
-            await _read_body(request, state.settings.limits.max_frame_bytes)
-            if request.method not in ("GET", "HEAD")
-            else {}
+        args, size = (
+            await _read_body(request, state.settings.limits) if request.method not in ("GET", "HEAD") else ({}, 0)
         )
         for key, value in path_args.items():
             if key in args and args[key] != value:
                 raise BadRequest(f"'{key}' in the body differs from the path")
             args[key] = value
-        parsed = parse_request(op, args, state.settings.limits)
+        parsed = await parse(op, args, state.settings.limits, size)
         state.auth.check(grant, caller, parsed)
         visible = None if grant is None else grant.collections
         result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)

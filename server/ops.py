@@ -1,19 +1,58 @@
 """One dispatcher from typed requests to engine calls to wire results, shared by every transport.
 
 `compact` chooses how vectors travel back: msgpack `bin` (WebSocket, msgpack HTTP) or number
-arrays (JSON).
+arrays (JSON). `parse` is the edges' one way into `parse_request`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
+
+import anyio
 
 from actors.subscriber import MatchEvent
 from actors.supervisor import Engine
 from models import requests as rq
+from models.codec import Frame, decode_frame
+from models.config import Limits
 from models.errors import BadRequest
 from models.records import Hit, Include, StoredDoc
+from server.lifecycle import writes_in_flight
+
+# Counted while served, so that a stopping server waits for their acks (server.lifecycle).
+WRITES = (rq.Upsert, rq.Delete, rq.CreateCollection, rq.DropCollection)
+
+# Worker threads that parse big requests at once: each holds the GIL for a slice at a time, so
+# more of them would only slow the event loop further.
+PARSE_THREADS = 2
+_parse_limiter: anyio.CapacityLimiter | None = None
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    global _parse_limiter
+    if _parse_limiter is None:  # made on first use: it belongs to the running event loop
+        _parse_limiter = anyio.CapacityLimiter(PARSE_THREADS)
+    return _parse_limiter
+
+
+async def decode(data: bytes, limits: Limits) -> Frame:
+    """`decode_frame(data)`, in a worker thread for a frame of `limits.parse_in_thread_bytes` or
+    more (unpacking a million-element array takes a while). Raises FrameError."""
+    if len(data) < limits.parse_in_thread_bytes:
+        return decode_frame(data)
+    return await anyio.to_thread.run_sync(decode_frame, data, limiter=_limiter())
+
+
+async def parse(op: object, args: Mapping[str, Any], limits: Limits, size: int) -> rq.Request:
+    """`parse_request(op, args, limits)`, in a worker thread when the request took at least
+    `limits.parse_in_thread_bytes` bytes on the wire (a filter of thousands of values, a batch of
+    thousands of documents), so that validating it does not stall every other connection.
+    Raises what `parse_request` raises."""
+    if size < limits.parse_in_thread_bytes:
+        return rq.parse_request(op, args, limits)
+    return await anyio.to_thread.run_sync(rq.parse_request, op, args, limits, limiter=_limiter())
 
 
 def doc_to_wire(doc: StoredDoc, include: frozenset[Include], compact: bool) -> dict[str, Any]:
@@ -40,6 +79,15 @@ async def execute(
 ) -> dict[str, Any]:
     """Serve one request; raises ShoalError for anything the client got wrong. `visible`
     restricts which collections a listing shows (a key scoped to some collections)."""
+    if isinstance(request, WRITES):
+        with writes_in_flight(engine).track():
+            return await _dispatch(engine, request, compact, visible)
+    return await _dispatch(engine, request, compact, visible)
+
+
+async def _dispatch(
+    engine: Engine, request: rq.Request, compact: bool, visible: frozenset[str] | None
+) -> dict[str, Any]:
     if isinstance(request, rq.Ping | rq.Auth):
         return {}
     if isinstance(request, rq.Query):

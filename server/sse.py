@@ -28,11 +28,9 @@ disconnect ends the stream's task at once.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -46,7 +44,6 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, MatchEvent, Subscriber
-from actors.subscriptions import SubscriptionConfig
 from actors.supervisor import Engine
 from models import requests as rq
 from models.errors import BadRequest, ShoalError, as_shoal_error
@@ -67,20 +64,6 @@ HEADERS = [
 ]
 SUBSCRIBE_PARAMS = frozenset({"text", "vector", "threshold", "where", "where_text", "include", "last_event_id", "key"})
 CHANGES_PARAMS = frozenset({"last_event_id", "key"})
-
-
-def subscription_config(env: Mapping[str, str] | None = None) -> SubscriptionConfig:
-    """SubscriptionConfig from `SHOAL_<FIELD>` variables (e.g. SHOAL_SUB_BUFFER=200)."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(SubscriptionConfig):
-        raw = env.get(f"SHOAL_{f.name.upper()}")
-        if raw is not None:
-            try:
-                values[f.name] = float(raw) if f.type in (float, "float") else int(raw)
-            except ValueError as exc:
-                raise SystemExit(f"invalid value for SHOAL_{f.name.upper()}: {raw!r}") from exc
-    return SubscriptionConfig(**values)
 
 
 class SSEState:
@@ -127,12 +110,12 @@ def _json(raw: str, name: str) -> Any:
         raise BadRequest(f"'{name}' must be JSON") from exc
 
 
-def _number(raw: str, name: str) -> float:
+def _number(raw: str, name: str, *, finite: bool = True) -> float:
     try:
         value = float(raw)
     except ValueError as exc:
         raise BadRequest(f"'{name}' must be a number") from exc
-    if not math.isfinite(value):
+    if finite and not math.isfinite(value):
         raise BadRequest(f"'{name}' must be a finite number")
     return value
 
@@ -144,8 +127,9 @@ def _resume_point(params: Mapping[str, str], request: Request) -> int | None:
     raw = header or params.get("last_event_id", "").strip()
     if not raw:
         return None
-    if not raw.isdigit():
-        raise BadRequest("Last-Event-ID / last_event_id must be a non-negative integer seq")
+    # ASCII digits only, and few enough for a 64-bit seq (int() refuses very long digit strings).
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) >= 2**63:
+        raise BadRequest("Last-Event-ID / last_event_id must be a non-negative 64-bit integer seq")
     return int(raw)
 
 
@@ -157,7 +141,8 @@ def parse_subscribe(name: str, request: Request, state: AppState) -> rq.Subscrib
     if "text" in params:
         args["text"] = params["text"]
     if "vector" in params:
-        args["vector"] = [_number(x, "vector") for x in params["vector"].split(",") if x.strip()]
+        # NaN / inf are left to the vector check, which answers invalid_vector on every transport.
+        args["vector"] = [_number(x, "vector", finite=False) for x in params["vector"].split(",") if x.strip()]
     if "threshold" in params:
         args["threshold"] = _number(params["threshold"], "threshold")
     for key in ("where", "where_text"):

@@ -52,7 +52,7 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, Subscriber
-from models.codec import Frame, FrameError, decode_frame, encode_error, encode_push, encode_reply
+from models.codec import Frame, FrameError, encode_error, encode_push, encode_reply
 from models.config import Limits
 from models.errors import (
     BadFrame,
@@ -65,9 +65,9 @@ from models.errors import (
     as_shoal_error,
 )
 from models.reply_size import reply_too_large
-from models.requests import Auth, Subscribe, Unsubscribe, parse_request
+from models.requests import Auth, Subscribe, Unsubscribe
 from server.auth import Access, ApiKey, bearer
-from server.ops import execute, match_hit
+from server.ops import decode, execute, match_hit, parse
 from server.outbox import Outbox
 from server.reply_budget import ReplyBudget, vector_bytes_floor
 from server.state import AppState
@@ -188,29 +188,40 @@ class Connection:
             await self._on_frame(message)
 
     async def _on_frame(self, message: Message) -> None:
+        # Room for the reply is reserved before anything awaits (a large frame is decoded in a
+        # thread), so the worker started meanwhile sees it when it decides whether to read on.
+        budget = self._budget
+        reserved = budget.reserve(0)
         data = message.get("bytes")
         if data is None:
             self._count("-", "bad_frame")
-            await self._queue(encode_error(None, BadFrame("send binary frames holding one msgpack map")))
+            await self._reply(reserved, encode_error(None, BadFrame("send binary frames holding one msgpack map")))
             return
         try:
-            frame = decode_frame(data)
+            frame = await decode(data, self.state.settings.limits)
         except FrameError as exc:
             self._count("-", exc.error.code)
-            await self._queue(encode_error(exc.request_id, exc.error))
+            await self._reply(reserved, encode_error(exc.request_id, exc.error))
             return
         op = frame.op if isinstance(frame.op, str) else "-"
         started = time.perf_counter()
-        reserved = self._budget.reserve(vector_bytes_floor(frame.op, frame.args, self.state.engine.collection_dim))
+        floor = vector_bytes_floor(frame.op, frame.args, self.state.engine.collection_dim)
+        if floor > reserved:  # its shape promises more than a typical reply
+            budget.add(floor - reserved)
+            reserved = floor
         reply, code, sub = await self._serve(frame)
         if len(reply) > self._max_frame:
             code = TooLarge.code
             reply = encode_error(frame.request_id, reply_too_large(len(reply), self._max_frame))
-        self._budget.replace(reserved, len(reply))
-        await self._outbox.put(reply)
+        await self._reply(reserved, reply)
         self.state.metrics.served("ws", op, code, time.perf_counter() - started)
         if sub is not None:
             await self._replay(sub)
+
+    async def _reply(self, reserved: int, reply: bytes) -> None:
+        """Queue a reply in place of the room reserved for it."""
+        self._budget.replace(reserved, len(reply))
+        await self._outbox.put(reply)
 
     async def _queue(self, data: bytes) -> None:
         """Put a frame in the outbox, counted against the pending reply bytes until sent."""
@@ -242,7 +253,7 @@ class Connection:
         try:
             if not self.authenticated and frame.op != "auth":
                 raise Unauthorized("authenticate first: send {op: auth, key} or an Authorization header")
-            request = parse_request(frame.op, frame.args, self.state.settings.limits)
+            request = await parse(frame.op, frame.args, self.state.settings.limits, frame.size)
             auth = self.state.auth
             if isinstance(request, Auth):
                 try:

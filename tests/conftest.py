@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from client import ShoalClient
+from shoal_client import ShoalClient
 from tests.server_process import ServerProcess, temp_data_dir
 
 

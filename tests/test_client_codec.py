@@ -9,8 +9,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from client import errors
-from client.codec import (
+from shoal_client import errors
+from shoal_client.codec import (
     decode_frame,
     decode_vector,
     encode_request,
@@ -18,7 +18,7 @@ from client.codec import (
     json_args,
     vector_to_query_param,
 )
-from client.errors import (
+from shoal_client.errors import (
     ClientError,
     ConnectionClosed,
     NotFound,
@@ -28,11 +28,11 @@ from client.errors import (
     error_from_status,
     error_from_wire,
 )
-from client.http import error_from_body
-from client.ops import http_base, include_list, ws_url
-from client.protocol import ClientProtocol, Failure, Pushed, Reply, SubscriptionBuffer, Unrouted
-from client.sse import subscribe_params
-from client.types import (
+from shoal_client.http import error_from_body
+from shoal_client.ops import http_base, include_list, ws_url
+from shoal_client.protocol import ClientProtocol, Failure, Pushed, Reply, SubscriptionBuffer, Unrouted
+from shoal_client.sse import subscribe_params
+from shoal_client.types import (
     Hit,
     LaggedEvent,
     MatchEvent,

@@ -21,9 +21,9 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from client import ShoalClient
-from client import errors as ce
-from client.transport import WebSocketTransport
+from shoal_client import ShoalClient
+from shoal_client import errors as ce
+from shoal_client.transport import WebSocketTransport
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,8 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from client import ShoalClient, ShoalHTTP
-from client.errors import DimensionMismatch, Exists, NotFound
+from shoal_client import ShoalClient, ShoalHTTP
+from shoal_client.errors import DimensionMismatch, Exists, NotFound
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)

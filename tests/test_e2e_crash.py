@@ -9,8 +9,8 @@ import signal
 import numpy as np
 import pytest
 
-from client import ShoalClient
-from client import errors as ce
+from shoal_client import ShoalClient
+from shoal_client import errors as ce
 from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(300)

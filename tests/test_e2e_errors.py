@@ -23,9 +23,9 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from client import ShoalClient, ShoalHTTP
-from client import errors as ce
-from client.sse import changes_sse, subscribe_sse
+from shoal_client import ShoalClient, ShoalHTTP
+from shoal_client import errors as ce
+from shoal_client.sse import changes_sse, subscribe_sse
 from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(180)

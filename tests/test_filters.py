@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from actors.pg_server import open_database
-from models.errors import BadRequest
+from models.errors import BadRequest, TooLarge
 from models.filters import (
     And,
     Compare,
@@ -163,6 +163,46 @@ def test_hostile_nesting_is_rejected_without_recursion_error() -> None:
         flt = {"$or": [flt]}
     with pytest.raises(BadRequest, match="deeper than 8"):
         parse_where(flt)
+
+
+def test_size_limits_are_checked_before_a_list_is_read() -> None:
+    class Exploding(list[object]):
+        def __iter__(self) -> Any:
+            raise AssertionError("read an oversized $in list")
+
+    with pytest.raises(TooLarge, match="at most 10000 values"):
+        parse_where({"k": {"$in": Exploding(range(10_001))}})
+    assert isinstance(parse_where({"k": {"$nin": list(range(10_000))}}), InSet)
+    # Values add up across the whole filter; nodes count comparisons and $and / $or.
+    with pytest.raises(TooLarge, match="values in all"):
+        parse_where({"a": {"$in": list(range(6_000))}, "b": {"$in": list(range(6_000))}})
+    with pytest.raises(TooLarge, match="at most 3 comparisons"):
+        parse_where({"$or": [{"a": 1}, {"b": 2}, {"c": 3}]}, max_nodes=3)
+    assert isinstance(parse_where({"$or": [{"a": 1}, {"b": 2}]}, max_nodes=3), Or)
+    assert parse_where({"a": {"$in": [1, 2]}}, max_values=2) == InSet("a", "$in", (1, 2))
+    with pytest.raises(TooLarge):
+        parse_where({"a": 1, "b": {"$in": [1, 2]}}, max_values=2)
+
+
+@pytest.mark.parametrize("bad", ["x\udfff", "x\x00"])
+def test_strings_postgresql_cannot_hold_are_refused(bad: str) -> None:
+    for where in ({"k": bad}, {"k": {"$ne": bad}}, {"k": {"$in": ["ok", bad]}}, {bad: 1}):
+        with pytest.raises(BadRequest, match=r"NUL|surrogate"):
+            parse_where(where)
+    with pytest.raises(BadRequest, match=r"NUL|surrogate"):
+        parse_where_text({"$contains": bad})
+    with pytest.raises(TooLarge):
+        parse_where_text({"$not_contains": "x" * 11}, max_chars=10)
+
+
+def test_error_paths_quote_long_names_shortened() -> None:
+    name = "f" * 100_000
+    with pytest.raises(BadRequest) as info:
+        parse_where({name: {"$gt": "x"}})
+    assert len(info.value.message) < 200 and "\u2026" in info.value.message
+    with pytest.raises(BadRequest) as info:
+        parse_where({"a": {"$" + name: 1}})
+    assert len(info.value.message) < 200
 
 
 @pytest.mark.parametrize(

@@ -30,9 +30,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from client import ShoalClient
 from server.outbox import Outbox
 from server.reply_budget import ReplyBudget, vector_bytes_floor
+from shoal_client import ShoalClient
 from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(240)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from httpx_sse import aconnect_sse
 
-from client import ShoalClient, changes_sse, subscribe_sse
-from client.errors import BadRequest, NotFound
-from client.types import SSEEvent
+from shoal_client import ShoalClient, changes_sse, subscribe_sse
+from shoal_client.errors import BadRequest, NotFound
+from shoal_client.types import SSEEvent
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)

@@ -21,9 +21,9 @@ import msgpack
 import pytest
 import websockets
 
-from client import ShoalClient, subscribe_sse
-from client.errors import Overloaded, TooLarge
-from client.types import MatchEvent
+from shoal_client import ShoalClient, subscribe_sse
+from shoal_client.errors import Overloaded, TooLarge
+from shoal_client.types import MatchEvent
 from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(240)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import websockets
 
-from client import ShoalClient
-from client.errors import NotFound, TooLarge
-from client.types import LaggedEvent, MatchEvent
+from shoal_client import ShoalClient
+from shoal_client.errors import NotFound, TooLarge
+from shoal_client.types import LaggedEvent, MatchEvent
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import websockets
 
-from client import ShoalClient
-from client.errors import ShoalError
 from models.config import Limits
 from models.errors import TooLarge
 from models.records import DocId, Hit, Include, Seq, StoredDoc
 from models.reply_size import check_rows_fit
+from shoal_client import ShoalClient
+from shoal_client.errors import ShoalError
 from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(240)

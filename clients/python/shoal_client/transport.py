@@ -32,7 +32,7 @@ from websockets.protocol import Event, State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from client.errors import ConnectionClosed
+from shoal_client.errors import ConnectionClosed
 
 logger = logging.getLogger("shoal.client")
 

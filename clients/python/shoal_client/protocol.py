@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from client.codec import decode_frame, encode_request
-from client.errors import ConnectionClosed, ProtocolError, error_from_wire
-from client.types import LaggedEvent, SubscriptionEvent, parse_push
+from shoal_client.codec import decode_frame, encode_request
+from shoal_client.errors import ConnectionClosed, ProtocolError, error_from_wire
+from shoal_client.types import LaggedEvent, SubscriptionEvent, parse_push
 
 DEFAULT_QUEUE_SIZE = 10_000
 

@@ -13,8 +13,8 @@ from typing import Any, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
-from client.codec import decode_vector
-from client.errors import ProtocolError
+from shoal_client.codec import decode_vector
+from shoal_client.errors import ProtocolError
 
 Vector: TypeAlias = NDArray[np.float32]
 # A metadata value: str | int | float | bool | list of str (PROTOCOL.md).

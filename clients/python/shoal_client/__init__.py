@@ -1,6 +1,6 @@
 """Async Python client of Shoal.
 
-    from client import ShoalClient, NotFound
+    from shoal_client import ShoalClient, NotFound
 
     async with ShoalClient.connect("ws://127.0.0.1:8080/v1/ws") as db:
         await db.create_collection("docs", if_not_exists=True)
@@ -14,7 +14,7 @@
 `changes_sse` stream Server-Sent Events.
 """
 
-from client.errors import (
+from shoal_client.errors import (
     BadFrame,
     BadRequest,
     ClientError,
@@ -34,9 +34,9 @@ from client.errors import (
     Unavailable,
     UnknownOp,
 )
-from client.http import ShoalHTTP
-from client.sse import changes_sse, subscribe_sse
-from client.types import (
+from shoal_client.http import ShoalHTTP
+from shoal_client.sse import changes_sse, subscribe_sse
+from shoal_client.types import (
     CollectionInfo,
     DeleteResult,
     Hit,
@@ -47,7 +47,7 @@ from client.types import (
     SubscriptionEvent,
     UpsertResult,
 )
-from client.ws import ShoalClient, Subscription
+from shoal_client.ws import ShoalClient, Subscription
 
 __all__ = [
     "BadFrame",

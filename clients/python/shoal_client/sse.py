@@ -17,11 +17,11 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
-from client.codec import vector_to_query_param
-from client.errors import ConnectionClosed, ProtocolError
-from client.http import error_from_body
-from client.ops import auth_headers, http_base, include_list
-from client.types import SSEEvent
+from shoal_client.codec import vector_to_query_param
+from shoal_client.errors import ConnectionClosed, ProtocolError
+from shoal_client.http import error_from_body
+from shoal_client.ops import auth_headers, http_base, include_list
+from shoal_client.types import SSEEvent
 
 DEFAULT_RETRY_MS = 2000
 # The server sends a comment at least every 15 s; a read silent for much longer means a dead peer.

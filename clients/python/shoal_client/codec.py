@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 from numpy.typing import NDArray
 
-from client.errors import ClientError, ProtocolError
+from shoal_client.errors import ClientError, ProtocolError
 
 # The wire dtype of a vector: float32, little-endian whatever the host's byte order.
 WIRE_DTYPE = np.dtype("<f4")

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from client.errors import ClientError, ProtocolError
-from client.types import (
+from shoal_client.errors import ClientError, ProtocolError
+from shoal_client.types import (
     CollectionInfo,
     DeleteResult,
     QueryResult,

@@ -27,10 +27,10 @@ from typing import Any
 import websockets
 from websockets.typing import Subprotocol
 
-from client.errors import ClientError, ConnectionClosed, NotFound, ProtocolError, TooLarge
-from client.http import error_from_body
-from client.ops import ShoalOps, auth_headers, search_args, ws_url
-from client.protocol import (
+from shoal_client.errors import ClientError, ConnectionClosed, NotFound, ProtocolError, TooLarge
+from shoal_client.http import error_from_body
+from shoal_client.ops import ShoalOps, auth_headers, search_args, ws_url
+from shoal_client.protocol import (
     DEFAULT_QUEUE_SIZE,
     ClientProtocol,
     Failure,
@@ -39,8 +39,8 @@ from client.protocol import (
     SubscriptionBuffer,
     Unrouted,
 )
-from client.transport import DEFAULT_CLOSE_TIMEOUT, DEFAULT_PING_TIMEOUT, WebSocketTransport, open_websocket
-from client.types import SubscriptionEvent
+from shoal_client.transport import DEFAULT_CLOSE_TIMEOUT, DEFAULT_PING_TIMEOUT, WebSocketTransport, open_websocket
+from shoal_client.types import SubscriptionEvent
 
 logger = logging.getLogger("shoal.client")
 

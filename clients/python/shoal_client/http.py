@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 import httpx
 
-from client.codec import decode_frame, encode_frame, json_args, pack_args
-from client.errors import (
+from shoal_client.codec import decode_frame, encode_frame, json_args, pack_args
+from shoal_client.errors import (
     ClientError,
     ConnectionClosed,
     ProtocolError,
@@ -22,7 +22,7 @@ from client.errors import (
     error_from_status,
     error_from_wire,
 )
-from client.ops import ShoalOps, auth_headers, http_base
+from shoal_client.ops import ShoalOps, auth_headers, http_base
 
 MSGPACK = "application/msgpack"
 
