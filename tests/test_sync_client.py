@@ -139,6 +139,10 @@ def test_http_wrapper_and_change_feed(server: ServerProcess) -> None:
         with db.changes_sse(name, last_event_id=0) as feed:
             first = next(feed)
             assert first.event == "upsert" and first.seq is not None and first.seq >= 1
+        # A standing query resumed from seq 0 replays the matches already written, then blocks.
+        with db.subscribe_sse(name, vector=[0.0, 0.0], threshold=-1.0, last_event_id=0) as matches:
+            match = next(matches)
+            assert match.event == "match" and match.data["hit"]["id"] == "a"
         with pytest.raises(NotFound):
             db.count(unique("missing"))
         db.drop_collection(name)
