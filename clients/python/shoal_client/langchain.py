@@ -48,9 +48,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from langchain_core.documents import Document
-from langchain_core.embeddings import Embeddings
-from langchain_core.vectorstores import VectorStore, VectorStoreRetriever
+
+try:
+    from langchain_core.documents import Document
+    from langchain_core.embeddings import Embeddings
+    from langchain_core.vectorstores import VectorStore, VectorStoreRetriever
+except ImportError as exc:  # the extra is not installed: say which one
+    raise ImportError(
+        f'shoal_client.langchain needs langchain-core: pip install "shoal-client[langchain]" ({exc})'
+    ) from exc
 
 from shoal_client.http import ShoalHTTP
 from shoal_client.metadata import decode_metadata, encode_metadata
