@@ -95,6 +95,18 @@ def test_delete_by_ids_and_by_filter(pets: ShoalVectorStore) -> None:
     assert pets.similarity_search("anything") == []  # recreated empty on use
 
 
+def test_a_collection_dropped_elsewhere_is_created_again(server: ServerProcess) -> None:
+    name = unique("lcdrop")
+    store = ShoalVectorStore(url=server.url, collection=name)
+    store.add_texts(["first text"], ids=["one"])
+    with SyncShoalHTTP(server.url) as other:
+        other.drop_collection(name)
+    assert store.similarity_search("first") == []
+    store.client.drop_collection(name)
+    assert store.add_texts(["second text"], ids=["two"]) == ["two"]
+    assert [d.id for d in store.similarity_search("second")] == ["two"]
+
+
 def test_from_texts_then_retriever_invoke(server: ServerProcess) -> None:
     store = ShoalVectorStore.from_texts(
         [t for _, t, _ in PETS],

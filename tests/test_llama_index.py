@@ -275,3 +275,13 @@ async def test_async_variants_and_mmr(server: ServerProcess) -> None:
     assert (await store.aquery(VectorStoreQuery(query_embedding=q, similarity_top_k=3))).ids == []
     await store.aclear()
     store.close()
+
+
+def test_a_collection_dropped_elsewhere_is_created_again(server: ServerProcess) -> None:
+    store = ShoalVectorStore(url=server.url, collection=unique("lidrop"))
+    store.add([TextNode(id_="one", text="first text")])
+    store.client.drop_collection(store.collection)  # as another client would
+    assert store.query(VectorStoreQuery(query_str="first", similarity_top_k=2)).ids == []
+    store.client.drop_collection(store.collection)
+    assert store.add([TextNode(id_="two", text="second text")]) == ["two"]
+    assert store.query(VectorStoreQuery(query_str="second", similarity_top_k=2)).ids == ["two"]

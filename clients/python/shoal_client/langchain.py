@@ -58,6 +58,7 @@ except ImportError as exc:  # the extra is not installed: say which one
         f'shoal_client.langchain needs langchain-core: pip install "shoal-client[langchain]" ({exc})'
     ) from exc
 
+from shoal_client.errors import NotFound
 from shoal_client.http import ShoalHTTP
 from shoal_client.metadata import decode_metadata, encode_metadata
 from shoal_client.mmr import mmr_order
@@ -339,9 +340,18 @@ class ShoalVectorStore(VectorStore):
         return info
 
     async def _upsert(self, c: ShoalHTTP, docs: list[dict[str, Any]], dim: int | None) -> None:
+        cached = self._info is not None
         await self._collection(c, dim)
-        for start in range(0, len(docs), self._batch_size):
-            await c.upsert(self.collection, docs[start : start + self._batch_size])
+        try:
+            for start in range(0, len(docs), self._batch_size):
+                await c.upsert(self.collection, docs[start : start + self._batch_size])
+        except NotFound:
+            if not cached:
+                raise
+            # Dropped since it was looked up (by another client): create it again, once. Upserts
+            # replace by id, so re-sending batches that went through is harmless.
+            self._info = None
+            await self._upsert(c, docs, dim)
 
     async def _query(
         self,
@@ -353,18 +363,25 @@ class ShoalVectorStore(VectorStore):
         *,
         with_vectors: bool = False,
     ) -> list[Hit]:
+        cached = self._info is not None
         await self._collection(c, len(vector) if vector is not None else None)
         include = ["text", "metadata", "vector"] if with_vectors else None
-        result = await c.query(
-            self.collection,
-            vector=vector,
-            text=text,
-            k=k,
-            where=options.get("filter"),
-            where_text=options.get("where_text"),
-            ef=options.get("ef"),
-            include=include,
-        )
+        try:
+            result = await c.query(
+                self.collection,
+                vector=vector,
+                text=text,
+                k=k,
+                where=options.get("filter"),
+                where_text=options.get("where_text"),
+                ef=options.get("ef"),
+                include=include,
+            )
+        except NotFound:
+            if not cached:
+                raise
+            self._info = None  # dropped since it was looked up: create it again (empty), once
+            return await self._query(c, vector, text, k, options, with_vectors=with_vectors)
         return result.hits
 
     def _documents(

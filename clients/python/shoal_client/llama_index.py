@@ -54,6 +54,7 @@ except ImportError as exc:  # the extra is not installed: say which one
         f'shoal_client.llama_index needs llama-index-core: pip install "shoal-client[llama-index]" ({exc})'
     ) from exc
 
+from shoal_client.errors import NotFound
 from shoal_client.http import ShoalHTTP
 from shoal_client.metadata import decode_metadata, is_flat_value
 from shoal_client.mmr import mmr_order
@@ -283,9 +284,18 @@ class ShoalVectorStore(BasePydanticVectorStore):
         return info
 
     async def _upsert(self, c: ShoalHTTP, docs: list[dict[str, Any]], dim: int | None) -> None:
+        cached = self._info is not None
         await self._collection(c, dim)
-        for start in range(0, len(docs), self.batch_size):
-            await c.upsert(self.collection, docs[start : start + self.batch_size])
+        try:
+            for start in range(0, len(docs), self.batch_size):
+                await c.upsert(self.collection, docs[start : start + self.batch_size])
+        except NotFound:
+            if not cached:
+                raise
+            # Dropped since it was looked up (by another client): create it again, once. Upserts
+            # replace by id, so re-sending batches that went through is harmless.
+            self._info = None
+            await self._upsert(c, docs, dim)
 
     async def _drop(self, c: ShoalHTTP) -> None:
         await c.drop_collection(self.collection)
@@ -308,11 +318,19 @@ class ShoalVectorStore(BasePydanticVectorStore):
         if query.doc_ids:
             by_doc = {REF_DOC_KEY: {"$in": list(query.doc_ids)}}
             where = by_doc if where is None else {"$and": [where, by_doc]}
+        cached = self._info is not None
         info = await self._collection(c, len(vector) if vector is not None else None)
         k = query.similarity_top_k
         fetch = min(MAX_K, max(k, k * MMR_PREFETCH_FACTOR)) if mmr else k
         include = ["text", "metadata", "vector"] if mmr else ["text", "metadata"]
-        hits = (await c.query(self.collection, vector=vector, text=text, k=fetch, where=where, include=include)).hits
+        try:
+            found = await c.query(self.collection, vector=vector, text=text, k=fetch, where=where, include=include)
+        except NotFound:
+            if not cached:
+                raise
+            self._info = None  # dropped since it was looked up: create it again (empty), once
+            return await self._query(c, query)
+        hits = found.hits
         if mmr:
             weight = query.mmr_threshold if query.mmr_threshold is not None else 0.5
             hits = mmr_order(hits, k, weight, metric=info.metric, query_vector=vector)
