@@ -122,9 +122,12 @@ class Snapshotter:
         for name in list(self._saved):
             if name not in names:
                 del self._saved[name]
-        for name in await anyio.to_thread.run_sync(self.store.names):
-            if name not in names:
-                await anyio.to_thread.run_sync(self.store.remove, name)
+        try:
+            for name in await anyio.to_thread.run_sync(self.store.names):
+                if name not in names:  # dropped, or unknown to this database
+                    await anyio.to_thread.run_sync(self.store.remove, name)
+        except OSError as exc:
+            log.warning("snapshot directory %s cannot be read: %s", self.store.root, exc)
         for collection in self._catalog.all():
             if self._due(collection, final):
                 await self.snapshot(collection)
@@ -173,7 +176,7 @@ class Snapshotter:
                 if not committed:
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(self.store.abandon, gen)
-        except (OSError, ShoalError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # a cache that failed to write: never the node's failure
             self._failed_at[name] = time.monotonic()
             _count("writes", "failed")
             log.warning("snapshot of collection %s failed: %s", name, exc)

@@ -34,7 +34,11 @@ from shoal_client import ShoalClient
 
 COLLECTION = "restart"
 # No snapshot by time or count during the run: only clean shutdowns write one.
-SCHEDULE_OFF = {"SHOAL_SNAPSHOT_INTERVAL_S": "86400", "SHOAL_SNAPSHOT_EVERY_CHANGES": "1000000000"}
+SCHEDULE_OFF = {
+    "SHOAL_SNAPSHOT_INTERVAL_S": "86400",
+    "SHOAL_SNAPSHOT_EVERY_CHANGES": "1000000000",
+    "SHOAL_WRITE_DEADLINE_S": "120",  # a loaded machine must not fail the bulk load
+}
 
 
 def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -116,7 +120,7 @@ def run(docs: int, dim: int, tail: int) -> dict[str, Any]:
         assert asyncio.run(_count(proc.url)) == n
         results["shutdown_after_tail_s"] = _stop(proc)
 
-        proc = ServerProcess(data_dir, {"SHOAL_SNAPSHOTS": "off"})
+        proc = ServerProcess(data_dir, {**SCHEDULE_OFF, "SHOAL_SNAPSHOTS": "off"})
         results["ready_rebuild_s"] = _ready_after_start(proc)
         assert asyncio.run(_count(proc.url)) == n
         _stop(proc)

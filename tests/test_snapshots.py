@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
 import urllib.request
 from pathlib import Path
@@ -305,11 +306,15 @@ async def test_snapshot_ahead_of_the_database_is_not_used() -> None:
         body["seq"] = 10_000
         body["checksum"] = _body_checksum(body)
         path.write_text(json.dumps(body))
+        orphan = data_dir / "snapshots" / "orphan"  # a collection this database does not have
+        shutil.copytree(data_dir / "snapshots" / "snap", orphan)
         proc = ServerProcess(data_dir, ENV)
         url = proc.start()
         assert _metric(url, "shoal_snapshot_loads", "rebuilt") == 1
         assert "ahead of the database's last seq 50" in proc.log_path.read_text()
         async with ShoalClient.connect(url) as c:
             assert await c.count("snap") == 50
+            assert [col.name for col in await c.list_collections()] == ["snap"]
+        await _wait_until(lambda: not orphan.exists())
     finally:
         proc.stop()
