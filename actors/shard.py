@@ -53,6 +53,7 @@ T = TypeVar("T")
 class _Upsert:
     docs: tuple[StoredDoc, ...]
     reply: Reply[None]
+    fresh_labels: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +162,11 @@ class Shard:
 
     # -- public API ---------------------------------------------------------------------------
 
-    async def apply_upserts(self, docs: Sequence[StoredDoc]) -> None:
-        """Insert or replace documents by id; visible to every read sent after this returns."""
+    async def apply_upserts(self, docs: Sequence[StoredDoc], fresh_labels: bool = False) -> None:
+        """Insert or replace documents by id; visible to every read sent after this returns.
+        `fresh_labels`: see `ShardState.upsert` (faster replacement, no label reuse)."""
         reply: Reply[None] = Reply()
-        await self._mailbox.send(_Upsert(tuple(docs), reply))
+        await self._mailbox.send(_Upsert(tuple(docs), reply, fresh_labels))
         await reply.wait()
 
     async def apply_deletes(self, ids: Sequence[DocId]) -> list[DocId]:
@@ -450,7 +452,7 @@ class Shard:
         try:
             if isinstance(msg, _Upsert):
                 # hnswlib adds with up to search_threads threads of its own: off the pin.
-                await self._pool.call(self._pool.spread(_bind(self._state.upsert, msg.docs)))
+                await self._pool.call(self._pool.spread(_bind(self._state.upsert, msg.docs, msg.fresh_labels)))
                 msg.reply.set(None)
             elif isinstance(msg, _Delete):
                 existed = await self._pool.call(_bind(self._state.delete, msg.ids))

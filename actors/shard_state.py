@@ -135,7 +135,10 @@ class ShardState:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def upsert(self, docs: Sequence[StoredDoc]) -> None:
+    def upsert(self, docs: Sequence[StoredDoc], fresh_labels: bool = False) -> None:
+        """Insert or replace documents by id. `fresh_labels`: a replaced document is deleted and
+        inserted under a new label, and no free label is reused (hnswlib inserts a new element
+        several times faster than it updates one in place; the log replay at start uses it)."""
         latest: dict[DocId, StoredDoc] = {}
         for doc in docs:  # the same id twice in one batch: the last one wins
             latest[doc.id] = doc
@@ -146,11 +149,13 @@ class ShardState:
         if vecs.shape[1] != self.dim:
             raise DimensionMismatch(f"vector has {vecs.shape[1]} dimensions, the collection {self.dim}")
         with self.occupancy.writing():
+            if fresh_labels:
+                self._delete_held([doc.id for doc in batch])
             labels = np.empty(len(batch), np.int64)
             for i, doc in enumerate(batch):
                 label = self.labels.get(doc.id)
                 if label is None:
-                    label = self.free.pop() if self.free else self._new_label()
+                    label = self.free.pop() if self.free and not fresh_labels else self._new_label()
                     self.labels[doc.id] = label
                     self.n_live += 1
                 labels[i] = label
@@ -168,19 +173,23 @@ class ShardState:
                 self.columns.set_row(label, doc.metadata)
 
     def delete(self, ids: Sequence[DocId]) -> list[DocId]:
-        existed: list[DocId] = []
         with self.occupancy.writing():
-            for doc_id in ids:
-                label = self.labels.pop(doc_id, None)
-                if label is None:
-                    continue
-                existed.append(doc_id)
-                self.index.mark_deleted(label)
-                self.live[label] = False
-                self.texts[label] = self.metas[label] = self.ids[label] = None
-                self.columns.clear_row(label)
-                self.free.append(label)
-                self.n_live -= 1
+            return self._delete_held(ids)
+
+    def _delete_held(self, ids: Sequence[DocId]) -> list[DocId]:
+        """Delete by id (the caller holds the write occupancy); returns the ids that existed."""
+        existed: list[DocId] = []
+        for doc_id in ids:
+            label = self.labels.pop(doc_id, None)
+            if label is None:
+                continue
+            existed.append(doc_id)
+            self.index.mark_deleted(label)
+            self.live[label] = False
+            self.texts[label] = self.metas[label] = self.ids[label] = None
+            self.columns.clear_row(label)
+            self.free.append(label)
+            self.n_live -= 1
         return existed
 
     def set_ef(self, ef: int) -> None:

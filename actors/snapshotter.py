@@ -94,6 +94,7 @@ class Snapshotter:
         self._failed_at: dict[str, float] = {}
         self._markers: dict[str, tuple[Collection, tuple[int, str]]] = {}
         self._stop = anyio.Event()
+        self._started = time.monotonic()
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -137,10 +138,8 @@ class Snapshotter:
         failed = self._failed_at.get(collection.name)
         if failed is not None and not final and now - failed < self._interval:
             return False
-        saved = self._saved.get(collection.name)
-        if saved is None:
-            return collection.last_seq > 0
-        seq, at = saved
+        # Never snapshotted (new, or rebuilt at start): as if snapshotted empty at start-up.
+        seq, at = self._saved.get(collection.name, (0, self._started))
         if collection.last_seq == seq:
             return False
         return final or collection.last_seq - seq >= self._every or now - at >= self._interval
@@ -303,6 +302,6 @@ async def _replay(collection: Collection, changes: Sequence[Change]) -> None:
             meta = change.metadata if change.metadata is not None else {}
             upserts.setdefault(shard, []).append(StoredDoc(doc_id, change.text, vector, meta, change.seq))
     for shard, docs in upserts.items():
-        await collection.shards[shard].apply_upserts(docs)
+        await collection.shards[shard].apply_upserts(docs, fresh_labels=True)
     for shard, ids in deletes.items():
         await collection.shards[shard].apply_deletes(ids)

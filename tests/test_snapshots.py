@@ -318,3 +318,13 @@ async def test_snapshot_ahead_of_the_database_is_not_used() -> None:
         await _wait_until(lambda: not orphan.exists())
     finally:
         proc.stop()
+
+
+def test_replay_replaces_documents_under_fresh_labels() -> None:
+    state = _state(100)
+    old_label = state.labels[DocId("d7")]
+    state.upsert([StoredDoc(DocId("d7"), "again", _vec(700), {"n": 0}, Seq(200))], fresh_labels=True)
+    assert state.n_live == 98 and state.labels[DocId("d7")] >= 100 and old_label in state.free
+    hit = state.search_unfiltered([_vec(700)], 1, frozenset({Include.TEXT}))[0][0]
+    assert hit.id == "d7" and hit.text == "again"
+    assert state.get([DocId("d7")])[0].seq == 200
