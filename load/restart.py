@@ -92,7 +92,7 @@ def _stop(proc: ServerProcess) -> float:
     return time.monotonic() - t0
 
 
-def run(docs: int, dim: int, tail: int) -> dict[str, Any]:
+def run(docs: int, dim: int, tail: int, rebuild: bool = True) -> dict[str, Any]:
     rng = np.random.default_rng(42)
     data_dir = temp_data_dir("shoal-restart-")
     results: dict[str, Any] = {"docs": docs, "dim": dim, "tail": tail}
@@ -120,10 +120,12 @@ def run(docs: int, dim: int, tail: int) -> dict[str, Any]:
         assert asyncio.run(_count(proc.url)) == n
         results["shutdown_after_tail_s"] = _stop(proc)
 
-        proc = ServerProcess(data_dir, {**SCHEDULE_OFF, "SHOAL_SNAPSHOTS": "off"})
-        results["ready_rebuild_s"] = _ready_after_start(proc)
-        assert asyncio.run(_count(proc.url)) == n
-        _stop(proc)
+        results["ready_rebuild_s"] = float("nan")
+        if rebuild:
+            proc = ServerProcess(data_dir, {**SCHEDULE_OFF, "SHOAL_SNAPSHOTS": "off"})
+            results["ready_rebuild_s"] = _ready_after_start(proc)
+            assert asyncio.run(_count(proc.url)) == n
+            _stop(proc)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     results["sigterm_vs_rebuild"] = results["ready_after_sigterm_s"] / results["ready_rebuild_s"]
@@ -137,8 +139,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--tail", type=int, default=5_000, help="writes after the last snapshot, before SIGKILL")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "restart.json")
+    parser.add_argument("--no-rebuild", action="store_true", help="skip the full-rebuild start")
     args = parser.parse_args()
-    results = run(args.docs, args.dim, args.tail)
+    results = run(args.docs, args.dim, args.tail, rebuild=not args.no_rebuild)
     rows = [
         ["ready after SIGTERM (snapshot)", results["ready_after_sigterm_s"], results["sigterm_vs_rebuild"]],
         [
