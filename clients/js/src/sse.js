@@ -152,7 +152,9 @@ export function subscribeSSE(baseUrl, collection, options = {}) {
  * {op, seq, first_seq, ids}). Stream options: lastEventId (resume after this seq), key (API
  * key; sent as `Authorization` with fetch, as the `key` parameter with EventSource), reconnect
  * (default false), readTimeoutMs (fetch only, default 45 s), transport ("eventsource" |
- * "fetch"; default EventSource where the platform has it), fetch (an implementation).
+ * "fetch"; default EventSource where the platform has it), fetch (an implementation), onopen
+ * (called each time the stream is accepted: from then on, no change is missed). A stream opens
+ * on the first `next()`.
  * @returns {EventStream}
  */
 export function changesSSE(baseUrl, collection, options = {}) {
@@ -222,6 +224,7 @@ async function* fetchEvents(url, params, _kinds, options, signal, state) {
       if (response.status !== 200) throw await errorFromResponse(response);
       const type = response.headers.get("content-type") ?? "";
       if (!type.startsWith("text/event-stream")) throw new ProtocolError(`expected text/event-stream, got ${type || "no content type"}`);
+      if (typeof options.onopen === "function") options.onopen();
       const parser = new SSEParser();
       const decoder = new TextDecoder();
       reader = response.body.getReader();
@@ -275,6 +278,7 @@ async function* eventSourceEvents(url, params, kinds, options, signal, state) {
       else if (kind === "error") put({ failure: source.readyState }); // the connection, not the server
     });
   }
+  if (typeof options.onopen === "function") source.addEventListener("open", () => options.onopen());
   const stop = () => put({ stop: true });
   signal.addEventListener("abort", stop);
   try {

@@ -19,16 +19,19 @@ after(async () => {
   await db.close();
 });
 
-/** Wait until the server has registered the stream: its first bytes (retry:) have arrived. */
-async function opened(stream) {
+/** Open a stream and wait until the server has accepted it (onopen); resolves with the stream
+ * and the promise of its first event. */
+async function opened(open) {
+  let accepted;
+  const ready = new Promise((resolve) => (accepted = resolve));
+  const stream = open(accepted);
   const first = stream.next();
-  await new Promise((resolve) => setTimeout(resolve, 300));
-  return first;
+  await ready;
+  return { stream, first };
 }
 
 test("subscribeSSE receives a match for an upsert; lastEventId resumes after it", async () => {
-  const stream = subscribeSSE(serverUrl(), name, { vector: [1, 0, 0], threshold: 0.9, include: ["metadata"] });
-  const first = opened(stream);
+  const { stream, first } = await opened((onopen) => subscribeSSE(serverUrl(), name, { vector: [1, 0, 0], threshold: 0.9, include: ["metadata"], onopen }));
   const up1 = await db.upsert(name, [{ id: "far", vector: [0, 0, 1] }, { id: "near", vector: [1, 0.05, 0], metadata: { n: 1 } }]);
   const up2 = await db.upsert(name, [{ id: "near2", vector: [1, 0, 0.05] }]);
   const { value: event } = await first;
@@ -81,8 +84,7 @@ test("a refused stream throws the server's typed error before any event", async 
 test("an event: error block (collection dropped) throws its typed error after the events", async () => {
   const coll = uniqueName("js_sse_drop");
   await db.createCollection(coll, { dim: 3 });
-  const stream = subscribeSSE(serverUrl(), coll, { vector: [1, 0, 0], threshold: 0.5 });
-  const first = opened(stream);
+  const { stream, first } = await opened((onopen) => subscribeSSE(serverUrl(), coll, { vector: [1, 0, 0], threshold: 0.5, onopen }));
   await db.upsert(coll, [{ id: "a", vector: [1, 0, 0] }]);
   assert.equal((await first).value.data.hit.id, "a");
   await db.dropCollection(coll);
