@@ -11,19 +11,20 @@ typed results; they raise `ShoalError`s with wire codes.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from actors import planner
 from actors.catalog import Catalog, Collection
 from actors.embedder import Embedder
 from actors.ingest import Applied, Ingest, Publisher
 from actors.matching import StandingQuery
 from actors.persistence import Persistence
-from actors.planner import merge_hits
+from actors.results_cache import EmbeddingCache, ResultsCache
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
 from actors.subscriber import Event, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
@@ -64,6 +65,8 @@ class Engine:
         self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog, self._publish)
         self.subscriptions = Subscriptions(self.persistence, subscriptions)
         self.add_listener(self.subscriptions.publish)
+        self.results = ResultsCache(config.results_cache_bytes)
+        self.embeddings = EmbeddingCache(config.embedding_cache_bytes)
         self.ready = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -130,6 +133,7 @@ class Engine:
     async def drop_collection(self, req: rq.DropCollection) -> None:
         self.catalog.get(req.name)
         await self.ingest.drop_collection(req.name)
+        self.results.forget(req.name)
         self.subscriptions.collection_dropped(req.name)
 
     async def upsert(self, req: rq.Upsert) -> tuple[int, int]:
@@ -171,25 +175,21 @@ class Engine:
                 f"a text query embeds to {MODEL_DIM} dimensions; "
                 f"collection {collection.name!r} has dim {collection.dim}"
             )
-        return await self.embedder.embed_query(text)
+        return await self.embeddings.vector(text, self.embedder.embed_query)
 
-    async def query(self, req: rq.Query) -> list[Hit]:
+    async def query(self, req: rq.Query, scope: frozenset[str] | None = None) -> tuple[list[Hit], bool]:
+        """(hits, cached): the query's answer (see `planner.execute`), from the results cache
+        when this collection has not changed since the same query (by a caller of the same
+        `scope`) was answered. Raises NotFound, DimensionMismatch, InvalidVector, Overloaded."""
         collection = self.catalog.get(req.collection)
-        vector = await self.query_vector(collection, req.vector, req.text)
-        shards = collection.shards
-        if len(shards) == 1:
-            return await shards[0].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
-        per_shard: list[list[Hit]] = [[] for _ in shards]
 
-        async def one(i: int) -> None:
-            per_shard[i] = await shards[i].search(
-                vector, req.k, req.ef, req.where, req.where_text, req.include
-            )
+        def vector_of() -> Awaitable[Vector]:
+            return self.query_vector(collection, req.vector, req.text)
 
-        async with anyio.create_task_group() as tg:
-            for i in range(len(shards)):
-                tg.start_soon(one, i)
-        return merge_hits(per_shard, req.k)
+        def compute() -> Awaitable[list[Hit]]:
+            return planner.execute(collection, req, vector_of, self.config)
+
+        return await self.results.answer(collection, req, scope, compute)
 
     # -- standing queries -----------------------------------------------------------------------
 
