@@ -285,9 +285,11 @@ class ShardState:
                 return []
             picked = scores[candidates]
             if candidates.size > k:
-                part = np.argpartition(-picked, k - 1)[:k]
-                candidates, picked = candidates[part], picked[part]
-            order = np.lexsort((candidates, -picked))  # best first; ties by label, stable
+                # The k best and every document tied with the k-th, so ties go by label below.
+                kth = picked[np.argpartition(-picked, k - 1)[k - 1]]
+                keep = picked >= kth
+                candidates, picked = candidates[keep], picked[keep]
+            order = np.lexsort((candidates, -picked))[:k]  # best first; ties by label
             labels = candidates[order].tolist()
             values = picked[order].tolist()
             hits = self._hits_rows([labels], [values], [[0.0] * len(labels)], include)[0]
