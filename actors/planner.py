@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Literal, get_args
 
 import anyio
@@ -17,6 +18,7 @@ import anyio
 from actors import fusion
 from actors.keyword_index import query_terms
 from models.config import EngineConfig
+from models.errors import ShoalError
 from models.records import Hit, Vector
 
 if TYPE_CHECKING:
@@ -112,20 +114,34 @@ async def execute(
     if req.mode == "keyword":
         return fusion.keyword_only(await keyword_side(collection, req, terms, req.k))
     vector_depth, keyword_depth = candidate_depths(req, config)
-    found: dict[str, list[Hit]] = {}
 
-    async def run_vector() -> None:
-        found["vector"] = await vector_side(collection, req, await vector_of(), vector_depth)
+    async def run_vector() -> list[Hit]:
+        return await vector_side(collection, req, await vector_of(), vector_depth)
 
-    async def run_keyword() -> None:
-        found["keyword"] = await keyword_side(collection, req, terms, keyword_depth)
+    vector, keyword = await _gather([run_vector, lambda: keyword_side(collection, req, terms, keyword_depth)])
+    if req.fusion == "weighted":
+        return fusion.weighted(vector, keyword, req.k, req.alpha)
+    return fusion.rrf(vector, keyword, req.k, req.rrf_k)
+
+
+async def _gather(calls: Sequence[Callable[[], Awaitable[list[Hit]]]]) -> list[list[Hit]]:
+    """Every call's result, run at once; raises the first `ShoalError` itself (a task group
+    would wrap it in an exception group, which no caller maps to a wire code)."""
+    results: list[list[Hit]] = [[] for _ in calls]
+    errors: list[ShoalError] = []
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await calls[i]()
+        except ShoalError as exc:
+            errors.append(exc)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run_vector)
-        tg.start_soon(run_keyword)
-    if req.fusion == "weighted":
-        return fusion.weighted(found["vector"], found["keyword"], req.k, req.alpha)
-    return fusion.rrf(found["vector"], found["keyword"], req.k, req.rrf_k)
+        for i in range(len(calls)):
+            tg.start_soon(one, i)
+    if errors:
+        raise errors[0]
+    return results
 
 
 async def vector_side(collection: Collection, req: Query, vector: Vector, depth: int) -> list[Hit]:
@@ -133,15 +149,8 @@ async def vector_side(collection: Collection, req: Query, vector: Vector, depth:
     shards = collection.shards
     if len(shards) == 1:
         return await shards[0].search(vector, depth, req.ef, req.where, req.where_text, req.include)
-    per_shard: list[list[Hit]] = [[] for _ in shards]
-
-    async def one(i: int) -> None:
-        per_shard[i] = await shards[i].search(vector, depth, req.ef, req.where, req.where_text, req.include)
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(shards)):
-            tg.start_soon(one, i)
-    return merge_hits(per_shard, depth)
+    calls = [partial(s.search, vector, depth, req.ef, req.where, req.where_text, req.include) for s in shards]
+    return merge_hits(await _gather(calls), depth)
 
 
 async def keyword_side(collection: Collection, req: Query, terms: Sequence[str], depth: int) -> list[Hit]:
@@ -154,12 +163,5 @@ async def keyword_side(collection: Collection, req: Query, terms: Sequence[str],
     shards = collection.shards
     if len(shards) == 1:
         return await shards[0].search_keyword(terms, depth, req.where, req.where_text, req.include)
-    per_shard: list[list[Hit]] = [[] for _ in shards]
-
-    async def one(i: int) -> None:
-        per_shard[i] = await shards[i].search_keyword(terms, depth, req.where, req.where_text, req.include)
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(shards)):
-            tg.start_soon(one, i)
-    return merge_hits(per_shard, depth)
+    calls = [partial(s.search_keyword, terms, depth, req.where, req.where_text, req.include) for s in shards]
+    return merge_hits(await _gather(calls), depth)

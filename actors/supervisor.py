@@ -6,6 +6,12 @@
 
 `Engine` is the only thing the edge talks to. Its methods take validated requests and return
 typed results; they raise `ShoalError`s with wire codes.
+
+A read races a drop of its collection whenever it awaits between finding the collection and
+asking its shards (embedding a text query, or one shard after another): the shards it holds may
+have stopped meanwhile and answer `unavailable`. The collection no longer exists then, so the
+read answers `not_found`, as it would a moment later; `unavailable` stays for a server that is
+stopping.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from actors.subscriber import Event, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
 from models import requests as rq
 from models.config import EngineConfig, Limits
-from models.errors import DimensionMismatch, InvalidVector, NotFound
+from models.errors import DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable
 from models.records import MODEL_DIM, CollectionInfo, Hit, Metric, StoredDoc, Vector
+from models.reply_size import check_rows_fit
 
 log = logging.getLogger("shoal.engine")
 
@@ -128,7 +135,15 @@ class Engine:
         return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists)
 
     async def list_collections(self) -> list[CollectionInfo]:
-        return [c.info(await self.catalog.counts(c)) for c in self.catalog.all()]
+        infos = []
+        for collection in self.catalog.all():
+            try:
+                infos.append(collection.info(await self.catalog.counts(collection)))
+            except Unavailable as exc:
+                if self.catalog.holds(collection):
+                    raise
+                log.debug("collection %s dropped while listed: %s", collection.name, exc.message)
+        return infos
 
     async def drop_collection(self, req: rq.DropCollection) -> None:
         self.catalog.get(req.name)
@@ -156,13 +171,29 @@ class Engine:
     async def get(self, req: rq.Get) -> list[StoredDoc]:
         collection = self.catalog.get(req.collection)
         found: dict[str, StoredDoc] = {}
-        for shard in collection.shards:
-            for doc in await shard.get(req.ids):
-                found[doc.id] = doc
-        return [found[i] for i in dict.fromkeys(req.ids) if i in found]
+        try:
+            for shard in collection.shards:
+                for doc in await shard.get(req.ids):
+                    found[doc.id] = doc
+        except Unavailable as exc:
+            raise self._read_failed(collection, exc) from None
+        docs = [found[i] for i in dict.fromkeys(req.ids) if i in found]
+        check_rows_fit(docs, req.include, collection.dim, self.limits)
+        return docs
 
     async def count(self, req: rq.Count) -> int:
-        return await self.catalog.counts(self.catalog.get(req.collection))
+        collection = self.catalog.get(req.collection)
+        try:
+            return await self.catalog.counts(collection)
+        except Unavailable as exc:
+            raise self._read_failed(collection, exc) from None
+
+    def _read_failed(self, collection: Collection, error: Unavailable) -> ShoalError:
+        """What a read answers when a shard of `collection` was stopped under it: `not_found` if
+        the collection was dropped meanwhile, else `error` (the server is stopping)."""
+        if self.catalog.holds(collection):
+            return error
+        return NotFound(f"no collection named {collection.name!r} (it was dropped)")
 
     async def query_vector(self, collection: Collection, vector: Vector | None, text: str | None) -> Vector:
         """The query's vector: as given (checked), or the embedding of its text."""
@@ -180,14 +211,21 @@ class Engine:
     async def query(self, req: rq.Query, scope: frozenset[str] | None = None) -> tuple[list[Hit], bool]:
         """(hits, cached): the query's answer (see `planner.execute`), from the results cache
         when this collection has not changed since the same query (by a caller of the same
-        `scope`) was answered. Raises NotFound, DimensionMismatch, InvalidVector, Overloaded."""
+        `scope`) was answered. Raises NotFound (also when the collection is dropped while the
+        query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable, and TooLarge when
+        the hits' texts and vectors alone would not fit in one frame."""
         collection = self.catalog.get(req.collection)
 
         def vector_of() -> Awaitable[Vector]:
             return self.query_vector(collection, req.vector, req.text)
 
-        def compute() -> Awaitable[list[Hit]]:
-            return planner.execute(collection, req, vector_of, self.config)
+        async def compute() -> list[Hit]:
+            try:
+                hits = await planner.execute(collection, req, vector_of, self.config)
+            except Unavailable as exc:
+                raise self._read_failed(collection, exc) from None
+            check_rows_fit(hits, req.include, collection.dim, self.limits)
+            return hits
 
         return await self.results.answer(collection, req, scope, compute)
 
@@ -231,6 +269,13 @@ class Engine:
     def close_subscriptions(self) -> None:
         """End every subscription, told `unavailable` (the server is stopping); refuse new ones."""
         self.subscriptions.close_all()
+
+    def collection_dim(self, name: str) -> int | None:
+        """The vector width of collection `name`, None if there is none (a plain lookup)."""
+        try:
+            return self.catalog.get(name).dim
+        except NotFound:
+            return None
 
     async def database_reachable(self) -> bool:
         """True if PostgreSQL answers a query now."""
