@@ -20,7 +20,7 @@ from pathlib import Path
 
 import bm25s  # type: ignore[import-untyped]
 import numpy as np
-import tantivy  # type: ignore[import-untyped]
+import tantivy
 
 from actors.keyword_index import KeywordIndex, query_terms, tokenize
 from load.quality import build, metrics
