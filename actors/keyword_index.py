@@ -65,6 +65,12 @@ def tokenize(text: str) -> list[str]:
     return out
 
 
+def term_counts(text: str | None) -> dict[str, int]:
+    """Each index term of `text` with its frequency (empty for no text): what `set_counts` takes,
+    computed apart so a caller can tokenise outside its write lock."""
+    return Counter(tokenize(text)) if text else {}
+
+
 def query_terms(text: str) -> tuple[str, ...]:
     """The distinct terms of a query, in first-seen order (a repeated query word counts once)."""
     return tuple(dict.fromkeys(tokenize(text)))
@@ -92,7 +98,7 @@ class KeywordIndex:
 
     def set(self, label: int, text: str | None) -> None:
         """Index `text` under `label`, replacing what the label held (None: holds nothing)."""
-        self._set_counts(label, Counter(tokenize(text)) if text else {})
+        self.set_counts(label, term_counts(text))
 
     def remove(self, label: int) -> None:
         """Forget what `label` holds (nothing if it holds nothing)."""
@@ -170,10 +176,11 @@ class KeywordIndex:
         """An index equal to the one `save` was called on."""
         index = cls(float(saved["k1"]), float(saved["b"]))
         for label, counts in saved["docs"].items():
-            index._set_counts(int(label), {str(t): int(tf) for t, tf in counts.items()})
+            index.set_counts(int(label), {str(t): int(tf) for t, tf in counts.items()})
         return index
 
-    def _set_counts(self, label: int, counts: dict[str, int]) -> None:
+    def set_counts(self, label: int, counts: dict[str, int]) -> None:
+        """Index a document given as `term_counts(text)` under `label`, replacing what it held."""
         self.remove(label)
         if not counts:
             return

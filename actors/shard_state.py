@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from actors import exact
-from actors.keyword_index import KeywordIndex
+from actors.keyword_index import KeywordIndex, term_counts
 from actors.planner import choose_plan
 from actors.status import ShardSizes, hnsw_bytes
 from models.config import EngineConfig
@@ -143,6 +143,7 @@ class ShardState:
         vecs = np.stack([np.asarray(doc.vector, dtype=np.float32).reshape(-1) for doc in batch])
         if vecs.shape[1] != self.dim:
             raise DimensionMismatch(f"vector has {vecs.shape[1]} dimensions, the collection {self.dim}")
+        terms = [term_counts(doc.text) for doc in batch]  # tokenised before reads are held off
         with self.occupancy.writing():
             labels = np.empty(len(batch), np.int64)
             for i, doc in enumerate(batch):
@@ -158,13 +159,13 @@ class ShardState:
             self.vectors[labels] = vecs
             self.norms[labels] = exact.row_norms(vecs)
             self.live[labels] = True
-            for label, doc in zip(labels.tolist(), batch, strict=True):
+            for label, doc, counts in zip(labels.tolist(), batch, terms, strict=True):
                 self.ids[label] = doc.id
                 self.seqs[label] = doc.seq
                 self.texts[label] = doc.text
                 self.metas[label] = doc.metadata
                 self.columns.set_row(label, doc.metadata)
-                self.keywords.set(label, doc.text)
+                self.keywords.set_counts(label, counts)
 
     def delete(self, ids: Sequence[DocId]) -> list[DocId]:
         existed: list[DocId] = []
