@@ -126,3 +126,9 @@ class EngineConfig:
     snapshots: bool = True
     snapshot_interval_s: float = field(default=300.0, metadata=bounds(1, 86_400))
     snapshot_every_changes: int = field(default=50_000, metadata=bounds(1, 1_000_000_000))
+    # Keyword and hybrid search: each side's default candidate depth for hybrid (at least k;
+    # 1..1000, queries may ask for their own). Results cache: bytes of answers kept (0: off;
+    # 0..2**40), and bytes of cached query embeddings (0: off; 0..2**40).
+    hybrid_candidates: int = field(default=100, metadata=bounds(1, 1_000))
+    results_cache_bytes: int = field(default=64 * MIB, metadata=bounds(0, 2**40))
+    embedding_cache_bytes: int = field(default=16 * MIB, metadata=bounds(0, 2**40))

@@ -91,6 +91,11 @@ def test_round_trip_answers_the_same(tmp_path: Path) -> None:
     # Metadata columns are rebuilt: filtered search works on the loaded state.
     hits = loaded.search_filtered(_vec(1), 5, parse_where({"tag": "a"}), None, frozenset({Include.METADATA}))
     assert len(hits) == 5 and all(h.metadata is not None and h.metadata["tag"] == "a" for h in hits)
+    # The keyword index is rebuilt from the texts: BM25 answers as before.
+    for terms in (("text", "7"), ("42",)):
+        want_kw = [(h.id, round(h.score, 5)) for h in state.search_keyword(terms, 5, None, None, frozenset())]
+        assert [(h.id, round(h.score, 5)) for h in loaded.search_keyword(terms, 5, None, None, frozenset())] == want_kw
+        assert want_kw
     # Writes keep working after a load: a freed label is reused, new ones are added.
     loaded.upsert([StoredDoc(DocId("new"), None, _vec(99), {}, Seq(600))])
     assert loaded.n_live == 499 and loaded.get([DocId("new")])
