@@ -113,3 +113,8 @@ class EngineConfig:
     db_probe_interval_s: float = field(default=1.0, metadata=bounds(0.05, 60))
     db_probe_timeout_s: float = field(default=2.0, metadata=bounds(0.05, 60))
     db_restart_check_s: float = field(default=0.5, metadata=bounds(0.05, 60))
+    # cluster: how often the log follower syncs with the shared catalog even without a
+    # notification (0.01..60 s), and how long a read with `min_seq` waits for this node to apply
+    # that seq before answering `unavailable` (0..60000 ms).
+    follow_poll_s: float = field(default=1.0, metadata=bounds(0.01, 60))
+    min_seq_wait_ms: float = field(default=2_000.0, metadata=bounds(0, 60_000))

@@ -80,11 +80,13 @@ class Get:
     collection: str
     ids: tuple[DocId, ...]
     include: frozenset[Include]
+    min_seq: int | None = None  # answer once this node has applied the collection through it
 
 
 @dataclass(frozen=True, slots=True)
 class Count:
     collection: str
+    min_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,7 @@ class Query:
     mode: QueryMode
     fusion: Fusion
     alpha: float
+    min_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +473,7 @@ def _query(a: Args) -> Query:
         mode="vector",
         fusion="rrf" if fusion == "rrf" else "weighted",
         alpha=alpha,
+        min_seq=a.integer("min_seq", low=0),
     )
 
 
@@ -512,8 +516,8 @@ PARSERS: dict[str, Callable[[Args], Request]] = {
     "drop_collection": lambda a: DropCollection(a.collection_name("name")),
     "upsert": _upsert,
     "delete": _delete,
-    "get": lambda a: Get(a.collection_name(), a.ids() or (), a.include()),
-    "count": lambda a: Count(a.collection_name()),
+    "get": lambda a: Get(a.collection_name(), a.ids() or (), a.include(), a.integer("min_seq", low=0)),
+    "count": lambda a: Count(a.collection_name(), a.integer("min_seq", low=0)),
     "query": _query,
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,
