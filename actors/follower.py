@@ -116,9 +116,12 @@ class Follower:
         through its last seqs. Raises Unavailable."""
         self._full = False
         self._hinted.clear()
+        # Only collections listed before the read can have been dropped: one this node creates
+        # meanwhile is missing from the rows because they were read before its commit.
+        listed = self._catalog.all()
         rows = await self._persistence.catalog_rows()
         by_name = {row.name: row for row in rows}
-        for collection in self._catalog.all():
+        for collection in listed:
             row = by_name.get(collection.name)
             if row is None or (collection.cid and row.cid != collection.cid):
                 log.info("collection %s was dropped on another node", collection.name)
