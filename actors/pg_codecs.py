@@ -42,8 +42,8 @@ def encode_metadata(metadata: object) -> str:
     return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-# Batches larger than this are encoded in a worker thread (~5 us a document) so that a
-# 10,000-document upsert does not stall the event loop for tens of milliseconds.
+# Batches larger than this are encoded in a worker thread, so that a 10,000-document upsert does
+# not stall the event loop for tens of milliseconds.
 ENCODE_INLINE_MAX = 1000
 
 

@@ -6,16 +6,15 @@ two callbacks that receive their outcome; a thread runs the job and hands the ou
 `call_soon_threadsafe`, so the callbacks run on the event loop and shards keep single-owner state.
 
 Why not `anyio.to_thread.run_sync` per read: each call there takes a capacity limiter, a cancel
-scope and a wait in the calling task (about 110 µs per round trip against 70 µs here, measured on
-uvloop), and a query pays it once. At thousands of queries a second that Python work on the event
-loop is what capped the server (py-spy of `load/query.py`), not the search itself.
+scope and a wait in the calling task, and a query pays it once; its round trip cost half again
+what this pool's does (README, "Query path"). At thousands of queries a second that Python work on
+the event loop is what capped the server (py-spy of `load/query.py`), not the search itself.
 
 CPU pinning. When the process may run on no more CPUs than the pool has threads, every CPU runs
 a search thread anyway, and each thread keeps to one of them (`pin`). A search walks megabytes of
 graph and vectors; a thread that the scheduler moves to the core the event loop just ran on
-starts cold, and one that stays keeps its share of the cache. On 2 cores this served 10-16% more
-queries per second at 6% less server CPU per query (`load/query.py`, 8 clients, 4 alternating
-rounds). With more CPUs than threads nothing is pinned: other work could crowd a pinned core
+starts cold, and one that stays keeps its share of the cache (the gain is in the README, "Query
+path"). With more CPUs than threads nothing is pinned: other work could crowd a pinned core
 while the rest sit idle. A job that runs threads of its own (a multi-threaded `add_items`) goes
 through `spread`, so those threads are not all held on its one CPU.
 """

@@ -141,6 +141,8 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
         loop="uvloop",
         http=http_protocol(settings),
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=list(settings.forwarded_allow_ips) or None,
     )
     server = _Server(config, settings, edge.app)
     try:

@@ -115,6 +115,9 @@ class Settings:
     auth_failure_addresses: int = 10_000  # client addresses remembered, >= 1 (least recent forgotten)
     # failed `auth` ops that close a WebSocket (1008), >= 0 (0 = never)
     ws_auth_failures_close: int = field(default=5, metadata=bounds(0))
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses; "*" = any). Empty:
+    # none, so no local process can borrow another client address (auth-failure limits, logs).
+    forwarded_allow_ips: tuple[str, ...] = ()
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -105,6 +105,17 @@ async def test_http_failures_are_limited_per_address(keyed_server: ServerProcess
         assert (await guesser.get("/v1/collections", headers={"authorization": "Bearer admin-key"})).status_code == 200
 
 
+async def test_a_forwarded_for_header_does_not_buy_fresh_guesses(keyed_server: ServerProcess) -> None:
+    """No proxy is trusted by default (SHOAL_FORWARDED_ALLOW_IPS empty): a guesser on loopback
+    that names another address in X-Forwarded-For is still counted as itself."""
+    async with http_from(keyed_server, "127.0.0.9") as guesser:
+        codes = []
+        for i in range(BURST + 2):
+            headers = {"authorization": f"Bearer guess-{i}", "x-forwarded-for": f"10.9.8.{i}"}
+            codes.append((await guesser.get("/v1/collections", headers=headers)).status_code)
+        assert codes == [401] * BURST + [429, 429], codes
+
+
 async def test_one_websocket_gets_a_few_guesses_then_is_closed(keyed_server: ServerProcess) -> None:
     codes = []
     async with ws_from(keyed_server, "127.0.0.4") as ws:

@@ -190,6 +190,12 @@ async def test_killed_embedded_postgres_is_restarted_and_nothing_acked_is_lost()
                 await asyncio.sleep(0.1)
             assert await readyz(http) == 200
             await check_agrees_with_postgres(c, str(pgdata), "k", acked, attempted)
+        # The restart is logged by the supervising thread once the new server is up, which can be
+        # just after the pool has already reconnected to it.
+        for _ in range(50):
+            if "embedded PostgreSQL restarted" in proc.log_tail(400):
+                break
+            await asyncio.sleep(0.1)
         assert "embedded PostgreSQL restarted" in proc.log_tail(400)
     finally:
         code = proc.stop()
