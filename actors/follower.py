@@ -90,6 +90,8 @@ class Follower:
                 if not self._full and not self._behind():
                     continue
                 try:
+                    if not self._full and await self._follow_hints():
+                        continue
                     await self.sync()
                 except ShoalError as exc:  # the database is unreachable: the next round retries
                     log.info("following the log: %s", exc)
@@ -138,6 +140,24 @@ class Follower:
                 self._full = True  # dropped while we read it: the next sync removes it
         self.syncs += 1
         self.last_sync = time.monotonic()
+
+    async def _follow_hints(self) -> bool:
+        """Catch up the collections the notifications named, through the seqs they announced,
+        without reading the catalog. False if a hint needs a full sync (a create or drop, or a
+        collection not known here)."""
+        hints, self._hinted = self._hinted, {}
+        targets: list[tuple[Collection, int]] = []
+        for name, seq in hints.items():
+            collection = self._catalog.find(name)
+            if seq <= 0 or collection is None:
+                return False
+            targets.append((collection, seq))
+        try:
+            for collection, seq in targets:
+                await collection.applier.catch_up(seq)
+        except NotFound:
+            return False
+        return True
 
     def _behind(self) -> bool:
         """True if a hinted seq is beyond what this node has applied."""
