@@ -4,13 +4,14 @@
         (one query: every collection's id and last committed seq) --> create / drop collections
         here to match --> each collection behind: applier.catch_up(last committed seq)
 
-The notifications are only a wake-up hint: several are coalesced into one sync, one for a seq
-this node has applied already (its own commits, mostly) wakes nothing, and a lost one costs
-latency, never data, because a sync also runs every `poll_s` seconds and the catalog query, not
-the notification, says what is committed. The listening connection is re-established after it is
-lost (an outage, a restart of the database): each new one starts with a sync, which covers what was
-missed meanwhile. Create and drop are followed through the catalog rows themselves: a row id
-names one incarnation of a collection and is never reused.
+The notifications are only a wake-up hint. Several are coalesced into one step; one sent by this
+node's own pooled connections (its committer applies those itself) or for a seq applied already
+wakes nothing; one for a known collection is followed by reading that collection's log alone. A
+lost one costs latency, never data: a full sync also runs every `poll_s` seconds, and the catalog
+query, not the notification, says what is committed. The listening connection is re-established
+after it is lost (an outage, a restart of the database); each new one starts with a full sync,
+which covers what was missed meanwhile. Create and drop are followed through the catalog rows
+themselves: a row id names one incarnation of a collection and is never reused.
 
 `sync()` is also the start-up catch-up: `run()` reports started only after a first sync, so the
 node is not ready before it has applied what was committed while it was down.
@@ -96,6 +97,10 @@ class Follower:
                 except ShoalError as exc:  # the database is unreachable: the next round retries
                     log.info("following the log: %s", exc)
                     self._full = True
+                except Exception:  # a bug must not stop the node: log it, retry at the next poll
+                    log.exception("following the log failed")
+                    self._full = True
+                    await anyio.sleep(self._poll_s)
             tg.cancel_scope.cancel()
 
     def close(self) -> None:
@@ -174,6 +179,8 @@ class Follower:
             seq = int(seq_text)
         except ValueError:
             return
+        if seq > 0 and self._persistence.is_own_backend(pid):
+            return  # this node's own commit: its committer hands it to the applier
         collection = self._catalog.find(name)
         if seq > 0 and collection is not None and collection.last_seq >= seq:
             return  # applied here already (this node's own commit, mostly)

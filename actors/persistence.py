@@ -152,6 +152,10 @@ class Persistence:
         """What the node believes about the database now; reading it never waits."""
         return self._db.health
 
+    def is_own_backend(self, pid: int) -> bool:
+        """True if `pid` is the server process of one of this node's pooled connections."""
+        return pid in self._db.own_backends
+
     @property
     def where(self) -> str:
         """The database's dsn without its password."""
