@@ -166,7 +166,15 @@ class Engine:
 
     async def create_collection(self, req: rq.CreateCollection) -> CollectionInfo:
         dim = req.dim if req.dim is not None else MODEL_DIM
-        return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists)
+        try:
+            return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists)
+        except NotFound:
+            if not req.if_not_exists:
+                raise
+        # It exists in the shared catalog (another node created it) and is not followed here yet.
+        await self.follower.sync()
+        collection = self.catalog.get(req.name)
+        return collection.info(await self.catalog.counts(collection))
 
     async def list_collections(self) -> list[CollectionInfo]:
         infos = []

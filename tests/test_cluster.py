@@ -123,6 +123,9 @@ async def test_writes_creates_and_drops_on_one_node_are_seen_on_the_others(nodes
         ShoalClient.connect(c.ws_url) as cc,
     ):
         await ca.create_collection("shared", dim=DIM)
+        # At once on another node, whether or not it has followed the create yet.
+        again = await cc.create_collection("shared", dim=DIM, if_not_exists=True)
+        assert (again.name, again.dim) == ("shared", DIM)
         with anyio.fail_after(10):  # the create is followed (notification, else the poll)
             while "shared" not in [i.name for i in await cb.list_collections()]:
                 await anyio.sleep(0.02)
