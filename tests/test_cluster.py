@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,10 +36,10 @@ NODE_ENV = {"SHOAL_FOLLOW_POLL_S": "0.5", "SHOAL_EMBED_WORKERS": "1", "SHOAL_SEA
 class Postgres:
     """`shoal postgres --data-dir DIR --port 0` as a child process."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "postgres", "--data-dir", str(data_dir), "--port", "0"],
+            [sys.executable, "-m", "server.cli", "postgres", "--data-dir", str(data_dir), "--port", str(port)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -221,3 +222,50 @@ async def test_a_node_killed_under_write_load_catches_up_and_no_subscriber_misse
             with anyio.move_on_after(2):
                 await cc.close()
             tg.cancel_scope.cancel()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_notifications_resume_after_the_database_restarts() -> None:
+    """With a poll far longer than the test, changes still arrive within seconds after PostgreSQL
+    was stopped and started again: the follower listens again on a new connection."""
+    pg_dir = temp_data_dir("shoal-cluster-restart-")
+    port = free_port()
+    pg = Postgres(pg_dir, port)
+    env = {**NODE_ENV, "SHOAL_FOLLOW_POLL_S": "60", "SHOAL_DATABASE_URL": pg.url}
+    procs = [ServerProcess(temp_data_dir("shoal-node-"), env) for _ in range(2)]
+    try:
+        for proc in procs:
+            proc.start()
+        a, b = procs
+        async with ShoalClient.connect(a.ws_url) as ca, ShoalClient.connect(b.ws_url) as cb:
+            await ca.create_collection("restart", dim=DIM)
+            first = await ca.upsert("restart", docs("x", [True]))
+            assert (await cb.request("count", collection="restart", min_seq=first.seq))["count"] == 1
+        assert pg.stop() == 0
+        pg = Postgres(pg_dir, port)
+        for proc in procs:
+            await wait_ready(proc)
+        async with ShoalClient.connect(a.ws_url) as ca, ShoalClient.connect(b.ws_url) as cb:
+            with anyio.fail_after(20):
+                while True:
+                    try:
+                        second = await ca.upsert("restart", docs("y", [True, True]))
+                        break
+                    except Unavailable:
+                        await anyio.sleep(0.2)
+            await anyio.sleep(1.0)  # the notification's time, with no min_seq wake-up
+            reply = await cb.request("get", collection="restart", ids=["y0", "y1"])
+            assert len(reply["docs"]) == 2, reply
+            assert second.seq > first.seq
+    finally:
+        for proc in procs:
+            if proc.proc is not None:
+                proc.stop()
+            shutil.rmtree(proc.data_dir, ignore_errors=True)
+        pg.stop()
+        shutil.rmtree(pg_dir, ignore_errors=True)
