@@ -7,7 +7,7 @@
    answered on B (p50/p99/max), and ack on A -> the match pushed by a subscription on B.
 2. Query throughput: `--clients` WebSocket clients send k=10 vector queries as fast as they are
    answered, first all to A, then split over A and B. Reported: QPS and server CPU ms per query
-   (utime + stime of the node processes, from /proc).
+   (utime + stime of the node processes, from /proc). The nodes run without the results cache.
 
 Prints a summary and writes JSON (`--json`, default results/cluster.json).
 """
@@ -189,7 +189,8 @@ async def query_load(targets: list[ServerProcess], args: argparse.Namespace) -> 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     pg_dir = temp_data_dir("shoal-cluster-bench-")
     pg = PostgresProcess(pg_dir)
-    env = {"SHOAL_DATABASE_URL": pg.url, "SHOAL_LOG_LEVEL": "warning"}
+    # No results cache: the query phases repeat 256 queries, which would measure the cache.
+    env = {"SHOAL_DATABASE_URL": pg.url, "SHOAL_LOG_LEVEL": "warning", "SHOAL_RESULTS_CACHE_BYTES": "0"}
     nodes = [ServerProcess(temp_data_dir("shoal-cluster-node-"), env) for _ in range(2)]
     try:
         for proc in nodes:
