@@ -1,20 +1,27 @@
 """The catalog: which collections exist on this node and the shard actors that hold them.
 
-The catalog owns the task group its shard actors live in. Only the ingest pipeline mutates it
-(create, drop, load), one change at a time and in the same order as the writes around it, so a
-query never sees a collection whose shards are not running. Readers look collections up with
+The catalog owns the task group its shard actors live in. Two callers mutate it: the ingest
+pipeline (this node's create and drop) and the log follower (collections created or dropped on
+any node, and the start-up load). Changes are serialised by a lock and keyed by the catalog row's
+id (`cid`), so the same create seen by both is applied once, and a collection dropped and created
+again elsewhere replaces the old one here. A collection is listed only once its shards run and its
+documents are loaded, so a query never sees a half-built one. Readers look collections up with
 `get`, a plain dictionary read on the event loop.
+
+Each collection has one `Applier` (actors/applier.py), the one writer of its shards and of its
+`last_seq`.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from actors.applier import Applier, LogReader, Publisher
 from actors.read_pool import ReadPool
 from actors.shard import Shard
 from models.config import EngineConfig
@@ -24,7 +31,8 @@ from models.records import CollectionInfo, DocId, Metric
 
 @dataclass(slots=True)
 class Collection:
-    """A collection as this node serves it. `last_seq` is the last change applied to the shards."""
+    """A collection as this node serves it. `last_seq` is the last change applied to the shards,
+    written only by its applier; `cid` is its catalog row's id (0: not known)."""
 
     name: str
     dim: int
@@ -32,6 +40,11 @@ class Collection:
     shards: tuple[Shard, ...]
     last_seq: int = 0
     shard_done: tuple[anyio.Event, ...] = field(default=())
+    cid: int = 0
+    applier: Applier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.applier = Applier(self, None, None)
 
     def shard_index(self, doc_id: DocId) -> int:
         """Stable placement of a document: crc32 of its id modulo the shard count."""
@@ -44,8 +57,18 @@ class Collection:
 
 
 class Catalog:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        log_reader: LogReader | None = None,
+        publish: Publisher | None = None,
+        on_removed: Callable[[str], None] | None = None,
+    ) -> None:
         self._config = config
+        self._log_reader = log_reader
+        self._publish = publish
+        self._on_removed = on_removed
+        self._lock = anyio.Lock()
         # The threads every shard's searches and writes run on; the catalog owns them because it
         # owns the shards: they start before the first shard and stop after the last.
         self._pool = ReadPool(config.search_threads, pin=config.pin_search_threads)
@@ -71,6 +94,10 @@ class Catalog:
         """The search threads every shard shares (read its size and queue for metrics)."""
         return self._pool
 
+    def find(self, name: str) -> Collection | None:
+        """The running collection, or None."""
+        return self._collections.get(name)
+
     def get(self, name: str) -> Collection:
         """The running collection; raises NotFound."""
         collection = self._collections.get(name)
@@ -89,24 +116,58 @@ class Catalog:
     def all(self) -> list[Collection]:
         return [self._collections[name] for name in sorted(self._collections)]
 
-    async def add(self, name: str, dim: int, metric: Metric, last_seq: int) -> Collection:
-        """Start the shard actors of a collection (called by the ingest pipeline only)."""
+    async def add(
+        self,
+        name: str,
+        dim: int,
+        metric: Metric,
+        cid: int = 0,
+        load: Callable[[Collection], Awaitable[object]] | None = None,
+    ) -> Collection:
+        """The running collection `name` with catalog id `cid`: the one already here if it has that
+        id, else a new one (replacing an older incarnation), its shards started and `load` run
+        before it is listed. Called by the ingest pipeline and the log follower only."""
         assert self._task_group is not None, "catalog is not running"
-        shards = []
-        done = []
-        for _ in range(max(1, self._config.shards_per_collection)):
-            shard = Shard(dim, metric, self._config, self._pool)
-            finished = anyio.Event()
-            await self._task_group.start(_run_shard, shard, finished)
-            shards.append(shard)
-            done.append(finished)
-        collection = Collection(name, dim, metric, tuple(shards), last_seq, tuple(done))
-        self._collections[name] = collection
-        return collection
+        async with self._lock:
+            existing = self._collections.get(name)
+            if existing is not None and (cid == 0 or existing.cid in (0, cid)):
+                if cid:
+                    existing.cid = cid
+                return existing
+            if existing is not None:
+                await self._remove(name)
+            shards = []
+            done = []
+            for _ in range(max(1, self._config.shards_per_collection)):
+                shard = Shard(dim, metric, self._config, self._pool)
+                finished = anyio.Event()
+                await self._task_group.start(_run_shard, shard, finished)
+                shards.append(shard)
+                done.append(finished)
+            collection = Collection(name, dim, metric, tuple(shards), 0, tuple(done), cid)
+            collection.applier = Applier(collection, self._log_reader, self._publish)
+            try:
+                if load is not None:
+                    await load(collection)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._stop(collection)
+                raise
+            self._collections[name] = collection
+            return collection
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, cid: int = 0) -> None:
+        """Stop and forget `name` (only the incarnation with catalog id `cid`, if given)."""
+        async with self._lock:
+            existing = self._collections.get(name)
+            if existing is not None and (cid == 0 or existing.cid in (0, cid)):
+                await self._remove(name)
+
+    async def _remove(self, name: str) -> None:
         collection = self._collections.pop(name, None)
         if collection is not None:
+            if self._on_removed is not None:
+                self._on_removed(name)
             await self._stop(collection)
 
     async def _stop(self, collection: Collection) -> None:

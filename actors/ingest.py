@@ -1,11 +1,14 @@
 """The write pipeline: every change to the data goes through here, in order.
 
     mailbox -> [batcher: coalesce upserts, embed texts] -> stream(2) -> [committer: PostgreSQL
-    transaction, apply to shards, ack, publish]
+    transaction, hand to the collection's applier, ack]
 
 Two stages so that embedding batch N+1 overlaps committing batch N. The committer is the only
-task that commits, so seq order, commit order and the order shards apply changes are the same.
-Collection create/drop travel the same path, so they are ordered with the writes around them.
+task of this node that commits; the applier (actors/applier.py) applies what it committed to the
+shards and publishes it to subscriptions before the ack, so the writer's next query sees its
+write. Changes committed by other nodes reach the same applier through the log follower; the
+applier keeps seq order between the two. Collection create/drop travel the same path, so they
+are ordered with this node's writes around them.
 
 Queue policy: the mailbox is bounded and `send` waits, so a writer faster than the database is
 slowed down (back-pressure) instead of growing memory.
@@ -22,14 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
 import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskStatus
 
-from actors.catalog import Catalog, Collection
+from actors.applier import Applied, Publisher
+from actors.catalog import Catalog
 from actors.embedder import Embedder
 from actors.mailbox import Mailbox, Reply, unknown_message
 from actors.persistence import Persistence
@@ -39,15 +43,6 @@ from models.filters import Filter, TextFilter
 from models.records import CollectionInfo, DocId, Document, Metric, Seq, StoredDoc, Vector
 
 log = logging.getLogger("shoal.ingest")
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What the committer applied: handed to subscribers of changes after the ack."""
-
-    collection: str
-    upserted: tuple[StoredDoc, ...]
-    deleted: tuple[tuple[DocId, int], ...]  # (id, seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +87,8 @@ class UpsertBatch:
 
 Job = UpsertJob | DeleteJob | CreateJob | DropJob
 Stage2 = UpsertBatch | DeleteJob | CreateJob | DropJob
-Publisher = Callable[[Applied], Awaitable[None]]
+
+__all__ = ["Applied", "Ingest", "Publisher"]
 
 
 class Ingest:
@@ -102,13 +98,11 @@ class Ingest:
         persistence: Persistence,
         embedder: Embedder,
         catalog: Catalog,
-        publish: Publisher | None = None,
     ) -> None:
         self._config = config
         self._persistence = persistence
         self._embedder = embedder
         self._catalog = catalog
-        self._publish = publish
         self._mailbox: Mailbox[Job] = Mailbox(config.ingest_queue, "ingest")
 
     # -- public API: each call waits for the commit (and, for writes, shard visibility) --------
@@ -275,7 +269,7 @@ class Ingest:
         Raises what committing a single job raised."""
         collection = self._catalog.get(batch.collection)
         try:
-            first, last = await self._persistence.commit_upserts(batch.collection, batch.docs)
+            first, _ = await self._persistence.commit_upserts(batch.collection, batch.docs)
         except Unavailable:
             raise
         except Exception as exc:
@@ -294,14 +288,11 @@ class Ingest:
             StoredDoc(doc.id, doc.text, _vector(doc), doc.metadata, Seq(first + i))
             for i, doc in enumerate(batch.docs)
         )
-        await _apply_upserts(collection, stored)
-        collection.last_seq = last
+        await collection.applier.apply_upserts(stored)
         end = first - 1
         for job in batch.jobs:
             end += len(job.docs)
             job.reply.set((len(job.docs), end))
-        if self._publish is not None:
-            await self._publish(Applied(batch.collection, stored, ()))
 
     async def _commit_part(self, part: UpsertBatch) -> None:
         """Commit one half of a failed batch; a failure of a single job fails that job alone,
@@ -326,46 +317,27 @@ class Ingest:
             deleted, last = await self._persistence.commit_delete_where(
                 job.collection, job.where, job.where_text
             )
-        by_shard: dict[int, list[DocId]] = {}
-        for doc_id in deleted:
-            by_shard.setdefault(collection.shard_index(DocId(doc_id)), []).append(DocId(doc_id))
-        for index, ids in by_shard.items():
-            await collection.shards[index].apply_deletes(ids)
-        collection.last_seq = last
+        first = last - len(deleted) + 1
+        changes = [(DocId(doc_id), first + i) for i, doc_id in enumerate(deleted)]
+        await collection.applier.apply_deletes(changes)
         job.reply.set((len(deleted), last))
-        if self._publish is not None and deleted:
-            first = last - len(deleted) + 1
-            changes = tuple((DocId(doc_id), first + i) for i, doc_id in enumerate(deleted))
-            await self._publish(Applied(job.collection, (), changes))
 
     async def _commit_create(self, job: CreateJob) -> None:
         try:
-            info = await self._persistence.create_collection(job.name, job.dim, job.metric)
+            info, cid = await self._persistence.create_collection_row(job.name, job.dim, job.metric)
         except Exists:
             if not job.if_not_exists:
                 raise
             existing = self._catalog.get(job.name)
             job.reply.set(existing.info(await self._catalog.counts(existing)))
             return
-        await self._catalog.add(info.name, info.dim, info.metric, last_seq=0)
+        await self._catalog.add(info.name, info.dim, info.metric, cid)
         job.reply.set(info)
 
 
 def _vector(doc: Document) -> Vector:
     assert doc.vector is not None, "documents reach the committer with vectors"
     return doc.vector
-
-
-async def _apply_upserts(collection: Collection, docs: Sequence[StoredDoc]) -> None:
-    if len(collection.shards) == 1:
-        await collection.shards[0].apply_upserts(docs)
-        return
-    by_shard: dict[int, list[StoredDoc]] = {}
-    for doc in docs:
-        by_shard.setdefault(collection.shard_index(doc.id), []).append(doc)
-    async with anyio.create_task_group() as tg:
-        for index, part in by_shard.items():
-            tg.start_soon(collection.shards[index].apply_upserts, part)
 
 
 def _halves(batch: UpsertBatch) -> tuple[UpsertBatch, UpsertBatch]:

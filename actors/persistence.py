@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -66,7 +67,7 @@ from actors.pg_codecs import (
     row_to_stored,
 )
 from actors.pg_pool import DatabasePool, redact
-from actors.schema import LOG_COLUMNS, Tables
+from actors.schema import CHANGES_CHANNEL, LOG_COLUMNS, Tables
 from models.errors import BadRequest, DimensionMismatch, Exists, NotFound
 from models.filters import Filter, TextFilter, text_to_sql, to_sql
 from models.records import Change, CollectionInfo, Document, Metric, StoredDoc
@@ -81,13 +82,33 @@ def _bad_data(exc: BaseException) -> BadRequest:
 
 _LOOKUP = "SELECT id, dim, last_seq FROM shoal_collections WHERE name = $1"
 _LOCK = "SELECT id, dim, last_seq FROM shoal_collections WHERE name = $1 FOR UPDATE"
+# Each seq allocation also queues the change-log notification (`<last seq>:<name>` on
+# CHANGES_CHANNEL) in the same statement: PostgreSQL delivers it at commit, and only then, so the
+# hint to the other nodes costs no extra round trip on the write path.
+_NOTIFY_ROW = f"pg_notify('{CHANGES_CHANNEL}', last_seq::text || ':' || name)"
 _ALLOCATE = (
-    "UPDATE shoal_collections SET last_seq = last_seq + $2 WHERE name = $1 RETURNING id, dim, last_seq"
+    "UPDATE shoal_collections SET last_seq = last_seq + $2 WHERE name = $1 "
+    f"RETURNING id, dim, last_seq, {_NOTIFY_ROW}"
 )
 _ALLOCATE_DELETES = (
     "UPDATE shoal_collections SET last_seq = last_seq + $2, doc_count = doc_count - $2 "
-    "WHERE id = $1 RETURNING last_seq"
+    f"WHERE id = $1 RETURNING last_seq, {_NOTIFY_ROW}"
 )
+# Create and drop: seq 0 in the payload says "the catalog changed".
+_NOTIFY_CATALOG = f"SELECT pg_notify('{CHANGES_CHANNEL}', '0:' || $1::text)"
+_CATALOG_ROWS = "SELECT name, id, dim, metric, last_seq FROM shoal_collections ORDER BY name"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogRow:
+    """A collection as the shared catalog has it: `cid` names one incarnation (ids are never
+    reused), `last_seq` is its last committed seq."""
+
+    name: str
+    cid: int
+    dim: int
+    metric: Metric
+    last_seq: int
 
 
 class Persistence:
@@ -130,6 +151,10 @@ class Persistence:
     def health(self) -> DatabaseHealth:
         """What the node believes about the database now; reading it never waits."""
         return self._db.health
+
+    def is_own_backend(self, pid: int) -> bool:
+        """True if `pid` is the server process of one of this node's pooled connections."""
+        return pid in self._db.own_backends
 
     @property
     def where(self) -> str:
@@ -194,11 +219,18 @@ class Persistence:
 
     async def create_collection(self, name: str, dim: int, metric: Metric) -> CollectionInfo:
         """Create the catalog row and the collection's tables. Raises Exists, BadRequest."""
+        info, _ = await self.create_collection_row(name, dim, metric)
+        return info
+
+    async def create_collection_row(
+        self, name: str, dim: int, metric: Metric
+    ) -> tuple[CollectionInfo, int]:
+        """`create_collection`, also returning the new catalog row's id. Raises Exists, BadRequest."""
         metric = Metric(metric)
         if not 1 <= dim <= 16_000:
             raise BadRequest("dim must be between 1 and 16000")
 
-        async def body(conn: Any) -> CollectionInfo:
+        async def body(conn: Any) -> tuple[CollectionInfo, int]:
             cid = await conn.fetchval(
                 "INSERT INTO shoal_collections (name, dim, metric) VALUES ($1, $2, $3) "
                 "ON CONFLICT (name) DO NOTHING RETURNING id",
@@ -210,7 +242,8 @@ class Persistence:
                 raise Exists(f"collection {name!r} already exists")
             for ddl in Tables(cid).create_ddl(dim):
                 await conn.execute(ddl)
-            return CollectionInfo(name, dim, metric, 0)
+            await conn.execute(_NOTIFY_CATALOG, name)
+            return CollectionInfo(name, dim, metric, 0), int(cid)
 
         return await self._db.write(body)
 
@@ -222,6 +255,7 @@ class Persistence:
             if cid is None:
                 raise NotFound(f"no collection {name!r}")
             await conn.execute(Tables(cid).drop_ddl())
+            await conn.execute(_NOTIFY_CATALOG, name)
 
         await self._db.write(body)
 
@@ -241,6 +275,15 @@ class Persistence:
         if row is None:
             raise NotFound(f"no collection {name!r}")
         return row_to_info(row)
+
+    async def catalog_rows(self) -> list[CatalogRow]:
+        """Every collection of the shared catalog with its last committed seq (one query)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_CATALOG_ROWS)
+        return [
+            CatalogRow(r["name"], int(r["id"]), int(r["dim"]), Metric(r["metric"]), int(r["last_seq"]))
+            for r in rows
+        ]
 
     async def last_seq(self, name: str) -> int:
         """The collection's last committed seq (0 before the first change). Raises NotFound."""

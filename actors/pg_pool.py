@@ -43,6 +43,9 @@ log = logging.getLogger("shoal.database")
 
 T = TypeVar("T")
 
+# How many server pids of past and present pool connections are remembered (see own_backends).
+OWN_BACKENDS_KEPT = 1_024
+
 _UNAVAILABLE = UNAVAILABLE_ERRORS
 
 # Problems of the dsn or the login that no retry fixes: reported at start-up as what to fix.
@@ -111,6 +114,9 @@ class DatabasePool:
         self._shutting_down = anyio.Event()
         self._probing = False
         self.health = DatabaseHealth()
+        # Server pids of this pool's connections, newest last (bounded): the change notifications
+        # they send are this node's own commits, which its committer applies itself.
+        self.own_backends: dict[int, None] = {}
 
     @property
     def is_open(self) -> bool:
@@ -218,6 +224,9 @@ class DatabasePool:
         self._shutting_down.set()
 
     async def _init_connection(self, conn: Any) -> None:
+        self.own_backends[conn.get_server_pid()] = None
+        while len(self.own_backends) > OWN_BACKENDS_KEPT:
+            del self.own_backends[next(iter(self.own_backends))]
         # pgvector's codecs (halfvec, sparsevec), then our own for `vector`: pgvector-python
         # decodes to its Vector class, the engine wants float32 numpy arrays.
         await register_vector(conn, schema=self._vector_schema)

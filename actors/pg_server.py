@@ -16,6 +16,9 @@ shape this module:
   variable it warns and uses /tmp/runtime-<uid>. We point it at a directory we own first.
 
 Several `open_database` on one directory in one process share one server, stopped by the last exit.
+A directory whose server another live process uses is refused (`DataDirInUse`): two Shoal
+processes on one embedded data directory would each build their own index of it. Nodes that
+should share data share a `--database-url` instead (e.g. of `shoal postgres`).
 
 While `open_database` is open, the embedded server is supervised: a server that crashed or was
 killed (its `postmaster.pid` names a process that is gone) is restarted, once no process of the
@@ -167,6 +170,36 @@ def _forget_dead_handles(ep: ModuleType, pgdata: Path) -> None:
             path.write_text(json.dumps(alive))
 
 
+class DataDirInUse(DatabaseSetupError):
+    """Another live process serves the embedded PostgreSQL of this data directory."""
+
+
+def _describe_process(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmdline = ""
+    return f"pid {pid}" + (f" ({cmdline[:120]})" if cmdline else "")
+
+
+def _refuse_other_owner(pgdata: Path) -> None:
+    """Raise DataDirInUse if a live process other than this one uses the server in `pgdata`
+    (call with the package lock held, after the dead handles were forgotten)."""
+    try:
+        pids = json.loads((pgdata / ".handle_pids.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(pids, list):
+        return
+    others = [pid for pid in pids if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)]
+    if others:
+        raise DataDirInUse(
+            f"data directory {pgdata.parent} is already served by another process, "
+            f"{_describe_process(others[0])}: stop it, or give every node the same --database-url "
+            "(shoal postgres --data-dir DIR runs the database alone)"
+        )
+
+
 def _clear_stale_pidfile(pgdata: Path) -> None:
     """Remove postmaster.pid if the pid in it is gone or now belongs to a process that is not postgres.
 
@@ -216,6 +249,7 @@ def _acquire(pgdata: Path) -> str:
         if pgdata.exists():
             _forget_dead_handles(ep, pgdata)
             with _package_lock(ep):
+                _refuse_other_owner(pgdata)
                 _clear_stale_pidfile(pgdata)
         try:
             server = ep.get_server(pgdata, cleanup_mode="stop")

@@ -31,6 +31,10 @@ MAX_VECTOR_DIM = 16_000
 # fast but keeps long texts uncompressed at one row a page (3x the space at 3,000 characters).
 TOAST_TUPLE_TARGET = 4080
 
+# The LISTEN/NOTIFY channel on which every commit announces `<last seq>:<collection>` (seq 0: a
+# collection was created or dropped). A hint that wakes the other nodes' followers, never the truth.
+CHANGES_CHANNEL = "shoal_changes"
+
 # The columns of a log table in the order COPY sends them.
 LOG_COLUMNS: tuple[str, ...] = ("seq", "op", "doc_id", "text", "vector", "metadata")
 

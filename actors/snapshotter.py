@@ -11,7 +11,7 @@ log replay at start applies again: upserts and deletes by id are idempotent). Sh
 their files as a read (searches continue, writes wait); checksums and fsyncs run in a worker
 thread. A failed write is logged and counted, never fatal.
 
-Restoring. `Snapshotter.restore(info)` loads a collection from its snapshot: verify every
+Restoring. `Snapshotter.restore(row)` loads a collection from its snapshot: verify every
 file's checksum; in one consistent read of PostgreSQL, check the collection's identity, seq and
 parameters, load the shards, replay the log after the snapshot's seq, and compare the live
 count with PostgreSQL's. Anything wrong returns False after a warning (the caller rebuilds the
@@ -33,7 +33,7 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from actors.catalog import Catalog, Collection
-from actors.persistence import Persistence
+from actors.persistence import CatalogRow, Persistence
 from actors.shard_state import ARRAYS_FILE, DOCS_FILE, INDEX_FILE
 from actors.snapshot import (
     Identity,
@@ -49,7 +49,7 @@ from actors.snapshot import (
 )
 from models.config import EngineConfig
 from models.errors import NotFound, ShoalError
-from models.records import Change, CollectionInfo, DocId, StoredDoc
+from models.records import Change, DocId, StoredDoc
 
 log = logging.getLogger("shoal.snapshots")
 
@@ -208,71 +208,75 @@ class Snapshotter:
 
     # -- restoring --------------------------------------------------------------------------------
 
-    async def restore(self, info: CollectionInfo) -> bool:
-        """Load collection `info` into the catalog from its snapshot and the log after it.
+    async def restore(self, row: CatalogRow) -> Collection | None:
+        """Load collection `row` into the catalog from its snapshot and the log after it.
 
-        Returns True when done; False when there is no usable snapshot (then the catalog does
-        not hold the collection, any unusable snapshot is removed, and a warning says why).
-        Raises Unavailable (database unreachable) and NotFound (dropped meanwhile).
+        Returns the collection, listed and serving; None when there is no usable snapshot (then
+        the catalog does not hold the collection, any unusable snapshot is removed, and a warning
+        says why). Raises Unavailable (database unreachable) and NotFound (dropped meanwhile).
         """
-        name = info.name
-        collection: Collection | None = None
+        name = row.name
         started = time.monotonic()
+        done: dict[str, int] = {}
         try:
             manifest = await anyio.to_thread.run_sync(self.store.read_manifest, name)
             if manifest is None:
                 _count("loads", "absent")
-                return False
+                return None
             gen = await anyio.to_thread.run_sync(self.store.verify_files, manifest)
             async with self._persistence.log_after(name, manifest.seq) as tail:
                 await tail.header()
                 assert tail.marker is not None
-                identity = Identity(tail.marker[0], tail.marker[1], info.dim, metric_name(info.metric))
+                identity = Identity(tail.marker[0], tail.marker[1], row.dim, metric_name(row.metric))
                 check_usable(manifest, identity, tail.last_seq, params_of(self._config), library_versions())
-                collection = await self._catalog.add(name, info.dim, info.metric, last_seq=0)
-                for i, shard in enumerate(collection.shards):
-                    loaded = await shard.load_files(self.store.shard_dir(gen, i))
-                    if loaded != manifest.shards[i].count:
+
+                async def load(collection: Collection) -> None:
+                    # Runs before the catalog lists the collection: nothing else applies to it
+                    # yet, and its applier follows the log from the seq set here.
+                    for i, shard in enumerate(collection.shards):
+                        loaded = await shard.load_files(self.store.shard_dir(gen, i))
+                        if loaded != manifest.shards[i].count:
+                            raise SnapshotInvalid(
+                                f"shard {i} holds {loaded} documents, its manifest says {manifest.shards[i].count}"
+                            )
+                    replayed = 0
+                    async for batch in tail:
+                        replayed += len(batch)
+                        await _replay(collection, batch)
+                    expected = tail.last_seq - manifest.seq
+                    if replayed != expected:
                         raise SnapshotInvalid(
-                            f"shard {i} holds {loaded} documents, its manifest says {manifest.shards[i].count}"
+                            f"the log after seq {manifest.seq} has {replayed} changes,"
+                            f" the database's seq says {expected}"
                         )
-                replayed = 0
-                async for batch in tail:
-                    replayed += len(batch)
-                    await _replay(collection, batch)
-                expected = tail.last_seq - manifest.seq
-                if replayed != expected:
-                    raise SnapshotInvalid(
-                        f"the log after seq {manifest.seq} has {replayed} changes, the database's seq says {expected}"
-                    )
-                count = await self._catalog.counts(collection)
-                if count != tail.doc_count:
-                    raise SnapshotInvalid(f"it restores {count} documents, the database has {tail.doc_count}")
-                collection.last_seq = tail.last_seq
+                    count = await self._catalog.counts(collection)
+                    if count != tail.doc_count:
+                        raise SnapshotInvalid(f"it restores {count} documents, the database has {tail.doc_count}")
+                    collection.last_seq = tail.last_seq
+                    done.update(count=count, replayed=replayed)
+
+                # The catalog stops the collection again if `load` raises.
+                collection = await self._catalog.add(name, row.dim, row.metric, row.cid, load)
                 self._markers[name] = (collection, tail.marker)
         except ShoalError:
-            if collection is not None:
-                await self._catalog.remove(name)
             raise
         except Exception as exc:  # a damaged or mismatched snapshot of any kind: rebuild instead
-            if collection is not None:
-                await self._catalog.remove(name)
             await anyio.to_thread.run_sync(self.store.remove, name)
             _count("loads", "rebuilt")
             log.warning("collection %s: snapshot not used (%s); rebuilding it from the database", name, exc)
-            return False
+            return None
         self._saved[name] = (manifest.seq, time.monotonic())
         _count("loads", "loaded")
         log.info(
             "loaded collection %s from snapshot: %d documents, snapshot seq %d, %d changes replayed, seq %d, %.2f s",
             name,
-            count,
+            done["count"],
             manifest.seq,
-            replayed,
+            done["replayed"],
             collection.last_seq,
             time.monotonic() - started,
         )
-        return True
+        return collection
 
 
 def _shard_entries(gen: Path, counts: Sequence[int]) -> tuple[ShardEntry, ...]:

@@ -1,9 +1,13 @@
 """The supervisor: starts the actors in order, serves the engine API, stops them in reverse.
 
-    start:  persistence -> embedder -> catalog (+ shards) -> load collections -> snapshotter
-            -> subscriptions -> ingest -> ready
-    stop:   ingest (drains acked work) -> subscriptions -> snapshotter (last snapshots) -> catalog
-            -> embedder -> persistence
+    start:  persistence -> embedder -> catalog (+ shards) -> load collections (snapshot + log
+            tail, or a rebuild) -> snapshotter -> subscriptions -> follower (first sync: caught up
+            with the log) -> ingest -> ready
+    stop:   ingest (drains acked work) -> follower -> subscriptions -> snapshotter (last
+            snapshots) -> catalog -> embedder -> persistence
+
+Several nodes on one database form a cluster: each collection's applier takes this node's commits
+from ingest and every node's from the follower (actors/applier.py, actors/follower.py).
 
 `Engine` is the only thing the edge talks to. Its methods take validated requests and return
 typed results; they raise `ShoalError`s with wire codes.
@@ -27,11 +31,13 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from actors import planner
+from actors.applier import Applied, Publisher
 from actors.catalog import Catalog, Collection
 from actors.embedder import Embedder
-from actors.ingest import Applied, Ingest, Publisher
+from actors.follower import Follower
+from actors.ingest import Ingest
 from actors.matching import StandingQuery
-from actors.persistence import Persistence
+from actors.persistence import CatalogRow, Persistence
 from actors.results_cache import EmbeddingCache, ResultsCache
 from actors.snapshotter import Snapshotter
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
@@ -75,10 +81,20 @@ class Engine:
             probe_timeout=config.db_probe_timeout_s,
         )
         self.embedder = Embedder(config)
-        self.catalog = Catalog(config)
         self._listeners: list[Publisher] = []
-        self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog, self._publish)
         self.subscriptions = Subscriptions(self.persistence, subscriptions)
+        self.catalog = Catalog(
+            config, self.persistence, self._publish, on_removed=self.subscriptions.collection_dropped
+        )
+        self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog)
+        self.follower = Follower(
+            dsn,
+            self.persistence,
+            self.catalog,
+            self._load_collection,
+            poll_s=config.follow_poll_s,
+            connect_timeout=config.db_connect_timeout_s,
+        )
         self.add_listener(self.subscriptions.publish)
         # Snapshots for fast restart, when given a directory for them.
         self.snapshotter = (
@@ -114,6 +130,8 @@ class Engine:
                 if engine.snapshotter is not None:  # stops after ingest, before the shards
                     started.append((engine.snapshotter, await _start(tg, engine.snapshotter)))
                 started.append((engine.subscriptions, await _start(tg, engine.subscriptions)))
+                # Started once caught up with what other nodes committed while this one was down.
+                started.append((engine.follower, await _start(tg, engine.follower)))
                 started.append((engine.ingest, await _start(tg, engine.ingest)))
                 engine.ready = True
                 log.info("engine ready: %d collection(s)", len(engine.catalog.names()))
@@ -128,19 +146,37 @@ class Engine:
                         await finished.wait()
 
     async def _load_collections(self) -> None:
-        """Load every shard from its snapshot and the log after it, or else rebuild it from
+        """Load every collection from its snapshot and the log after it, or else rebuild it from
         PostgreSQL: the durable state is the source of truth."""
-        for info in await self.persistence.list_collections():
-            if self.snapshotter is not None and await self.snapshotter.restore(info):
-                continue  # from its snapshot and the log after it
-            collection = await self.catalog.add(info.name, info.dim, info.metric, last_seq=0)
-            loaded = 0
-            async with self.persistence.load_collection(info.name) as snapshot:
-                async for batch in snapshot:
-                    await _apply_loaded(collection, batch)
-                    loaded += len(batch)
-                collection.last_seq = snapshot.last_seq or 0
-            log.info("loaded collection %s: %d documents, seq %d", info.name, loaded, collection.last_seq)
+        for row in await self.persistence.catalog_rows():
+            if self.snapshotter is not None and await self.snapshotter.restore(row) is not None:
+                continue
+            await self._load_collection(row)
+
+    async def _load_collection(self, row: CatalogRow) -> Collection:
+        """Start `row`'s collection here, its shards loaded from a snapshot of the live documents;
+        its applier then follows the log from the snapshot's seq. Raises NotFound, Unavailable."""
+
+        async def load(collection: Collection) -> None:
+            async with self.persistence.load_collection(row.name) as snapshot:
+                loaded = await collection.applier.load(snapshot, lambda: snapshot.last_seq)
+            log.info("loaded collection %s: %d documents, seq %d", row.name, loaded, collection.last_seq)
+
+        return await self.catalog.add(row.name, row.dim, row.metric, row.cid, load)
+
+    async def _applied_through(self, collection: Collection, min_seq: int | None) -> None:
+        """Return once `collection` has applied its changes through `min_seq` (None: at once).
+        Raises Unavailable after `min_seq_wait_ms`, NotFound if it was dropped meanwhile."""
+        if min_seq is None or collection.last_seq >= min_seq:
+            return
+        self.follower.wake(collection.name)  # don't wait for the next poll if a hint was lost
+        if not await collection.applier.wait_applied(min_seq, self.config.min_seq_wait_ms / 1000):
+            raise Unavailable(
+                f"this node has applied collection {collection.name!r} through seq "
+                f"{collection.last_seq}, not yet {min_seq}; retry, or ask another node"
+            )
+        if self.catalog.find(collection.name) is not collection:
+            raise NotFound(f"no collection named {collection.name!r}")
 
     def add_listener(self, listener: Publisher) -> None:
         """Called after every applied change, after its ack (subscriptions, change streams)."""
@@ -154,7 +190,15 @@ class Engine:
 
     async def create_collection(self, req: rq.CreateCollection) -> CollectionInfo:
         dim = req.dim if req.dim is not None else MODEL_DIM
-        return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists)
+        try:
+            return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists)
+        except NotFound:
+            if not req.if_not_exists:
+                raise
+        # It exists in the shared catalog (another node created it) and is not followed here yet.
+        await self.follower.sync()
+        collection = self.catalog.get(req.name)
+        return collection.info(await self.catalog.counts(collection))
 
     async def list_collections(self) -> list[CollectionInfo]:
         infos = []
@@ -192,6 +236,7 @@ class Engine:
 
     async def get(self, req: rq.Get) -> list[StoredDoc]:
         collection = self.catalog.get(req.collection)
+        await self._applied_through(collection, req.min_seq)
         found: dict[str, StoredDoc] = {}
         try:
             for shard in collection.shards:
@@ -205,6 +250,7 @@ class Engine:
 
     async def count(self, req: rq.Count) -> int:
         collection = self.catalog.get(req.collection)
+        await self._applied_through(collection, req.min_seq)
         try:
             return await self.catalog.counts(collection)
         except Unavailable as exc:
@@ -237,6 +283,7 @@ class Engine:
         query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable, and TooLarge when
         the hits' texts and vectors alone would not fit in one frame."""
         collection = self.catalog.get(req.collection)
+        await self._applied_through(collection, req.min_seq)
 
         def vector_of() -> Awaitable[Vector]:
             return self.query_vector(collection, req.vector, req.text)
@@ -331,14 +378,6 @@ def _check_vector(collection: Collection, vector: Vector, what: str) -> None:
         )
     if collection.metric is Metric.COSINE and not vector.any():
         raise InvalidVector(f"{what} is all zeros, which has no direction under cosine")
-
-
-async def _apply_loaded(collection: Collection, batch: list[StoredDoc]) -> None:
-    by_shard: dict[int, list[StoredDoc]] = {}
-    for doc in batch:
-        by_shard.setdefault(collection.shard_index(doc.id), []).append(doc)
-    for index, docs in by_shard.items():
-        await collection.shards[index].apply_upserts(docs)
 
 
 async def _start(tg: TaskGroup, actor: Actor) -> anyio.Event:

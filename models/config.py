@@ -132,3 +132,8 @@ class EngineConfig:
     hybrid_candidates: int = field(default=100, metadata=bounds(1, 1_000))
     results_cache_bytes: int = field(default=64 * MIB, metadata=bounds(0, 2**40))
     embedding_cache_bytes: int = field(default=16 * MIB, metadata=bounds(0, 2**40))
+    # cluster: how often the log follower syncs with the shared catalog even without a
+    # notification (0.01..60 s), and how long a read with `min_seq` waits for this node to apply
+    # that seq before answering `unavailable` (0..60000 ms).
+    follow_poll_s: float = field(default=1.0, metadata=bounds(0.01, 60))
+    min_seq_wait_ms: float = field(default=2_000.0, metadata=bounds(0, 60_000))

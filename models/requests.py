@@ -84,11 +84,13 @@ class Get:
     collection: str
     ids: tuple[DocId, ...]
     include: frozenset[Include]
+    min_seq: int | None = None  # answer once this node has applied the collection through it
 
 
 @dataclass(frozen=True, slots=True)
 class Count:
     collection: str
+    min_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,7 @@ class Query:
     rrf_k: int = DEFAULT_RRF_K
     vector_candidates: int | None = None
     keyword_candidates: int | None = None
+    min_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +463,7 @@ def _query(a: Args) -> Query:
         raise BadRequest("'mode' must be vector, keyword or hybrid")
     k = a.integer("k", low=1, high=a.limits.max_k, default=DEFAULT_K)
     assert k is not None
+    min_seq = a.integer("min_seq", low=0)  # every mode: read-your-writes across nodes
     if mode == "vector":
         vector, text = _query_target(a)
         given = [key for key in HYBRID_ARGS if a.has(key)]
@@ -477,6 +481,7 @@ def _query(a: Args) -> Query:
             mode="vector",
             fusion="rrf",
             alpha=0.5,
+            min_seq=min_seq,
         )
     text = a.text()
     if text is None:
@@ -499,6 +504,7 @@ def _query(a: Args) -> Query:
             mode="keyword",
             fusion="rrf",
             alpha=0.5,
+            min_seq=min_seq,
         )
     fusion = a.string("fusion") or "rrf"
     if fusion not in ("rrf", "weighted"):
@@ -534,6 +540,7 @@ def _query(a: Args) -> Query:
         rrf_k=rrf_k,
         vector_candidates=depths[0],
         keyword_candidates=depths[1],
+        min_seq=min_seq,
     )
 
 
@@ -576,8 +583,8 @@ PARSERS: dict[str, Callable[[Args], Request]] = {
     "drop_collection": lambda a: DropCollection(a.collection_name("name")),
     "upsert": _upsert,
     "delete": _delete,
-    "get": lambda a: Get(a.collection_name(), a.ids() or (), a.include()),
-    "count": lambda a: Count(a.collection_name()),
+    "get": lambda a: Get(a.collection_name(), a.ids() or (), a.include(), a.integer("min_seq", low=0)),
+    "count": lambda a: Count(a.collection_name(), a.integer("min_seq", low=0)),
     "query": _query,
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,

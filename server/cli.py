@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, NoReturn
 
 import uvicorn
@@ -186,6 +187,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", help="debug, info, warning, error (SHOAL_LOG_LEVEL, default info)")
     run.add_argument("--log-format", help="text or json, one object per line (SHOAL_LOG_FORMAT, default text)")
+    pg = sub.add_parser(
+        "postgres",
+        help="run the embedded PostgreSQL alone on 127.0.0.1, for several `shoal serve` on one machine",
+        description="Run the embedded PostgreSQL in DIR, reachable on 127.0.0.1; prints its database-url.",
+    )
+    pg.add_argument("--data-dir", required=True, help="data directory of the embedded PostgreSQL")
+    pg.add_argument("--port", type=int, default=5432, help="TCP port on 127.0.0.1, 0 picks a free one (default 5432)")
     bench = sub.add_parser(
         "bench", help="run a load generator: shoal bench NAME [args] (python -m load.NAME)"
     )
@@ -202,6 +210,17 @@ def _bench(name: str, args: list[str]) -> None:
     runpy.run_module(module, run_name="__main__")
 
 
+def _postgres(data_dir: str, port: int) -> None:
+    import anyio
+
+    from actors.pg_proxy import run_postgres
+
+    if not 0 <= port <= 65535:
+        raise StartupError(f"--port {port}: must be 0..65535")
+    logs.configure("info", "text")
+    anyio.run(run_postgres, Path(data_dir), port, backend="asyncio")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -216,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     log_format=args.log_format,
                 )
             )
+        elif args.command == "postgres":
+            _postgres(args.data_dir, args.port)
         else:
             _bench(args.name, args.args)
     except StartupError as exc:
