@@ -99,7 +99,16 @@ class _IdsMatching:
     reply: Reply[list[DocId]]
 
 
-_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    after: DocId | None
+    limit: int
+    where: Filter | None
+    where_text: TextFilter | None
+    reply: Reply[list[StoredDoc]]
+
+
+_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _Scan
 # Smallest part a group of queued queries is split into to run on several threads at once.
 _MIN_PART = 4
 
@@ -252,6 +261,15 @@ class Shard:
         self._mailbox.offer(_Get(tuple(ids), reply))
         return await reply.wait()
 
+    async def scan(
+        self, after: DocId | None, limit: int, where: Filter | None, where_text: TextFilter | None
+    ) -> list[StoredDoc]:
+        """Up to `limit` live documents passing the filters with ids after `after`, in id order
+        (see `ShardState.scan`). Raises `Overloaded` when the mailbox is full."""
+        reply: Reply[list[StoredDoc]] = Reply()
+        self._mailbox.offer(_Scan(after, limit, where, where_text, reply))
+        return await reply.wait()
+
     async def count(self) -> int:
         reply: Reply[int] = Reply()
         self._mailbox.offer(_Count(reply))
@@ -317,6 +335,10 @@ class Shard:
                 await self._readers_at_most(self._max_reads - 1)
                 fn = _bind(self._state.ids_matching, msg.where, msg.where_text)
                 self._start_read(fn, msg.reply.set, msg.reply.fail)
+            elif isinstance(msg, _Scan):
+                await self._readers_at_most(self._max_reads - 1)
+                scan = _bind(self._state.scan, msg.after, msg.limit, msg.where, msg.where_text)
+                self._start_read(scan, msg.reply.set, msg.reply.fail)
             elif isinstance(msg, _Upsert | _Delete):
                 await self._readers_at_most(0)
                 await self._write(msg)

@@ -10,6 +10,7 @@ typed results; they raise `ShoalError`s with wire codes.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -150,12 +151,38 @@ class Engine:
         return await self.ingest.delete(req.collection, req.ids, req.where, req.where_text)
 
     async def get(self, req: rq.Get) -> list[StoredDoc]:
+        """The documents of `req.ids` that exist, in request order; without ids, one page (see
+        `scan`). Raises NotFound for an unknown collection."""
+        if req.ids is None:
+            return (await self.scan(req))[0]
         collection = self.catalog.get(req.collection)
         found: dict[str, StoredDoc] = {}
         for shard in collection.shards:
             for doc in await shard.get(req.ids):
                 found[doc.id] = doc
         return [found[i] for i in dict.fromkeys(req.ids) if i in found]
+
+    async def scan(self, req: rq.Get) -> tuple[list[StoredDoc], bool]:
+        """One page of a paged `get`: up to `req.limit` live documents passing its filters with
+        ids after `req.after`, in id order, and whether more follow. Each shard returns its
+        next `limit + 1` in id order; the merge of those cut at `limit` is the page, and more
+        follow exactly when the shards returned more than `limit` in all. Raises NotFound."""
+        collection = self.catalog.get(req.collection)
+        shards = collection.shards
+        want = req.limit + 1
+        per_shard: list[list[StoredDoc]] = [[] for _ in shards]
+
+        async def one(i: int) -> None:
+            per_shard[i] = await shards[i].scan(req.after, want, req.where, req.where_text)
+
+        if len(shards) == 1:
+            await one(0)
+        else:
+            async with anyio.create_task_group() as tg:
+                for i in range(len(shards)):
+                    tg.start_soon(one, i)
+        merged = list(heapq.merge(*per_shard, key=lambda doc: doc.id))
+        return merged[: req.limit], len(merged) > req.limit
 
     async def count(self, req: rq.Count) -> int:
         return await self.catalog.counts(self.catalog.get(req.collection))
