@@ -78,6 +78,11 @@ class Catalog:
             raise NotFound(f"no collection named {name!r}")
         return collection
 
+    def holds(self, collection: Collection) -> bool:
+        """Whether `collection` is still the running one of its name (False once dropped, even
+        if a new collection of that name was created since)."""
+        return self._collections.get(collection.name) is collection
+
     def names(self) -> list[str]:
         return sorted(self._collections)
 

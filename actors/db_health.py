@@ -104,6 +104,10 @@ async def probe_forever(
                     failure = describe(exc)
                 except asyncpg.PostgresError as exc:  # e.g. the role was dropped: not a stall
                     failure = describe(exc)
+                except (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+                    # The probe's own connection is in a state asyncpg refuses (its server went
+                    # away mid-query): drop it; the next probe reconnects and decides.
+                    failure = describe(exc)
             if scope.cancelled_caught:
                 failure = f"no answer within {timeout:g} s"
             if failure:

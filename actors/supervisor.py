@@ -6,6 +6,12 @@
 
 `Engine` is the only thing the edge talks to. Its methods take validated requests and return
 typed results; they raise `ShoalError`s with wire codes.
+
+A read races a drop of its collection whenever it awaits between finding the collection and
+asking its shards (embedding a text query, or one shard after another): the shards it holds may
+have stopped meanwhile and answer `unavailable`. The collection no longer exists then, so the
+read answers `not_found`, as it would a moment later; `unavailable` stays for a server that is
+stopping.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from actors.ingest import Applied, Ingest, Publisher
 from actors.matching import StandingQuery
 from actors.persistence import Persistence
 from actors.planner import merge_hits
+from actors.shard import Shard
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
 from actors.subscriber import Event, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
 from models import requests as rq
 from models.config import EngineConfig, Limits
-from models.errors import DimensionMismatch, InvalidVector, NotFound
+from models.errors import DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable
 from models.records import MODEL_DIM, CollectionInfo, Hit, Metric, StoredDoc, Vector
+from models.reply_size import check_rows_fit
 
 log = logging.getLogger("shoal.engine")
 
@@ -126,7 +134,15 @@ class Engine:
         return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists)
 
     async def list_collections(self) -> list[CollectionInfo]:
-        return [c.info(await self.catalog.counts(c)) for c in self.catalog.all()]
+        infos = []
+        for collection in self.catalog.all():
+            try:
+                infos.append(collection.info(await self.catalog.counts(collection)))
+            except Unavailable as exc:
+                if self.catalog.holds(collection):
+                    raise
+                log.debug("collection %s dropped while listed: %s", collection.name, exc.message)
+        return infos
 
     async def drop_collection(self, req: rq.DropCollection) -> None:
         self.catalog.get(req.name)
@@ -157,10 +173,15 @@ class Engine:
             return (await self.scan(req))[0]
         collection = self.catalog.get(req.collection)
         found: dict[str, StoredDoc] = {}
-        for shard in collection.shards:
-            for doc in await shard.get(req.ids):
-                found[doc.id] = doc
-        return [found[i] for i in dict.fromkeys(req.ids) if i in found]
+        try:
+            for shard in collection.shards:
+                for doc in await shard.get(req.ids):
+                    found[doc.id] = doc
+        except Unavailable as exc:
+            raise self._read_failed(collection, exc) from None
+        docs = [found[i] for i in dict.fromkeys(req.ids) if i in found]
+        check_rows_fit(docs, req.include, collection.dim, self.limits)
+        return docs
 
     async def scan(self, req: rq.Get) -> tuple[list[StoredDoc], bool]:
         """One page of a paged `get`: up to `req.limit` live documents passing its filters with
@@ -185,7 +206,18 @@ class Engine:
         return merged[: req.limit], len(merged) > req.limit
 
     async def count(self, req: rq.Count) -> int:
-        return await self.catalog.counts(self.catalog.get(req.collection))
+        collection = self.catalog.get(req.collection)
+        try:
+            return await self.catalog.counts(collection)
+        except Unavailable as exc:
+            raise self._read_failed(collection, exc) from None
+
+    def _read_failed(self, collection: Collection, error: Unavailable) -> ShoalError:
+        """What a read answers when a shard of `collection` was stopped under it: `not_found` if
+        the collection was dropped meanwhile, else `error` (the server is stopping)."""
+        if self.catalog.holds(collection):
+            return error
+        return NotFound(f"no collection named {collection.name!r} (it was dropped)")
 
     async def query_vector(self, collection: Collection, vector: Vector | None, text: str | None) -> Vector:
         """The query's vector: as given (checked), or the embedding of its text."""
@@ -201,22 +233,41 @@ class Engine:
         return await self.embedder.embed_query(text)
 
     async def query(self, req: rq.Query) -> list[Hit]:
+        """The k best hits over every shard. Raises NotFound (also when the collection is
+        dropped while the query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable,
+        and TooLarge when the hits' texts and vectors alone would not fit in one frame."""
         collection = self.catalog.get(req.collection)
         vector = await self.query_vector(collection, req.vector, req.text)
         shards = collection.shards
-        if len(shards) == 1:
-            return await shards[0].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
+        try:
+            if len(shards) == 1:
+                hits = await shards[0].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
+            else:
+                hits = merge_hits(await self._search_shards(shards, vector, req), req.k)
+        except Unavailable as exc:
+            raise self._read_failed(collection, exc) from None
+        check_rows_fit(hits, req.include, collection.dim, self.limits)
+        return hits
+
+    @staticmethod
+    async def _search_shards(shards: tuple[Shard, ...], vector: Vector, req: rq.Query) -> list[list[Hit]]:
+        """Every shard's hits, searched at once; raises the first shard's error itself (a task
+        group would wrap it in an exception group, which no caller maps to a wire code)."""
         per_shard: list[list[Hit]] = [[] for _ in shards]
+        errors: list[ShoalError] = []
 
         async def one(i: int) -> None:
-            per_shard[i] = await shards[i].search(
-                vector, req.k, req.ef, req.where, req.where_text, req.include
-            )
+            try:
+                per_shard[i] = await shards[i].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
+            except ShoalError as exc:
+                errors.append(exc)
 
         async with anyio.create_task_group() as tg:
             for i in range(len(shards)):
                 tg.start_soon(one, i)
-        return merge_hits(per_shard, req.k)
+        if errors:
+            raise errors[0]
+        return per_shard
 
     # -- standing queries -----------------------------------------------------------------------
 
@@ -258,6 +309,13 @@ class Engine:
     def close_subscriptions(self) -> None:
         """End every subscription, told `unavailable` (the server is stopping); refuse new ones."""
         self.subscriptions.close_all()
+
+    def collection_dim(self, name: str) -> int | None:
+        """The vector width of collection `name`, None if there is none (a plain lookup)."""
+        try:
+            return self.catalog.get(name).dim
+        except NotFound:
+            return None
 
     async def database_reachable(self) -> bool:
         """True if PostgreSQL answers a query now."""

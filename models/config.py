@@ -60,6 +60,13 @@ class Limits:
     # `unavailable` (writes: upsert, delete, create/drop collection; reads: everything else).
     write_deadline_s: float = field(default=5.0, metadata=bounds(0.1, 3600))
     read_deadline_s: float = field(default=30.0, metadata=bounds(0.1, 3600))
+    # Connection hardening. Reply bytes one WebSocket may have pending (queued to send, or
+    # reserved by requests being served) before the server stops reading its requests; 64 KiB
+    # up to 64 GiB. A reply larger than this is still sent, alone.
+    max_pending_reply_bytes: int = field(default=8 * MIB, metadata=bounds(64 * 1024, 64 * 1024 * MIB))
+    # A WebSocket whose socket took nothing for this long while frames wait is closed with 1013
+    # (and dropped this long after that if the client still reads nothing); 0.1 s up to a day.
+    stuck_close_s: float = field(default=10.0, metadata=bounds(0.1, 86_400.0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from models.config import Limits
 from models.errors import BadRequest, MethodNotAllowed, ShoalError, TooLarge, UnknownOp, as_shoal_error
+from models.reply_size import reply_too_large
 from server.auth import bearer
 from server.deadlines import request_deadline
 from server.ops import execute, parse
@@ -109,6 +110,8 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
         with request_deadline(state, op):
             result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
         response, code = _respond(result, 200, msgpack_reply), "ok"
+        if len(response.body) > state.settings.limits.max_frame_bytes:  # the same bound as a frame
+            raise reply_too_large(len(response.body), state.settings.limits.max_frame_bytes)
     except Exception as exc:
         error = as_shoal_error(exc)
         if not isinstance(exc, ShoalError):

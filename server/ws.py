@@ -8,6 +8,13 @@ Bounds: at most `max_in_flight_per_connection` workers (once all are busy nobody
 flooding client is slowed by TCP back-pressure), and at most `OUTGOING_FRAMES` frames wait to be
 sent. Frames larger than the frame limit are closed with 1009 by the server before they reach us.
 
+A client that does not read its replies: a worker reads the next request only while the
+connection's pending reply bytes (`server.reply_budget`: queued in the outbox, or reserved by
+requests being served) leave room under `max_pending_reply_bytes`, so past it nobody reads and
+TCP holds the client back; a socket that takes nothing for `stuck_close_s` while frames wait is
+closed with 1013 (`server.ws_transport`). No reply larger than `max_frame_bytes` is sent: it is
+answered `too_large` instead, with a hint to ask for less.
+
 This is a plain ASGI app (`server.app` routes `/v1/ws` here ahead of Starlette): the request
 path is the hot one, and Starlette's WebSocket wrappers and middleware around every receive and
 send, a task per request and the hand-offs to a writer task cost more than the query's own
@@ -57,15 +64,20 @@ from models.errors import (
     Unauthorized,
     as_shoal_error,
 )
+from models.reply_size import reply_too_large
 from models.requests import Auth, Subscribe, Unsubscribe
-from server.auth import ApiKey, bearer
+from server.auth import Access, ApiKey, bearer
 from server.deadlines import request_deadline
 from server.ops import decode, execute, match_hit, parse
 from server.outbox import Outbox
+from server.reply_budget import ReplyBudget, vector_bytes_floor
 from server.state import AppState
+from server.ws_transport import close_now, unsent_bytes
 
 SUBPROTOCOL = "shoal.v1"
 OUTGOING_FRAMES = 1024
+# Close codes: the client's replies stopped going out (it does not read them); try again later.
+CLOSE_STUCK = 1013
 PUMP_TAKE = 64
 PUSH_WINDOW = 64
 
@@ -106,8 +118,19 @@ class Connection:
     def __init__(self, state: AppState, scope: Scope, receive: Receive, send: Send) -> None:
         self.state = state
         self._receive = receive
+        limits = state.settings.limits
         self._send = send
-        self._outbox = Outbox(send, OUTGOING_FRAMES, self._sent)
+        self._max_frame = limits.max_frame_bytes
+        self._stuck_s = limits.stuck_close_s
+        self._budget = ReplyBudget(limits.max_pending_reply_bytes)
+        self._outbox = Outbox(
+            send,
+            OUTGOING_FRAMES,
+            self._sent,
+            stuck_after_s=limits.stuck_close_s,
+            on_stuck=self._stuck,
+            buffered=unsent_bytes(send),
+        )
         self._max_workers = max(1, state.settings.limits.max_in_flight_per_connection)
         self._workers = 0
         self._listening = 0  # workers waiting for the next frame
@@ -138,6 +161,7 @@ class Connection:
                 self._workers = 1
                 await self._worker()
         finally:
+            self._outbox.close()
             for sub in list(self.subs.values()):
                 sub.close(EndReason.CONNECTION_CLOSED)
             self.subs.clear()
@@ -146,9 +170,12 @@ class Connection:
         """Read a frame, serve it, repeat; the first to see the client leave ends the connection."""
         assert self._tasks is not None
         receive = self._receive
+        budget = self._budget
         while True:
             self._listening += 1
             try:
+                if not budget.has_room():  # the client is not reading its replies: neither do we
+                    await budget.wait_for_room()
                 message = await receive()
             finally:
                 self._listening -= 1
@@ -162,28 +189,63 @@ class Connection:
             await self._on_frame(message)
 
     async def _on_frame(self, message: Message) -> None:
+        # Room for the reply is reserved before anything awaits (a large frame is decoded in a
+        # thread), so the worker started meanwhile sees it when it decides whether to read on.
+        budget = self._budget
+        reserved = budget.reserve(0)
         data = message.get("bytes")
         if data is None:
             self._count("-", "bad_frame")
-            await self._outbox.put(encode_error(None, BadFrame("send binary frames holding one msgpack map")))
+            await self._reply(reserved, encode_error(None, BadFrame("send binary frames holding one msgpack map")))
             return
         try:
             frame = await decode(data, self.state.settings.limits)
         except FrameError as exc:
             self._count("-", exc.error.code)
-            await self._outbox.put(encode_error(exc.request_id, exc.error))
+            await self._reply(reserved, encode_error(exc.request_id, exc.error))
             return
         op = frame.op if isinstance(frame.op, str) else "-"
         started = time.perf_counter()
+        floor = vector_bytes_floor(frame.op, frame.args, self.state.engine.collection_dim)
+        if floor > reserved:  # its shape promises more than a typical reply
+            budget.add(floor - reserved)
+            reserved = floor
         reply, code, sub = await self._serve(frame)
-        await self._outbox.put(reply)
+        if len(reply) > self._max_frame:
+            code = TooLarge.code
+            reply = encode_error(frame.request_id, reply_too_large(len(reply), self._max_frame))
+        await self._reply(reserved, reply)
         self.state.metrics.served("ws", op, code, time.perf_counter() - started)
         if sub is not None:
             await self._replay(sub)
 
+    async def _reply(self, reserved: int, reply: bytes) -> None:
+        """Queue a reply in place of the room reserved for it."""
+        self._budget.replace(reserved, len(reply))
+        await self._outbox.put(reply)
+
+    async def _queue(self, data: bytes) -> None:
+        """Put a frame in the outbox, counted against the pending reply bytes until sent."""
+        self._budget.add(len(data))
+        await self._outbox.put(data)
+
     def _sent(self, data: bytes) -> None:
+        self._budget.release(len(data))
         if isinstance(data, _Push):
             self._push_credits.release()
+
+    def _stuck(self) -> None:
+        """The socket took nothing for `stuck_close_s` while frames waited: close with 1013
+        (written past the paused transport) and end the connection's tasks."""
+        log.warning(
+            "closing WebSocket of %s: no reply went out for %.1f s (%d reply bytes pending)",
+            self.caller,
+            self._stuck_s,
+            self._budget.pending,
+        )
+        close_now(self._send, CLOSE_STUCK, "replies are not being read", self._stuck_s)
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
 
     def _count(self, op: str, code: str) -> None:
         self.state.metrics.requests.labels("ws", op, code).inc()
@@ -203,6 +265,7 @@ class Connection:
                         await self._close_policy_violation(encode_error(frame.request_id, failed))
                     raise
                 self.authenticated = True
+                self._end_unreadable_subs()
             auth.check(self.grant, self.caller, request)
             if isinstance(request, Subscribe):
                 sub = await self._subscribe(request)
@@ -235,6 +298,13 @@ class Connection:
         sub.waker = self._on_ready
         return sub
 
+    def _end_unreadable_subs(self) -> None:
+        """The connection's key changed: end (with an `ended` push, code `forbidden`) every
+        subscription the new key may not read; none of its buffered matches is sent."""
+        for sub in list(self.subs.values()):
+            if not _may_read(self.grant, sub.collection):
+                sub.close(EndReason.FORBIDDEN)
+
     def _unsubscribe(self, sub_id: str) -> None:
         sub = self.subs.pop(sub_id, None)
         if sub is None:
@@ -255,7 +325,7 @@ class Connection:
         if sub.closed and sub.replaying:
             # Ended before reaching the live point: what is buffered lies past a gap.
             if self.subs.pop(sub.id, None) is not None and sub.error is not None:
-                await self._outbox.put(_ended(sub, sub.error))
+                await self._queue(_ended(sub, sub.error))
             return
         sub.go_live()
 
@@ -275,7 +345,7 @@ class Connection:
                 if sub.pending and not _silenced(sub):
                     self._ready[sub] = None
                 elif sub.closed and self.subs.pop(sub.id, None) is not None and sub.error is not None:
-                    await self._outbox.put(_ended(sub, sub.error))
+                    await self._queue(_ended(sub, sub.error))
 
     async def _send_push(self, sub: Subscriber, item: Item) -> None:
         """Queue a push within the connection's push window (waits while it is full); nothing once
@@ -284,10 +354,23 @@ class Connection:
             self._push_credits.acquire_nowait()  # no checkpoint per frame while there is room
         else:
             await self._push_credits.acquire()
-        if _silenced(sub):
+        if self._push_unwanted(sub):
             self._push_credits.release()
             return
-        await self._outbox.put(self._push(sub, item))
+        push = self._push(sub, item)
+        if len(push) > self._max_frame:  # a match too large to push whole is reported dropped
+            push = _Push(encode_push("lagged", {"sub": sub.id, "dropped": 1}))
+        if not self._budget.fits(len(push)):  # the socket is slow: the subscriber buffers fill
+            await self._budget.wait_for_room(len(push))
+            if self._push_unwanted(sub):
+                self._push_credits.release()
+                return
+        await self._queue(push)
+
+    @staticmethod
+    def _push_unwanted(sub: Subscriber) -> bool:
+        """Unsubscribed or closed with the connection, or no longer readable by its key."""
+        return _silenced(sub) or sub.reason is EndReason.FORBIDDEN
 
     @staticmethod
     def _push(sub: Subscriber, item: Item) -> _Push:
@@ -318,6 +401,11 @@ def _ended(sub: Subscriber, error: ShoalError) -> bytes:
     return encode_push("ended", {"sub": sub.id, "code": error.code, "reason": error.message})
 
 
+def _may_read(grant: ApiKey | None, collection: str) -> bool:
+    """Whether `grant` (None: auth is off) may read `collection` (what `subscribe` needs)."""
+    return grant is None or (grant.access >= Access.READ and grant.allows(collection))
+
+
 class _Push(bytes):
     """A push frame: the writer gives its credit back once it is sent."""
 
@@ -333,4 +421,8 @@ def connection_caps(limits: Limits) -> dict[str, tuple[str, int]]:
         ),
         "shoal_ws_outgoing_frames_limit": ("Frames waiting to be sent per WebSocket connection", OUTGOING_FRAMES),
         "shoal_ws_push_window_limit": ("Push frames waiting to be sent per WebSocket connection", PUSH_WINDOW),
+        "shoal_ws_pending_reply_bytes_limit": (
+            "Reply bytes pending per WebSocket connection before its requests are no longer read",
+            limits.max_pending_reply_bytes,
+        ),
     }
