@@ -199,7 +199,7 @@ async def import_file(options: ImportOptions) -> ImportSummary:
 
         async def send(batch: list[dict[str, Any]], first: int, last: int, bar: tqdm[Any]) -> None:
             try:
-                result = await _upsert_with_retries(client, options.collection, batch)
+                result = await upsert_with_retries(client, options.collection, batch)
             except ClientError as exc:  # the connection is gone: nothing more can be sent
                 failures.append(exc)
             except ClientShoalError as exc:
@@ -252,7 +252,7 @@ RETRIES = 6
 FIRST_PAUSE_S = 0.1
 
 
-async def _upsert_with_retries(client: ShoalClient, collection: str, batch: list[dict[str, Any]]) -> Any:
+async def upsert_with_retries(client: ShoalClient, collection: str, batch: list[dict[str, Any]]) -> Any:
     """`client.upsert`, again after a pause while the server answers overloaded / unavailable."""
     for attempt in range(RETRIES):
         try:
