@@ -192,16 +192,25 @@ class Engine:
         shards = collection.shards
         want = req.limit + 1
         per_shard: list[list[StoredDoc]] = [[] for _ in shards]
+        errors: list[ShoalError] = []
 
         async def one(i: int) -> None:
-            per_shard[i] = await shards[i].scan(req.after, want, req.where, req.where_text)
+            try:
+                per_shard[i] = await shards[i].scan(req.after, want, req.where, req.where_text)
+            except ShoalError as exc:  # raised as itself below, not inside an exception group
+                errors.append(exc)
 
-        if len(shards) == 1:
-            await one(0)
-        else:
-            async with anyio.create_task_group() as tg:
-                for i in range(len(shards)):
-                    tg.start_soon(one, i)
+        try:
+            if len(shards) == 1:
+                per_shard[0] = await shards[0].scan(req.after, want, req.where, req.where_text)
+            else:
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(shards)):
+                        tg.start_soon(one, i)
+                if errors:
+                    raise errors[0]
+        except Unavailable as exc:
+            raise self._read_failed(collection, exc) from None
         merged = list(heapq.merge(*per_shard, key=lambda doc: doc.id))
         return merged[: req.limit], len(merged) > req.limit
 
