@@ -97,6 +97,24 @@ def decode_vector_field(value: Any) -> Any:
     return np.frombuffer(raw, "<f4").astype(np.float32)
 
 
+_NUMBER_TYPES = frozenset({float, int})
+
+
+def _vector_bytes(vector: Any) -> Any:
+    """A vector as little-endian float32 bytes when it is an array or a list of plain numbers
+    (so that the parser takes its fast path), else as it is (the parser says what is wrong).
+    A value beyond float32 becomes infinity, which the parser refuses as it refuses NaN."""
+    if isinstance(vector, np.ndarray):
+        return vector.astype("<f4").tobytes()
+    if isinstance(vector, list) and vector and set(map(type, vector)) <= _NUMBER_TYPES:
+        try:
+            with np.errstate(over="ignore"):
+                return np.asarray(vector, dtype=np.float64).astype("<f4").tobytes()
+        except OverflowError:  # an integer beyond float64
+            return vector
+    return vector
+
+
 def _records(path: Path, options: ImportOptions) -> Iterator[tuple[int, Any]]:
     """(line number, raw record or BadLine) for every non-blank line / CSV row of `path`."""
     try:
@@ -142,9 +160,7 @@ def _document(raw: Any, dim: int | None, limits: Limits) -> dict[str, Any]:
     if isinstance(raw, BadLine):
         raise raw
     if isinstance(raw, dict) and "vector" in raw:
-        raw = {**raw, "vector": decode_vector_field(raw["vector"])}
-        if isinstance(raw["vector"], np.ndarray):
-            raw["vector"] = raw["vector"].tobytes()
+        raw = {**raw, "vector": _vector_bytes(decode_vector_field(raw["vector"]))}
     try:
         doc = parse_document(raw, limits)
     except ShoalError as exc:
@@ -248,7 +264,7 @@ async def import_file(options: ImportOptions) -> ImportSummary:
 
 # Codes a batch is sent again for, after a pause that doubles each time (up to RETRIES times).
 RETRIED = frozenset({"overloaded", "rate_limited", "unavailable"})
-RETRIES = 6
+RETRIES = 8
 FIRST_PAUSE_S = 0.1
 
 
