@@ -1,6 +1,7 @@
 """The browser page at `/`, driven in headless Chromium (Debian's chromium + chromium-driver,
-installed by scripts/setup-browser): search over the WebSocket with msgpack, then a live
-subscription over EventSource that shows a document upserted through the API."""
+installed by scripts/setup-browser). The page runs the `shoal-client` package (its vendored copy,
+through an import map): search over the WebSocket with msgpack, then live subscriptions over
+the WebSocket and over SSE (EventSource), each showing a document upserted through the API."""
 
 from __future__ import annotations
 
@@ -96,31 +97,46 @@ def test_search_and_live_matches_in_the_page(server: ServerProcess, browser: web
         assert results[0].get_attribute("data-id") == "cat"
         assert "windowsill" in results[0].text and '"kind":"pet"' in results[0].text
 
-        # Live: an EventSource on the SSE subscribe endpoint.
+        # Live, once per transport: a WebSocket subscription, then the SSE helper (EventSource).
         threshold = browser.find_element(By.ID, "threshold")
         threshold.clear()
         threshold.send_keys("0.4")
-        browser.find_element(By.ID, "watch").click()
-        wait.until(lambda d: d.find_element(By.ID, "live-status").text.startswith("Live:"))
-        api(
-            server,
-            f"/v1/collections/{name}/upsert",
-            {
-                "docs": [
-                    {"id": "bonds", "text": "Bond yields rose after the central bank meeting."},
-                    {"id": "kitten", "text": "A tiny kitten naps by the sunny window."},
-                ]
-            },
-        )
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#live li.match[data-id='kitten']"))
-        live = [li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#live li.match")]
-        assert live == ["kitten"]
+        for transport, label, new_id in (("ws", "WebSocket", "kitten"), ("sse", "SSE", "kitten2")):
+            Select(browser.find_element(By.ID, "transport")).select_by_value(transport)
+            browser.find_element(By.ID, "watch").click()
+            banner = f"Live ({label})"
+            wait.until(lambda d: d.find_element(By.ID, "live-status").text.startswith(banner))  # noqa: B023
+            api(
+                server,
+                f"/v1/collections/{name}/upsert",
+                {
+                    "docs": [
+                        {"id": f"bonds_{transport}", "text": "Bond yields rose after the central bank meeting."},
+                        {"id": new_id, "text": "A tiny kitten naps by the sunny window."},
+                    ]
+                },
+            )
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#live li.match[data-id='{new_id}']"))  # noqa: B023
+            live = [li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#live li.match")]
+            assert live == [new_id], (transport, live)
+            browser.find_element(By.ID, "stop").click()
+            wait.until(lambda d: d.find_element(By.ID, "live-status").text == "Stopped.")
 
-        # Everything the page loaded came from Shoal itself (the msgpack library included).
+        # Everything the page loaded came from Shoal itself: the client package and msgpack.
         loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
-        assert any(url.endswith("/static/vendor/msgpack.min.js") for url in loaded)
+        assert any(url.endswith("/static/vendor/shoal-client/client.js") for url in loaded), loaded
+        assert any(url.endswith("/static/vendor/msgpack/index.mjs") for url in loaded), loaded
         assert all(url.startswith(server.url) or url.startswith("ws") for url in loaded), loaded
-        assert browser.execute_script("return typeof window.MessagePack.encode") == "function"
+        # The page's error reporting shows the typed error's code.
+        browser.find_element(By.ID, "k").clear()
+        browser.find_element(By.ID, "k").send_keys("5")
+        api(server, "/v1/collections", {"name": f"{name}_gone"})
+        browser.find_element(By.ID, "refresh").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#collection option[value='{name}_gone']"))
+        Select(browser.find_element(By.ID, "collection")).select_by_value(f"{name}_gone")
+        httpx.delete(f"{server.url}/v1/collections/{name}_gone", timeout=30.0).raise_for_status()
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda d: d.find_element(By.ID, "search-status").text.startswith("not_found:"))
     except Exception:
         shot = server.data_dir / "browser-failure.png"
         browser.save_screenshot(str(shot))
