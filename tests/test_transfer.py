@@ -172,3 +172,20 @@ def test_one_line_errors(sharded: ServerProcess, tmp_path: Path) -> None:
     assert down.returncode == 2 and down.stderr.count("\n") == 1 and "cannot reach" in down.stderr, down.stderr
     gone = shoal("export", "no_such_collection", "--url", sharded.url)
     assert gone.returncode == 2 and "no collection named" in gone.stderr and gone.stderr.count("\n") == 1
+
+
+def test_import_bench_smoke(sharded: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "load.import_bench", "--docs", "300", "--dim", "8", "--batch", "100"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "clients" / "python"), str(ROOT)])}
+    done = subprocess.run(
+        [*command, "--url", sharded.url, "--json", str(out), "--quiet"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["docs"] == 300 and result["ratio"] > 0 and "docs/s" in done.stdout
