@@ -26,7 +26,7 @@ import numpy as np
 
 from load.common import add_target_args, format_table, target, unique_name, write_json
 from load.server import ROOT
-from server.transfer import upsert_with_retries
+from server.transfer import Window, upsert_with_retries
 from shoal_client import ShoalClient
 
 
@@ -60,14 +60,14 @@ def run_import(url: str, path: Path, collection: str, batch: int, in_flight: int
 async def client_upsert(url: str, docs: list[dict[str, Any]], collection: str, batch: int, in_flight: int) -> float:
     async with ShoalClient.connect(url) as client:
         await client.create_collection(collection, dim=int(docs[0]["vector"].shape[0]))
-        slots = asyncio.Semaphore(in_flight)
+        slots = Window(in_flight)  # the same back-off as import
         started = time.perf_counter()
 
         async def send(part: list[dict[str, Any]]) -> None:
             try:
-                await upsert_with_retries(client, collection, part)  # the same policy as import
+                await upsert_with_retries(client, collection, part, slots)
             finally:
-                slots.release()
+                await slots.release()
 
         async with asyncio.TaskGroup() as tasks:
             for i in range(0, len(docs), batch):

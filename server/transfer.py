@@ -210,12 +210,12 @@ async def import_file(options: ImportOptions) -> ImportSummary:
     try:
         info = await client.create_collection(options.collection, dim=dim, metric=options.metric, if_not_exists=True)
         dim = info.dim
-        slots = asyncio.Semaphore(max(1, options.in_flight))
+        slots = Window(max(1, options.in_flight))
         failures: list[BaseException] = []
 
         async def send(batch: list[dict[str, Any]], first: int, last: int, bar: tqdm[Any]) -> None:
             try:
-                result = await upsert_with_retries(client, options.collection, batch)
+                result = await upsert_with_retries(client, options.collection, batch, slots)
             except ClientError as exc:  # the connection is gone: nothing more can be sent
                 failures.append(exc)
             except ClientShoalError as exc:
@@ -228,7 +228,7 @@ async def import_file(options: ImportOptions) -> ImportSummary:
                 summary.seq = max(summary.seq, result.seq)
                 bar.update(result.count)
             finally:
-                slots.release()
+                await slots.release()
 
         with tqdm(unit="docs", disable=not options.progress or None, file=sys.stderr, smoothing=0.1) as bar:
             async with asyncio.TaskGroup() as tasks:
@@ -268,15 +268,52 @@ RETRIES = 8
 FIRST_PAUSE_S = 0.1
 
 
-async def upsert_with_retries(client: ShoalClient, collection: str, batch: list[dict[str, Any]]) -> Any:
-    """`client.upsert`, again after a pause while the server answers overloaded / unavailable."""
+class Window:
+    """How many upserts may await their acks at once: at most `limit`, halved each time the
+    server answers that it is busy (more in flight would only pile up behind its deadline), one
+    more after each batch it takes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.size = limit
+        self.in_flight = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.size)
+            self.in_flight += 1
+
+    async def release(self) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    def busy(self) -> None:
+        self.size = max(1, self.size // 2)
+
+    def took(self) -> None:
+        # Waiters are woken by the release that follows every batch.
+        self.size = min(self.limit, self.size + 1)
+
+
+async def upsert_with_retries(
+    client: ShoalClient, collection: str, batch: list[dict[str, Any]], window: Window | None = None
+) -> Any:
+    """`client.upsert`, again after a pause while the server answers overloaded / unavailable
+    (narrowing `window` each time, widening it after a success)."""
     for attempt in range(RETRIES):
         try:
-            return await client.upsert(collection, batch)
+            result = await client.upsert(collection, batch)
         except ClientShoalError as exc:
             if exc.code not in RETRIED or attempt == RETRIES - 1:
                 raise
+            if window is not None:
+                window.busy()
             await asyncio.sleep(FIRST_PAUSE_S * 2**attempt)
+        else:
+            if window is not None:
+                window.took()
+            return result
     raise AssertionError("unreachable")
 
 
