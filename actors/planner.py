@@ -1,20 +1,31 @@
-"""Query planning: which search answers a query on one shard, and merging across shards.
+"""Query planning: which search answers a query on one shard, merging across shards, and
+running a query's sides (`execute`): vector, keyword (BM25), or both fused for hybrid.
 
-Pure functions, so the choice can be tested and explained without an index; the one side
-effect is a count of the plans chosen, for the server's metrics (`plan_counts`).
+The plan functions are pure, so the choice can be tested and explained without an index; the
+one side effect is a count of the plans chosen, for the server's metrics (`plan_counts`).
 """
 
 from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Sequence
-from typing import Literal, get_args
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Literal, get_args
 
+import anyio
+
+from actors import fusion
+from actors.keyword_index import query_terms
 from models.config import EngineConfig
-from models.records import Hit
+from models.errors import ShoalError
+from models.records import Hit, Vector
 
-Plan = Literal["hnsw", "exact", "hnsw_filtered"]
+if TYPE_CHECKING:
+    from actors.catalog import Collection
+    from models.requests import Query
+
+Plan = Literal["hnsw", "exact", "hnsw_filtered", "keyword"]
 PLANS: tuple[Plan, ...] = get_args(Plan)
 
 # Queries per plan since the process started. Shard reads run in pool threads, hence the lock.
@@ -75,3 +86,82 @@ def merge_hits(per_shard: Sequence[list[Hit]], k: int) -> list[Hit]:
         if len(out) == k:
             break
     return out
+
+
+# -- running a query ------------------------------------------------------------------------------
+
+
+def candidate_depths(req: Query, config: EngineConfig) -> tuple[int, int]:
+    """(vector side, keyword side) candidate depths of a hybrid query: as asked, else
+    max(k, `hybrid_candidates`)."""
+    default = max(req.k, config.hybrid_candidates)
+    return (req.vector_candidates or default, req.keyword_candidates or default)
+
+
+async def execute(
+    collection: Collection, req: Query, vector_of: Callable[[], Awaitable[Vector]], config: EngineConfig
+) -> list[Hit]:
+    """The hits of `req` on `collection`, best first. `vector_of` gives the query vector (called
+    only when a vector side runs, concurrently with the keyword side). Each shard plans its own
+    vector search (`choose_plan`); the keyword side scores BM25 over the shard's filter mask.
+
+    Vector mode: min(k, matches) hits. Keyword: up to k hits, each holding a query term (none for
+    a query of only stop words). Hybrid: min(k, matches) fused hits. Raises what the shards and
+    `vector_of` raise."""
+    if req.mode == "vector":
+        return await vector_side(collection, req, await vector_of(), req.k)
+    terms = query_terms(req.text or "")
+    if req.mode == "keyword":
+        return fusion.keyword_only(await keyword_side(collection, req, terms, req.k))
+    vector_depth, keyword_depth = candidate_depths(req, config)
+
+    async def run_vector() -> list[Hit]:
+        return await vector_side(collection, req, await vector_of(), vector_depth)
+
+    vector, keyword = await _gather([run_vector, lambda: keyword_side(collection, req, terms, keyword_depth)])
+    if req.fusion == "weighted":
+        return fusion.weighted(vector, keyword, req.k, req.alpha)
+    return fusion.rrf(vector, keyword, req.k, req.rrf_k)
+
+
+async def _gather(calls: Sequence[Callable[[], Awaitable[list[Hit]]]]) -> list[list[Hit]]:
+    """Every call's result, run at once; raises the first `ShoalError` itself (a task group
+    would wrap it in an exception group, which no caller maps to a wire code)."""
+    results: list[list[Hit]] = [[] for _ in calls]
+    errors: list[ShoalError] = []
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await calls[i]()
+        except ShoalError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(calls)):
+            tg.start_soon(one, i)
+    if errors:
+        raise errors[0]
+    return results
+
+
+async def vector_side(collection: Collection, req: Query, vector: Vector, depth: int) -> list[Hit]:
+    """The `depth` nearest documents passing the query's filters, over every shard."""
+    shards = collection.shards
+    if len(shards) == 1:
+        return await shards[0].search(vector, depth, req.ef, req.where, req.where_text, req.include)
+    calls = [partial(s.search, vector, depth, req.ef, req.where, req.where_text, req.include) for s in shards]
+    return merge_hits(await _gather(calls), depth)
+
+
+async def keyword_side(collection: Collection, req: Query, terms: Sequence[str], depth: int) -> list[Hit]:
+    """The `depth` best documents by BM25 holding a term and passing the filters, over every
+    shard (each shard scores with its own term statistics)."""
+    if not terms:
+        return []
+    with _counts_lock:
+        _counts["keyword"] += 1
+    shards = collection.shards
+    if len(shards) == 1:
+        return await shards[0].search_keyword(terms, depth, req.where, req.where_text, req.include)
+    calls = [partial(s.search_keyword, terms, depth, req.where, req.where_text, req.include) for s in shards]
+    return merge_hits(await _gather(calls), depth)

@@ -23,6 +23,7 @@ queries per drain), so one thread hop serves many queries and every core searche
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -108,7 +109,20 @@ class _Scan:
     reply: Reply[list[StoredDoc]]
 
 
-_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _Scan
+@dataclass(frozen=True, slots=True)
+class _KeywordSearch:
+    terms: tuple[str, ...]
+    k: int
+    where: Filter | None
+    where_text: TextFilter | None
+    include: frozenset[Include]
+    reply: Reply[list[Hit]]
+
+
+_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _KeywordSearch | _Scan
+# Each shard object's number, unique in the process: part of a results-cache version, so a
+# collection dropped and made again never matches the results of its former self.
+_shard_numbers = itertools.count()
 # Smallest part a group of queued queries is split into to run on several threads at once.
 _MIN_PART = 4
 
@@ -154,20 +168,33 @@ class Shard:
         self._direct_lock = threading.Lock()
         # Messages taken from the mailbox and not yet answered or handed to a reader.
         self._in_hand: list[_Message] = []
+        self.number = next(_shard_numbers)
+        # Writes sent to this shard and writes finished (applied or failed): the results cache
+        # keeps an answer only if neither moved while it was computed and none was in flight.
+        self.writes_sent = 0
+        self.writes_done = 0
 
     # -- public API ---------------------------------------------------------------------------
 
     async def apply_upserts(self, docs: Sequence[StoredDoc]) -> None:
         """Insert or replace documents by id; visible to every read sent after this returns."""
         reply: Reply[None] = Reply()
-        await self._mailbox.send(_Upsert(tuple(docs), reply))
-        await reply.wait()
+        self.writes_sent += 1
+        try:
+            await self._mailbox.send(_Upsert(tuple(docs), reply))
+            await reply.wait()
+        finally:
+            self.writes_done += 1
 
     async def apply_deletes(self, ids: Sequence[DocId]) -> list[DocId]:
         """Delete documents by id; returns the ids that existed (each once)."""
         reply: Reply[list[DocId]] = Reply()
-        await self._mailbox.send(_Delete(tuple(ids), reply))
-        return await reply.wait()
+        self.writes_sent += 1
+        try:
+            await self._mailbox.send(_Delete(tuple(ids), reply))
+            return await reply.wait()
+        finally:
+            self.writes_done += 1
 
     async def search(
         self,
@@ -255,6 +282,21 @@ class Shard:
         for search in orphans:
             search.reply.fail(error)
 
+    async def search_keyword(
+        self,
+        terms: Sequence[str],
+        k: int,
+        where: Filter | None,
+        where_text: TextFilter | None,
+        include: frozenset[Include],
+    ) -> list[Hit]:
+        """The k best live documents by BM25 for `terms` (see `keyword_index.query_terms`)
+        among those passing the filters, best first; only documents holding a term. Raises
+        `Overloaded` when the mailbox is full, `Unavailable` once the shard is shutting down."""
+        reply: Reply[list[Hit]] = Reply()
+        self._mailbox.offer(_KeywordSearch(tuple(terms), k, where, where_text, include, reply))
+        return await reply.wait()
+
     async def get(self, ids: Sequence[DocId]) -> list[StoredDoc]:
         """The stored documents of these ids, in request order; missing ids are left out."""
         reply: Reply[list[StoredDoc]] = Reply()
@@ -280,6 +322,13 @@ class Shard:
         reply: Reply[list[DocId]] = Reply()
         self._mailbox.offer(_IdsMatching(where, where_text, reply))
         return await reply.wait()
+
+    def version(self) -> tuple[int, int, int] | None:
+        """(shard number, writes sent, writes done) while no write is in flight, else None: two
+        equal versions bracket a read that saw one state of this shard."""
+        if self.writes_sent != self.writes_done:
+            return None
+        return (self.number, self.writes_sent, self.writes_done)
 
     def sizes(self) -> ShardSizes:
         """Documents, deleted slots, memory and mailbox depth now (for metrics; no message)."""
@@ -331,6 +380,10 @@ class Shard:
             elif isinstance(msg, _Get):
                 await self._readers_at_most(self._max_reads - 1)
                 self._start_read(_bind(self._state.get, msg.ids), msg.reply.set, msg.reply.fail)
+            elif isinstance(msg, _KeywordSearch):
+                await self._readers_at_most(self._max_reads - 1)
+                fn3 = _bind(self._state.search_keyword, msg.terms, msg.k, msg.where, msg.where_text, msg.include)
+                self._start_read(fn3, msg.reply.set, msg.reply.fail)
             elif isinstance(msg, _IdsMatching):
                 await self._readers_at_most(self._max_reads - 1)
                 fn = _bind(self._state.ids_matching, msg.where, msg.where_text)

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from actors import exact
+from actors.keyword_index import KeywordIndex, term_counts
 from actors.planner import choose_plan
 from actors.status import ShardSizes, hnsw_bytes
 from models.config import EngineConfig
@@ -108,6 +109,9 @@ class ShardState:
         self.high = 0  # labels below this have been handed out
         self.n_live = 0
         self.columns = MetadataColumns()
+        # BM25 over the documents' texts, by label: written on the same apply calls as the
+        # vectors, so keyword search sees exactly what the shard has applied.
+        self.keywords = KeywordIndex()
         self.occupancy = Occupancy()
         # Live ids in sorted order and their labels, for paging; None once an id came or went.
         self._id_order: tuple[list[DocId], NDArray[np.int64]] | None = None
@@ -142,6 +146,7 @@ class ShardState:
         vecs = np.stack([np.asarray(doc.vector, dtype=np.float32).reshape(-1) for doc in batch])
         if vecs.shape[1] != self.dim:
             raise DimensionMismatch(f"vector has {vecs.shape[1]} dimensions, the collection {self.dim}")
+        terms = [term_counts(doc.text) for doc in batch]  # tokenised before reads are held off
         with self.occupancy.writing():
             labels = np.empty(len(batch), np.int64)
             for i, doc in enumerate(batch):
@@ -158,12 +163,13 @@ class ShardState:
             self.vectors[labels] = vecs
             self.norms[labels] = exact.row_norms(vecs)
             self.live[labels] = True
-            for label, doc in zip(labels.tolist(), batch, strict=True):
+            for label, doc, counts in zip(labels.tolist(), batch, terms, strict=True):
                 self.ids[label] = doc.id
                 self.seqs[label] = doc.seq
                 self.texts[label] = doc.text
                 self.metas[label] = doc.metadata
                 self.columns.set_row(label, doc.metadata)
+                self.keywords.set_counts(label, counts)
 
     def delete(self, ids: Sequence[DocId]) -> list[DocId]:
         existed: list[DocId] = []
@@ -177,6 +183,7 @@ class ShardState:
                 self.live[label] = False
                 self.texts[label] = self.metas[label] = self.ids[label] = None
                 self.columns.clear_row(label)
+                self.keywords.remove(label)
                 self.free.append(label)
                 self.n_live -= 1
                 self._id_order = None
@@ -260,6 +267,39 @@ class ShardState:
                         return self._hits(labels[0], scores[0], dists[0], include)
             top = exact.search(self.vectors, self.norms, query, k, self.metric, mask=mask)[0]
             return self._hits(top.labels, top.scores, top.distances, include)
+
+    def search_keyword(
+        self,
+        terms: Sequence[str],
+        k: int,
+        where: Filter | None,
+        where_text: TextFilter | None,
+        include: frozenset[Include],
+    ) -> list[Hit]:
+        """Best-first BM25 hits among the live documents passing the filters that hold at least
+        one of `terms`: up to k of them (none for no terms). `distance` is None."""
+        with self.occupancy.reading():
+            n = self.high
+            if not terms or k <= 0 or self.n_live == 0:
+                return []
+            scores, matched = self.keywords.scores(terms, n)
+            matched &= self.live[:n]
+            if where is not None or where_text is not None:
+                matched &= self._mask(where, where_text)
+            candidates = np.flatnonzero(matched)
+            if candidates.size == 0:
+                return []
+            picked = scores[candidates]
+            if candidates.size > k:
+                # The k best and every document tied with the k-th, so ties go by label below.
+                kth = picked[np.argpartition(-picked, k - 1)[k - 1]]
+                keep = picked >= kth
+                candidates, picked = candidates[keep], picked[keep]
+            order = np.lexsort((candidates, -picked))[:k]  # best first; ties by label
+            labels = candidates[order].tolist()
+            values = picked[order].tolist()
+            hits = self._hits_rows([labels], [values], [[0.0] * len(labels)], include)[0]
+            return [hit._replace(distance=None) for hit in hits]
 
     def get(self, ids: Sequence[DocId]) -> list[StoredDoc]:
         with self.occupancy.reading():

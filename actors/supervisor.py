@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from actors import planner
 from actors.catalog import Catalog, Collection
 from actors.embedder import Embedder
 from actors.ingest import Applied, Ingest, Publisher
 from actors.matching import StandingQuery
 from actors.persistence import Persistence
-from actors.planner import merge_hits
-from actors.shard import Shard
+from actors.results_cache import EmbeddingCache, ResultsCache
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
 from actors.subscriber import Event, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
@@ -73,6 +73,8 @@ class Engine:
         self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog, self._publish)
         self.subscriptions = Subscriptions(self.persistence, subscriptions)
         self.add_listener(self.subscriptions.publish)
+        self.results = ResultsCache(config.results_cache_bytes)
+        self.embeddings = EmbeddingCache(config.embedding_cache_bytes)
         self.ready = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -147,6 +149,7 @@ class Engine:
     async def drop_collection(self, req: rq.DropCollection) -> None:
         self.catalog.get(req.name)
         await self.ingest.drop_collection(req.name)
+        self.results.forget(req.name)
         self.subscriptions.collection_dropped(req.name)
 
     async def upsert(self, req: rq.Upsert) -> tuple[int, int]:
@@ -239,44 +242,28 @@ class Engine:
                 f"a text query embeds to {MODEL_DIM} dimensions; "
                 f"collection {collection.name!r} has dim {collection.dim}"
             )
-        return await self.embedder.embed_query(text)
+        return await self.embeddings.vector(text, self.embedder.embed_query)
 
-    async def query(self, req: rq.Query) -> list[Hit]:
-        """The k best hits over every shard. Raises NotFound (also when the collection is
-        dropped while the query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable,
-        and TooLarge when the hits' texts and vectors alone would not fit in one frame."""
+    async def query(self, req: rq.Query, scope: frozenset[str] | None = None) -> tuple[list[Hit], bool]:
+        """(hits, cached): the query's answer (see `planner.execute`), from the results cache
+        when this collection has not changed since the same query (by a caller of the same
+        `scope`) was answered. Raises NotFound (also when the collection is dropped while the
+        query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable, and TooLarge when
+        the hits' texts and vectors alone would not fit in one frame."""
         collection = self.catalog.get(req.collection)
-        vector = await self.query_vector(collection, req.vector, req.text)
-        shards = collection.shards
-        try:
-            if len(shards) == 1:
-                hits = await shards[0].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
-            else:
-                hits = merge_hits(await self._search_shards(shards, vector, req), req.k)
-        except Unavailable as exc:
-            raise self._read_failed(collection, exc) from None
-        check_rows_fit(hits, req.include, collection.dim, self.limits)
-        return hits
 
-    @staticmethod
-    async def _search_shards(shards: tuple[Shard, ...], vector: Vector, req: rq.Query) -> list[list[Hit]]:
-        """Every shard's hits, searched at once; raises the first shard's error itself (a task
-        group would wrap it in an exception group, which no caller maps to a wire code)."""
-        per_shard: list[list[Hit]] = [[] for _ in shards]
-        errors: list[ShoalError] = []
+        def vector_of() -> Awaitable[Vector]:
+            return self.query_vector(collection, req.vector, req.text)
 
-        async def one(i: int) -> None:
+        async def compute() -> list[Hit]:
             try:
-                per_shard[i] = await shards[i].search(vector, req.k, req.ef, req.where, req.where_text, req.include)
-            except ShoalError as exc:
-                errors.append(exc)
+                hits = await planner.execute(collection, req, vector_of, self.config)
+            except Unavailable as exc:
+                raise self._read_failed(collection, exc) from None
+            check_rows_fit(hits, req.include, collection.dim, self.limits)
+            return hits
 
-        async with anyio.create_task_group() as tg:
-            for i in range(len(shards)):
-                tg.start_soon(one, i)
-        if errors:
-            raise errors[0]
-        return per_shard
+        return await self.results.answer(collection, req, scope, compute)
 
     # -- standing queries -----------------------------------------------------------------------
 

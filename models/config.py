@@ -120,3 +120,9 @@ class EngineConfig:
     db_probe_interval_s: float = field(default=1.0, metadata=bounds(0.05, 60))
     db_probe_timeout_s: float = field(default=2.0, metadata=bounds(0.05, 60))
     db_restart_check_s: float = field(default=0.5, metadata=bounds(0.05, 60))
+    # Keyword and hybrid search: each side's default candidate depth for hybrid (at least k;
+    # 1..1000, queries may ask for their own). Results cache: bytes of answers kept (0: off;
+    # 0..2**40), and bytes of cached query embeddings (0: off; 0..2**40).
+    hybrid_candidates: int = field(default=100, metadata=bounds(1, 1_000))
+    results_cache_bytes: int = field(default=64 * MIB, metadata=bounds(0, 2**40))
+    embedding_cache_bytes: int = field(default=16 * MIB, metadata=bounds(0, 2**40))

@@ -223,12 +223,30 @@ def op_args(limits: Limits) -> dict[str, Op]:
                     {"type": "string", "enum": ["vector", "keyword", "hybrid"], "default": "vector"}, "search mode"
                 ),
                 "fusion": Arg({"type": "string", "enum": ["rrf", "weighted"], "default": "rrf"}, "hybrid fusion"),
-                "alpha": Arg({"type": "number", "minimum": 0, "maximum": 1, "default": 0.5}, "vector weight"),
+                "alpha": Arg(
+                    {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5}, "hybrid, weighted: vector weight"
+                ),
+                "rrf_k": Arg({"type": "integer", "minimum": 0, "maximum": 1_000_000, "default": 60}, "hybrid, rrf: k"),
+                "vector_candidates": Arg(
+                    {"type": "integer", "minimum": 1, "maximum": limits.max_k}, "hybrid: vector-side depth (>= k)"
+                ),
+                "keyword_candidates": Arg(
+                    {"type": "integer", "minimum": 1, "maximum": limits.max_k}, "hybrid: keyword-side depth (>= k)"
+                ),
             },
             [
                 {"collection": "c", "text": "hello", "k": 5, "where": {"lang": "en"}, "include": ["text"]},
                 {"collection": "c", "vector": v4, "ef": 100, "where_text": {"$contains": "h"}, "mode": "vector"},
-                {"collection": "c", "vector": v4, "mode": "vector", "fusion": "rrf", "alpha": 0.5},
+                {"collection": "c", "text": "hello", "mode": "hybrid", "fusion": "weighted", "alpha": 0.3},
+                {
+                    "collection": "c",
+                    "text": "hello",
+                    "mode": "hybrid",
+                    "rrf_k": 10,
+                    "vector_candidates": 20,
+                    "keyword_candidates": 30,
+                },
+                {"collection": "c", "text": "hello", "mode": "keyword", "k": 3},
             ],
             {
                 "type": "object",

@@ -90,22 +90,34 @@ class StoredDoc:
     seq: Seq
 
 
+class SideScores(NamedTuple):
+    """A keyword or hybrid hit's score on each side (None: that side did not return it)."""
+
+    vector: float | None
+    keyword: float | None
+
+    def to_wire(self) -> dict[str, float | None]:
+        top = FLOAT32_MAX
+        return {"vector": wire_number(self.vector, -top), "keyword": wire_number(self.keyword, -top)}
+
+
 class Hit(NamedTuple):
     """One search result. A named tuple rather than a frozen dataclass: a query builds k of
     them, and a tuple is built several times faster (it showed in the query profile)."""
 
     id: DocId
     score: float
-    distance: float
+    distance: float | None  # None on keyword and hybrid hits
     text: str | None = None
     metadata: Metadata | None = None
     vector: Vector | None = None
+    scores: SideScores | None = None  # set on keyword and hybrid hits
 
     @staticmethod
     def many_to_wire(hits: list[Hit], include: frozenset[Include], compact_vectors: bool) -> list[dict[str, object]]:
         """The Hit maps of a result list. Ids and scores only (the common case) are built in one
         comprehension: a query answers k of them, and per-hit calls showed in the loop's profile."""
-        if not include:
+        if not include and (not hits or hits[0].scores is None):
             top = FLOAT32_MAX
             return [
                 {"id": h.id, "score": wire_number(h.score, -top), "distance": wire_number(h.distance, top)}
@@ -121,6 +133,8 @@ class Hit(NamedTuple):
             "score": wire_number(self.score, -FLOAT32_MAX),
             "distance": wire_number(self.distance, FLOAT32_MAX),
         }
+        if self.scores is not None:
+            out["scores"] = self.scores.to_wire()
         if Include.TEXT in include and self.text is not None:
             out["text"] = self.text
         if Include.METADATA in include and self.metadata is not None:

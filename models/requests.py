@@ -32,6 +32,10 @@ COLLECTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_K = 10
 # Documents in one page of `get` without ids (the most is `Limits.max_ids`).
 DEFAULT_GET_LIMIT = 100
+DEFAULT_RRF_K = 60
+MAX_RRF_K = 1_000_000
+# Arguments that only a hybrid query takes (fusion and its parameters, candidate depths).
+HYBRID_ARGS = ("fusion", "alpha", "rrf_k", "vector_candidates", "keyword_candidates")
 QueryMode = Literal["vector", "keyword", "hybrid"]
 Fusion = Literal["rrf", "weighted"]
 
@@ -110,6 +114,11 @@ class Query:
     mode: QueryMode
     fusion: Fusion
     alpha: float
+    # Hybrid only: RRF's rank constant, and each side's candidate depth (None: the engine's
+    # default, at least k).
+    rrf_k: int = DEFAULT_RRF_K
+    vector_candidates: int | None = None
+    keyword_candidates: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,34 +476,89 @@ def _query_target(a: Args) -> tuple[Vector | None, str | None]:
 
 
 def _query(a: Args) -> Query:
+    """A query of one of three modes. `vector` (default): exactly one of `vector` / `text`, no
+    fusion arguments. `keyword`: `text` only. `hybrid`: `text`, optionally a `vector` for the
+    vector side, `fusion` (rrf: `rrf_k`; weighted: `alpha`), candidate depths >= k."""
     name = a.collection_name()
-    vector, text = _query_target(a)
-    k = a.integer("k", low=1, high=a.limits.max_k, default=DEFAULT_K)
     mode = a.string("mode") or "vector"
     if mode not in ("vector", "keyword", "hybrid"):
         raise BadRequest("'mode' must be vector, keyword or hybrid")
-    if mode != "vector":
-        raise BadRequest(f"mode {echo(mode)} is not available yet; use 'vector'")
+    k = a.integer("k", low=1, high=a.limits.max_k, default=DEFAULT_K)
+    assert k is not None
+    if mode == "vector":
+        vector, text = _query_target(a)
+        given = [key for key in HYBRID_ARGS if a.has(key)]
+        if given:
+            raise BadRequest(f"{echo(given[0])} applies to mode 'hybrid' only")
+        return Query(
+            collection=name,
+            vector=vector,
+            text=text,
+            k=k,
+            where=a.where(),
+            where_text=a.where_text(),
+            include=a.include(),
+            ef=a.integer("ef", low=1, high=a.limits.max_ef),
+            mode="vector",
+            fusion="rrf",
+            alpha=0.5,
+        )
+    text = a.text()
+    if text is None:
+        raise BadRequest(f"mode {echo(mode)} needs 'text'")
+    if mode == "keyword":
+        if a.has("vector"):
+            raise BadRequest("mode 'keyword' takes 'text' only, not 'vector'")
+        given = [key for key in (*HYBRID_ARGS, "ef") if a.has(key)]
+        if given:
+            raise BadRequest(f"{echo(given[0])} does not apply to mode 'keyword'")
+        return Query(
+            collection=name,
+            vector=None,
+            text=text,
+            k=k,
+            where=a.where(),
+            where_text=a.where_text(),
+            include=a.include(),
+            ef=None,
+            mode="keyword",
+            fusion="rrf",
+            alpha=0.5,
+        )
     fusion = a.string("fusion") or "rrf"
     if fusion not in ("rrf", "weighted"):
         raise BadRequest("'fusion' must be rrf or weighted")
+    if fusion == "rrf" and a.has("alpha"):
+        raise BadRequest("'alpha' applies to fusion 'weighted' only")
+    if fusion == "weighted" and a.has("rrf_k"):
+        raise BadRequest("'rrf_k' applies to fusion 'rrf' only")
     alpha = a.number("alpha", default=0.5)
     assert alpha is not None
     if not 0.0 <= alpha <= 1.0:
         raise BadRequest("'alpha' must be between 0 and 1")
-    assert k is not None
+    rrf_k = a.integer("rrf_k", low=0, default=DEFAULT_RRF_K)
+    assert rrf_k is not None
+    if rrf_k > MAX_RRF_K:
+        raise BadRequest(f"'rrf_k' must be <= {MAX_RRF_K}")
+    depths = [a.integer(key, low=1, high=a.limits.max_k) for key in ("vector_candidates", "keyword_candidates")]
+    for key, depth in zip(("vector_candidates", "keyword_candidates"), depths, strict=True):
+        if depth is not None and depth < k:
+            raise BadRequest(f"{echo(key)} must be >= k ({k})")
     return Query(
         collection=name,
-        vector=vector,
+        vector=a.vector(),
         text=text,
         k=k,
         where=a.where(),
         where_text=a.where_text(),
         include=a.include(),
         ef=a.integer("ef", low=1, high=a.limits.max_ef),
-        mode="vector",
+        mode="hybrid",
         fusion="rrf" if fusion == "rrf" else "weighted",
         alpha=alpha,
+        rrf_k=rrf_k,
+        vector_candidates=depths[0],
+        keyword_candidates=depths[1],
     )
 
 

@@ -182,6 +182,7 @@ class EngineCollector(Collector):
         for plan, count in plan_counts().items():
             plans.add_metric([plan], count)
         yield plans
+        yield from _cache_metrics(engine)
 
         if status.database is not None:
             pool = status.database
@@ -218,3 +219,22 @@ def _embedder_metrics(stats: EmbedderStats) -> Iterator[Metric]:
 def _histogram(name: str, doc: str, histogram: LatencyHistogram) -> HistogramMetricFamily:
     buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in histogram.cumulative()]
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=histogram.sum)
+
+
+def _cache_metrics(engine: Engine) -> Iterator[Metric]:
+    """Results and query-embedding caches: lookups by outcome, evictions, size and bound."""
+    for prefix, what, stats in (
+        ("shoal_results_cache", "Query results cache", engine.results.stats),
+        ("shoal_embedding_cache", "Query embedding cache", engine.embeddings.stats),
+    ):
+        lookups = CounterMetricFamily(f"{prefix}_lookups", f"{what} lookups, by outcome", labels=["outcome"])
+        lookups.add_metric(["hit"], stats.hits)
+        lookups.add_metric(["miss"], stats.misses)
+        yield lookups
+        dropped = CounterMetricFamily(f"{prefix}_dropped", f"{what} entries dropped, by reason", labels=["reason"])
+        dropped.add_metric(["evicted"], stats.evictions)
+        dropped.add_metric(["invalidated"], stats.invalidations)
+        yield dropped
+        yield _gauge(f"{prefix}_bytes", f"{what}: estimated bytes held", stats.bytes)
+        yield _gauge(f"{prefix}_entries", f"{what}: entries held", stats.entries)
+        yield _gauge(f"{prefix}_limit_bytes", f"{what}: bound in bytes (0: off)", stats.limit_bytes)

@@ -136,11 +136,12 @@ async def _dispatch(
         return {}
     if isinstance(request, rq.Query):
         started = time.perf_counter()
-        hits = await engine.query(request)
+        hits, cached = await engine.query(request, visible)
         took_ms = (time.perf_counter() - started) * 1000.0
         return {
             "hits": Hit.many_to_wire(hits, request.include, compact),
             "took_ms": round(took_ms, 3),
+            "cached": cached,
         }
     if isinstance(request, rq.Upsert):
         count, seq = await engine.upsert(request)

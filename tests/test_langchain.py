@@ -129,10 +129,38 @@ def test_from_texts_then_retriever_invoke(server: ServerProcess) -> None:
     raw = store.similarity_search_with_score("a kitten napping by the window", k=4)
     # Cosine: the relevance is Shoal's score (a cosine similarity) clamped to 0..1.
     assert [r for _, r in relevance] == pytest.approx([min(1.0, max(0.0, s)) for _, s in raw])
-    with pytest.raises(ValueError, match="hybrid"):
-        store.as_retriever(search_type="hybrid")
-    with pytest.raises(ValueError, match="hybrid"):
-        store.search("x", search_type="hybrid")
+    with pytest.raises(ValueError, match="only go with search_type 'hybrid'"):
+        store.search("x", search_type="keyword", alpha=0.5)
+    with pytest.raises(ValueError, match="search_type of nosuch not allowed"):
+        store.as_retriever(search_type="nosuch")
+
+
+def test_keyword_and_hybrid_search_types(server: ServerProcess) -> None:
+    """Shoal's own search modes, through `search`, `search_with_score` and a retriever: keyword finds
+    an exact identifier that embeddings blur, hybrid fuses both sides on the server."""
+    store = ShoalVectorStore(url=server.url, collection=unique("lchyb"))
+    store.add_texts(
+        [
+            "libxml2 fails to parse the v1.2 manifest",
+            "the parser library crashed on a config file",
+            "a kitten sleeps in the sun",
+        ],
+        metadatas=[{"kind": "bug"}, {"kind": "bug"}, {"kind": "pet"}],
+        ids=["exact", "vague", "pet"],
+    )
+    keyword = store.search_with_score("libxml2", search_type="keyword", k=3)
+    assert [d.id for d, _ in keyword] == ["exact"]  # only documents holding the term
+    assert keyword[0][1] > 0
+    hybrid = store.search("libxml2 manifest", search_type="hybrid", k=3, fusion="weighted", alpha=0.5)
+    assert hybrid[0].id == "exact" and {d.id for d in hybrid} == {"exact", "vague", "pet"}
+    filtered = store.search("parser", search_type="hybrid", k=3, filter={"kind": "pet"})
+    assert [d.id for d in filtered] == ["pet"]  # the filter holds on both sides
+    retriever = store.as_retriever(search_type="hybrid", search_kwargs={"k": 2, "fusion": "rrf", "rrf_k": 10})
+    assert [d.id for d in retriever.invoke("libxml2 manifest")][0] == "exact"
+    assert [d.id for d in store.as_retriever(search_type="keyword").invoke("kitten")] == ["pet"]
+    with pytest.raises(BadRequest):  # alpha out of range: the server's own check
+        store.search("x", search_type="hybrid", fusion="weighted", alpha=2.0)
+    store.delete_collection()
 
 
 def test_add_documents_keeps_ids_and_round_trips_nested_metadata(server: ServerProcess) -> None:
@@ -222,6 +250,6 @@ async def test_async_variants(server: ServerProcess) -> None:
     assert len(mmr) == 2
     assert await store.adelete(["rain"]) is True
     assert [d.id for d in await store.aget_by_ids(["rain", "tax"])] == ["tax"]
-    with pytest.raises(ValueError, match="hybrid"):
-        await store.asearch("x", search_type="hybrid")
+    hybrid = await store.asearch("ship", search_type="hybrid", k=1, fusion="rrf")
+    assert [d.id for d in hybrid] == ["ship"]
     store.close()

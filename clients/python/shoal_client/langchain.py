@@ -36,20 +36,24 @@ request, where a WebSocket would need reconnecting. Async methods run the same r
 client's private event loop and await them from the caller's loop, so they work from any loop.
 
 Search types: `similarity`, `similarity_score_threshold` and `mmr` (maximal marginal relevance
-over `fetch_k` hits, with their vectors). `hybrid` and `keyword` raise `ValueError`: the server
-does not offer them yet.
+over `fetch_k` hits, with their vectors), and Shoal's own `keyword` (BM25 over the texts) and
+`hybrid` (both sides fused on the server: `fusion="rrf"` with `rrf_k`, or `fusion="weighted"` with
+`alpha`, the vector side's weight). Keyword and hybrid always send the query text, so the server
+embeds it for the vector side; their scores are the server's keyword or fused scores.
+`as_retriever(search_type="hybrid", search_kwargs={...})` returns a retriever that uses them.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
 try:
+    from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
     from langchain_core.documents import Document
     from langchain_core.embeddings import Embeddings
     from langchain_core.vectorstores import VectorStore, VectorStoreRetriever
@@ -67,7 +71,9 @@ from shoal_client.types import CollectionInfo, Hit
 
 # Options a search accepts besides `k`: the Shoal query arguments they map to.
 _SEARCH_OPTIONS = frozenset({"filter", "where_text", "ef"})
-_UNSUPPORTED_SEARCH_TYPES = frozenset({"hybrid", "keyword"})
+# Shoal's own search modes, and the options only they take.
+_SHOAL_SEARCH_TYPES = frozenset({"hybrid", "keyword"})
+_FUSION_OPTIONS = frozenset({"fusion", "alpha", "rrf_k", "vector_candidates", "keyword_candidates"})
 # Kept well under the server's per-upsert limits (10,000 documents, 16 MiB).
 DEFAULT_BATCH_SIZE = 256
 
@@ -291,18 +297,38 @@ class ShoalVectorStore(VectorStore):
         return self._relevance
 
     def search(self, query: str, search_type: str, **kwargs: Any) -> list[Document]:
-        _check_search_type(search_type)
+        if search_type in _SHOAL_SEARCH_TYPES:
+            return [doc for doc, _ in self.search_with_score(query, search_type, **kwargs)]
         return super().search(query, search_type, **kwargs)
 
     async def asearch(self, query: str, search_type: str, **kwargs: Any) -> list[Document]:
-        _check_search_type(search_type)
+        if search_type in _SHOAL_SEARCH_TYPES:
+            return [doc for doc, _ in await self.asearch_with_score(query, search_type, **kwargs)]
         return await super().asearch(query, search_type, **kwargs)
 
+    def search_with_score(
+        self, query: str, search_type: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        """`(document, server score)` pairs of a `keyword` or `hybrid` search, best first
+        (`filter=`, `where_text=`, and for hybrid `fusion`, `alpha`, `rrf_k`, candidate depths)."""
+        mode, options = _mode_options(search_type, kwargs)
+        hits = self._db.run(lambda c: self._query(c, None, query, k, options, mode=mode))
+        return [(_document(hit), hit.score) for hit in hits]
+
+    async def asearch_with_score(
+        self, query: str, search_type: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        mode, options = _mode_options(search_type, kwargs)
+        hits = await self._db.arun(lambda c: self._query(c, None, query, k, options, mode=mode))
+        return [(_document(hit), hit.score) for hit in hits]
+
     def as_retriever(self, **kwargs: Any) -> VectorStoreRetriever:
-        """A retriever (`search_type`: similarity, similarity_score_threshold or mmr;
-        `search_kwargs`: k, filter, score_threshold, fetch_k, lambda_mult, where_text, ef)."""
-        _check_search_type(str(kwargs.get("search_type", "similarity")))
-        return super().as_retriever(**kwargs)
+        """A retriever (`search_type`: similarity, similarity_score_threshold, mmr, keyword or
+        hybrid; `search_kwargs`: k, filter, score_threshold, fetch_k, lambda_mult, where_text, ef,
+        and for hybrid fusion, alpha, rrf_k, vector_candidates, keyword_candidates)."""
+        tags = kwargs.pop("tags", None) or []
+        tags.extend(self._get_retriever_tags())
+        return ShoalRetriever(vectorstore=self, tags=tags, **kwargs)
 
     # --- beyond LangChain's interface ---------------------------------------------------------
 
@@ -362,6 +388,7 @@ class ShoalVectorStore(VectorStore):
         options: Mapping[str, Any],
         *,
         with_vectors: bool = False,
+        mode: str | None = None,
     ) -> list[Hit]:
         cached = self._info is not None
         await self._collection(c, len(vector) if vector is not None else None)
@@ -376,12 +403,14 @@ class ShoalVectorStore(VectorStore):
                 where_text=options.get("where_text"),
                 ef=options.get("ef"),
                 include=include,
+                mode=mode,
+                **{key: options[key] for key in _FUSION_OPTIONS if key in options},
             )
         except NotFound:
             if not cached:
                 raise
             self._info = None  # dropped since it was looked up: create it again (empty), once
-            return await self._query(c, vector, text, k, options, with_vectors=with_vectors)
+            return await self._query(c, vector, text, k, options, with_vectors=with_vectors, mode=mode)
         return result.hits
 
     def _documents(
@@ -478,12 +507,38 @@ def _store_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _check_search_type(search_type: str) -> None:
-    if search_type in _UNSUPPORTED_SEARCH_TYPES:
-        raise ValueError(
-            f"search_type {search_type!r} is not supported: the Shoal server does not offer keyword or hybrid"
-            " search yet; use 'similarity', 'similarity_score_threshold' or 'mmr'"
-        )
+def _mode_options(search_type: str, kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The server's `mode` and the options of a keyword / hybrid search; `ValueError` otherwise."""
+    if search_type not in _SHOAL_SEARCH_TYPES:
+        raise ValueError(f"search_type {search_type!r} is not one of {sorted(_SHOAL_SEARCH_TYPES)}")
+    fusion = {key: value for key, value in kwargs.items() if key in _FUSION_OPTIONS and value is not None}
+    if fusion and search_type != "hybrid":
+        raise ValueError(f"{sorted(fusion)} only go with search_type 'hybrid'")
+    options = _search_options({key: value for key, value in kwargs.items() if key not in _FUSION_OPTIONS})
+    return search_type, options | fusion
 
 
-__all__ = ["ShoalVectorStore"]
+class ShoalRetriever(VectorStoreRetriever):
+    """LangChain's vector-store retriever, with Shoal's `keyword` and `hybrid` search types."""
+
+    allowed_search_types: ClassVar[Collection[str]] = (
+        *VectorStoreRetriever.allowed_search_types,
+        *sorted(_SHOAL_SEARCH_TYPES),
+    )
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        if self.search_type in _SHOAL_SEARCH_TYPES:
+            return self.vectorstore.search(query, self.search_type, **(self.search_kwargs | kwargs))
+        return super()._get_relevant_documents(query, run_manager=run_manager, **kwargs)
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        if self.search_type in _SHOAL_SEARCH_TYPES:
+            return await self.vectorstore.asearch(query, self.search_type, **(self.search_kwargs | kwargs))
+        return await super()._aget_relevant_documents(query, run_manager=run_manager, **kwargs)
+
+
+__all__ = ["ShoalRetriever", "ShoalVectorStore"]

@@ -20,7 +20,7 @@ from shoal_client.types import Hit
 
 def query_similarity(hit: Hit, metric: str) -> float:
     """The hit's cosine similarity to the query, from its score or distance under `metric`."""
-    if metric == "l2":
+    if metric == "l2" and hit.distance is not None:  # keyword and hybrid hits have no distance
         return 1.0 - hit.distance * hit.distance / 2.0
     return hit.score
 

@@ -215,9 +215,27 @@ class ShoalOps(abc.ABC):
         mode: str | None = None,
         fusion: str | None = None,
         alpha: float | None = None,
+        rrf_k: int | None = None,
+        vector_candidates: int | None = None,
+        keyword_candidates: int | None = None,
     ) -> QueryResult:
-        """The `k` best hits for `vector` or `text` (`mode`: vector | keyword | hybrid)."""
+        """The `k` best hits for `vector` or `text` (`mode`: vector | keyword | hybrid).
+
+        Hybrid takes `text` (and optionally `vector` for its vector side), `fusion` (`rrf` with
+        `rrf_k`, or `weighted` with `alpha`, the vector side's weight) and each side's candidate
+        depth (>= k). Keyword and hybrid hits carry `scores`; `cached` says whether the server
+        answered from its results cache."""
         args = search_args(vector=vector, text=text, where=where, where_text=where_text, include=include)
-        args.update(compact(ef=ef, mode=mode, fusion=fusion, alpha=alpha))
+        args.update(
+            compact(
+                ef=ef,
+                mode=mode,
+                fusion=fusion,
+                alpha=alpha,
+                rrf_k=rrf_k,
+                vector_candidates=vector_candidates,
+                keyword_candidates=keyword_candidates,
+            )
+        )
         reply = await self.request("query", collection=collection, k=k, **args)
         return parse_query(reply)

@@ -31,20 +31,31 @@ class CollectionInfo:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """One search result. `score` is higher-is-better; `distance` follows the collection's metric."""
+    """One search result. `score` is higher-is-better; `distance` follows the collection's metric
+    (None on keyword and hybrid hits, which carry each side's score in `scores` instead)."""
 
     id: str
     score: float
-    distance: float
+    distance: float | None
     text: str | None = None
     metadata: Metadata | None = None
     vector: Vector | None = None
+    scores: SideScores | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SideScores:
+    """A keyword or hybrid hit's score on each side; None for a side that did not return it."""
+
+    vector: float | None
+    keyword: float | None
 
 
 @dataclass(frozen=True, slots=True)
 class QueryResult:
     hits: list[Hit]
     took_ms: float
+    cached: bool = False  # answered from the server's results cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +148,25 @@ def parse_hit(body: Any) -> Hit:
     vector = body.get("vector")
     metadata = body.get("metadata")
     text = body.get("text")
+    distance = body.get("distance")
+    scores = body.get("scores")
     return Hit(
         id=_field(body, "id", str),
         score=float(_field(body, "score", (int, float))),
-        distance=float(_field(body, "distance", (int, float))),
+        distance=None if distance is None else float(_field(body, "distance", (int, float))),
         text=text if isinstance(text, str) else None,
         metadata=dict(metadata) if isinstance(metadata, Mapping) else None,
         vector=decode_vector(vector) if vector is not None else None,
+        scores=_side_scores(scores) if isinstance(scores, Mapping) else None,
     )
+
+
+def _side_scores(body: Mapping[str, Any]) -> SideScores:
+    def side(name: str) -> float | None:
+        value = body.get(name)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    return SideScores(vector=side("vector"), keyword=side("keyword"))
 
 
 def parse_collection(body: Any) -> CollectionInfo:
@@ -163,7 +185,9 @@ def parse_query(body: Mapping[str, Any]) -> QueryResult:
     hits = _field(body, "hits", list)
     took = body.get("took_ms", 0.0)
     return QueryResult(
-        hits=[parse_hit(h) for h in hits], took_ms=float(took) if isinstance(took, int | float) else 0.0
+        hits=[parse_hit(h) for h in hits],
+        took_ms=float(took) if isinstance(took, int | float) else 0.0,
+        cached=body.get("cached") is True,
     )
 
 
