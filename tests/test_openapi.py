@@ -69,9 +69,8 @@ def test_every_argument_the_parser_reads_is_documented() -> None:
     """Reads models/requests.py: each argument name an accessor is called with, by name or by
     its default, must be documented for some op (a new argument without its spec fails here)."""
     source = (ROOT / "models" / "requests.py").read_text(encoding="utf-8")
-    named = set(
-        re.findall(r"\ba\.(?:_get|has|string|boolean|integer|number|ids|vector|text|collection_name)\(\s*\"(\w+)\"", source)
-    )
+    accessors = "_get|has|string|boolean|integer|number|ids|vector|text|collection_name"
+    named = set(re.findall(rf"\ba\.(?:{accessors})\(\s*\"(\w+)\"", source))
     defaults = {DEFAULT_KEYS[m] for m in re.findall(r"\ba\.(\w+)\(\s*[)a-z]", source) if m in DEFAULT_KEYS}
     documented = {name for spec in OPS.values() for name in spec.args}
     assert named, "the accessor pattern no longer matches models/requests.py"
