@@ -84,10 +84,19 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1_000)
     parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument(
+        "--write-deadline",
+        type=float,
+        default=60.0,
+        help="SHOAL_WRITE_DEADLINE_S of the local server (a throughput run on a busy machine)",
+    )
     add_target_args(parser)
     args = parser.parse_args()
     docs = make_docs(args.docs, args.dim)
-    with tempfile.TemporaryDirectory(prefix="shoal-import-") as tmp, target(args.url, quiet=args.quiet) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="shoal-import-") as tmp,
+        target(args.url, quiet=args.quiet, env={"SHOAL_WRITE_DEADLINE_S": str(args.write_deadline)}) as server,
+    ):
         path = Path(tmp) / "docs.jsonl"
         write_jsonl(path, docs)
         size_mb = path.stat().st_size / 2**20
