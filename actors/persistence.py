@@ -385,6 +385,48 @@ class Persistence:
                 raise NotFound(f"no collection {name!r}") from exc
         return [row_to_change(r) for r in rows]
 
+    async def collection_marker(self, name: str) -> tuple[int, str]:
+        """(catalog id, creation time in ISO format) of a collection: what tells it from a dropped
+        and re-created one of the same name. Raises NotFound."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow("SELECT id, created_at FROM shoal_collections WHERE name = $1", name)
+        if row is None:
+            raise NotFound(f"no collection {name!r}")
+        return int(row["id"]), row["created_at"].isoformat()
+
+    def log_after(self, name: str, after_seq: int, batch: int = 5000) -> LogTail:
+        """The change log after `after_seq`, in seq order and batches, from one consistent
+        snapshot together with the collection's marker, last seq and live count (see LogTail)."""
+        return LogTail(self, name, after_seq, batch)
+
+    async def _log_tail_batches(self, tail: LogTail) -> AsyncGenerator[list[Change], None]:
+        async with (
+            self._connection(timeout=None) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            row = await conn.fetchrow(
+                "SELECT id, created_at, last_seq, doc_count FROM shoal_collections WHERE name = $1", tail.name
+            )
+            if row is None:
+                raise NotFound(f"no collection {tail.name!r}")
+            tail.marker = (int(row["id"]), row["created_at"].isoformat())
+            tail.last_seq = int(row["last_seq"])
+            tail.doc_count = int(row["doc_count"])
+            yield []  # the header is known before the first row is read
+            try:
+                cursor = await conn.cursor(
+                    f"SELECT seq, op, doc_id, text, vector, metadata FROM {Tables(row['id']).log} "
+                    "WHERE seq > $1 ORDER BY seq",
+                    tail.after_seq,
+                )
+            except asyncpg.exceptions.UndefinedTableError as exc:  # dropped meanwhile
+                raise NotFound(f"no collection {tail.name!r}") from exc
+            while True:
+                rows = await cursor.fetch(tail.batch)
+                if not rows:
+                    return
+                yield [row_to_change(r) for r in rows]
+
     async def _snapshot_batches(self, snap: CollectionSnapshot) -> AsyncGenerator[list[StoredDoc], None]:
         # No deadline around the whole scan (its consumer sets the pace); the pool's command
         # timeout still bounds each fetch.
@@ -436,6 +478,50 @@ class CollectionSnapshot:
         await self._batches.aclose()
 
     async def __aenter__(self) -> CollectionSnapshot:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+class LogTail:
+    """An async iterator over a collection's change log after `after_seq`, `batch` at a time.
+
+    Everything comes from one REPEATABLE READ snapshot: `marker` (catalog id, creation time),
+    `last_seq` and `doc_count` are set by `header()` (or the first batch) and agree with the rows.
+    Holds a pooled connection until exhausted or closed: use `async with`. Raises NotFound,
+    Unavailable.
+    """
+
+    def __init__(self, db: Persistence, name: str, after_seq: int, batch: int) -> None:
+        if batch < 1:
+            raise ValueError("batch must be positive")
+        self.name = name
+        self.after_seq = after_seq
+        self.batch = batch
+        self.marker: tuple[int, str] | None = None
+        self.last_seq = 0
+        self.doc_count = 0
+        self._batches = db._log_tail_batches(self)
+
+    async def header(self) -> None:
+        """Read marker, last_seq and doc_count (once; iterating reads them too)."""
+        if self.marker is None:
+            await anext(self._batches)
+
+    def __aiter__(self) -> LogTail:
+        return self
+
+    async def __anext__(self) -> list[Change]:
+        await self.header()
+        return await anext(self._batches)
+
+    async def aclose(self) -> None:
+        await self._batches.aclose()
+
+    async def __aenter__(self) -> LogTail:
         return self
 
     async def __aexit__(

@@ -28,6 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import anyio
@@ -53,6 +54,7 @@ T = TypeVar("T")
 class _Upsert:
     docs: tuple[StoredDoc, ...]
     reply: Reply[None]
+    fresh_labels: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +121,19 @@ class _KeywordSearch:
     reply: Reply[list[Hit]]
 
 
-_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _KeywordSearch | _Scan
+@dataclass(frozen=True, slots=True)
+class _SaveFiles:
+    directory: Path
+    reply: Reply[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadFiles:
+    directory: Path
+    reply: Reply[int]
+
+
+_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _KeywordSearch | _SaveFiles | _LoadFiles | _Scan
 # Each shard object's number, unique in the process: part of a results-cache version, so a
 # collection dropped and made again never matches the results of its former self.
 _shard_numbers = itertools.count()
@@ -176,12 +190,13 @@ class Shard:
 
     # -- public API ---------------------------------------------------------------------------
 
-    async def apply_upserts(self, docs: Sequence[StoredDoc]) -> None:
-        """Insert or replace documents by id; visible to every read sent after this returns."""
+    async def apply_upserts(self, docs: Sequence[StoredDoc], fresh_labels: bool = False) -> None:
+        """Insert or replace documents by id; visible to every read sent after this returns.
+        `fresh_labels`: see `ShardState.upsert` (faster replacement, no label reuse)."""
         reply: Reply[None] = Reply()
         self.writes_sent += 1
         try:
-            await self._mailbox.send(_Upsert(tuple(docs), reply))
+            await self._mailbox.send(_Upsert(tuple(docs), reply, fresh_labels))
             await reply.wait()
         finally:
             self.writes_done += 1
@@ -323,6 +338,27 @@ class Shard:
         self._mailbox.offer(_IdsMatching(where, where_text, reply))
         return await reply.wait()
 
+    async def save_files(self, directory: Path) -> int:
+        """Write this shard's snapshot files into `directory`; returns the live count they hold.
+
+        Runs as a read in a pool thread: searches go on meanwhile, writes wait for it, so the
+        files hold exactly the writes sent before this call. Raises OSError.
+        """
+        reply: Reply[int] = Reply()
+        await self._mailbox.send(_SaveFiles(directory, reply))
+        return await reply.wait()
+
+    async def load_files(self, directory: Path) -> int:
+        """Replace this shard's state by the one in snapshot files (verified by the caller), as
+        a write; returns its live count. Raises ValueError (files that disagree), OSError."""
+        reply: Reply[int] = Reply()
+        self.writes_sent += 1  # a new state: cached results of the old one no longer match
+        try:
+            await self._mailbox.send(_LoadFiles(directory, reply))
+            return await reply.wait()
+        finally:
+            self.writes_done += 1
+
     def version(self) -> tuple[int, int, int] | None:
         """(shard number, writes sent, writes done) while no write is in flight, else None: two
         equal versions bracket a read that saw one state of this shard."""
@@ -395,6 +431,12 @@ class Shard:
             elif isinstance(msg, _Upsert | _Delete):
                 await self._readers_at_most(0)
                 await self._write(msg)
+            elif isinstance(msg, _SaveFiles):
+                await self._readers_at_most(self._max_reads - 1)
+                self._start_read(_bind(self._state.save_files, msg.directory), msg.reply.set, msg.reply.fail)
+            elif isinstance(msg, _LoadFiles):
+                await self._readers_at_most(0)
+                await self._load(msg)
             else:
                 self._in_hand = []  # nothing to answer: it carries no known reply
                 unknown_message("shard", msg)
@@ -489,7 +531,7 @@ class Shard:
         try:
             if isinstance(msg, _Upsert):
                 # hnswlib adds with up to search_threads threads of its own: off the pin.
-                await self._pool.call(self._pool.spread(_bind(self._state.upsert, msg.docs)))
+                await self._pool.call(self._pool.spread(_bind(self._state.upsert, msg.docs, msg.fresh_labels)))
                 msg.reply.set(None)
             elif isinstance(msg, _Delete):
                 existed = await self._pool.call(_bind(self._state.delete, msg.ids))
@@ -499,6 +541,23 @@ class Shard:
         except BaseException:
             msg.reply.fail(Unavailable("shard is shutting down"))
             raise
+
+    async def _load(self, msg: _LoadFiles) -> None:
+        state = self._state
+        try:
+            loaded = await self._pool.call(
+                _bind(ShardState.load_files, msg.directory, state.dim, state.metric, state.config)
+            )
+        except Exception as exc:
+            msg.reply.fail(exc)
+            return
+        except BaseException:
+            msg.reply.fail(Unavailable("shard is shutting down"))
+            raise
+        loaded.occupancy = state.occupancy  # one record of overlaps over the shard's life
+        loaded.set_ef(state.ef)
+        self._state = loaded
+        msg.reply.set(loaded.n_live)
 
     def _fail_queued(self) -> None:
         """On exit (normal or cancelled), nobody waits forever: queued messages fail with

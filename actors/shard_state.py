@@ -10,9 +10,11 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import hnswlib
+import msgpack
 import numpy as np
 from numpy.typing import NDArray
 
@@ -26,6 +28,10 @@ from models.filters import Filter, MetadataColumns, TextFilter, text_mask
 from models.records import DocId, Hit, Include, Metadata, Metric, Seq, StoredDoc, Vector
 
 _SPACES = {Metric.COSINE: "cosine", Metric.L2: "l2", Metric.IP: "ip"}
+# The files of one shard in a snapshot.
+INDEX_FILE = "index.hnsw"
+ARRAYS_FILE = "arrays.npz"
+DOCS_FILE = "docs.msgpack"
 
 
 class Occupancy:
@@ -136,7 +142,10 @@ class ShardState:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def upsert(self, docs: Sequence[StoredDoc]) -> None:
+    def upsert(self, docs: Sequence[StoredDoc], fresh_labels: bool = False) -> None:
+        """Insert or replace documents by id. `fresh_labels`: a replaced document is deleted and
+        inserted under a new label, and no free label is reused (hnswlib inserts a new element
+        several times faster than it updates one in place; the log replay at start uses it)."""
         latest: dict[DocId, StoredDoc] = {}
         for doc in docs:  # the same id twice in one batch: the last one wins
             latest[doc.id] = doc
@@ -148,11 +157,13 @@ class ShardState:
             raise DimensionMismatch(f"vector has {vecs.shape[1]} dimensions, the collection {self.dim}")
         terms = [term_counts(doc.text) for doc in batch]  # tokenised before reads are held off
         with self.occupancy.writing():
+            if fresh_labels:
+                self._delete_held([doc.id for doc in batch])
             labels = np.empty(len(batch), np.int64)
             for i, doc in enumerate(batch):
                 label = self.labels.get(doc.id)
                 if label is None:
-                    label = self.free.pop() if self.free else self._new_label()
+                    label = self.free.pop() if self.free and not fresh_labels else self._new_label()
                     self.labels[doc.id] = label
                     self.n_live += 1
                     self._id_order = None
@@ -172,21 +183,25 @@ class ShardState:
                 self.keywords.set_counts(label, counts)
 
     def delete(self, ids: Sequence[DocId]) -> list[DocId]:
-        existed: list[DocId] = []
         with self.occupancy.writing():
-            for doc_id in ids:
-                label = self.labels.pop(doc_id, None)
-                if label is None:
-                    continue
-                existed.append(doc_id)
-                self.index.mark_deleted(label)
-                self.live[label] = False
-                self.texts[label] = self.metas[label] = self.ids[label] = None
-                self.columns.clear_row(label)
-                self.keywords.remove(label)
-                self.free.append(label)
-                self.n_live -= 1
-                self._id_order = None
+            return self._delete_held(ids)
+
+    def _delete_held(self, ids: Sequence[DocId]) -> list[DocId]:
+        """Delete by id (the caller holds the write occupancy); returns the ids that existed."""
+        existed: list[DocId] = []
+        for doc_id in ids:
+            label = self.labels.pop(doc_id, None)
+            if label is None:
+                continue
+            existed.append(doc_id)
+            self.index.mark_deleted(label)
+            self.live[label] = False
+            self.texts[label] = self.metas[label] = self.ids[label] = None
+            self.columns.clear_row(label)
+            self.keywords.remove(label)
+            self.free.append(label)
+            self.n_live -= 1
+            self._id_order = None
         return existed
 
     def set_ef(self, ef: int) -> None:
@@ -413,6 +428,101 @@ class ShardState:
             [Hit(ids[x], s, d, texts[x], metas[x], None) for x, s, d in zip(lab, sco, dis, strict=True)]
             for lab, sco, dis in zip(labels, scores, dists, strict=True)
         ]
+
+    # -- snapshot files (see actors/snapshot.py) -------------------------------------------------
+
+    def save_files(self, directory: Path) -> int:
+        """Write the index, the arrays and the documents into `directory` (not fsynced: the
+        caller fsyncs and checksums them); returns the live count the files hold.
+
+        A read: it may overlap searches, never a write. Raises OSError.
+        """
+        with self.occupancy.reading():
+            high = self.high
+            self.index.save_index(str(directory / INDEX_FILE))
+            with (directory / ARRAYS_FILE).open("wb") as f:
+                np.savez(
+                    f,
+                    vectors=self.vectors[:high],
+                    norms=self.norms[:high],
+                    live=self.live[:high],
+                    seqs=self.seqs[:high],
+                )
+            docs = {
+                "high": high,
+                "n_live": self.n_live,
+                "free": self.free,
+                "ids": self.ids[:high],
+                "texts": self.texts[:high],
+                "metas": self.metas[:high],
+            }
+            (directory / DOCS_FILE).write_bytes(msgpack.packb(docs, use_bin_type=True))
+            return self.n_live
+
+    @classmethod
+    def load_files(cls, directory: Path, dim: int, metric: Metric, config: EngineConfig) -> ShardState:
+        """A state rebuilt from files `save_files` wrote (and whose checksums were verified).
+
+        Raises ValueError when the files disagree with each other or with `dim`; OSError.
+        """
+        state = cls(dim, metric, config)
+        with np.load(directory / ARRAYS_FILE, allow_pickle=False) as arrays:
+            vectors = arrays["vectors"]
+            norms = arrays["norms"]
+            live = arrays["live"]
+            seqs = arrays["seqs"]
+        docs = msgpack.unpackb((directory / DOCS_FILE).read_bytes(), raw=False)
+        high = int(docs["high"])
+        ids: list[DocId | None] = docs["ids"]
+        texts: list[str | None] = docs["texts"]
+        metas: list[Metadata | None] = docs["metas"]
+        free = [int(x) for x in docs["free"]]
+        shapes_ok = (
+            vectors.shape == (high, dim)
+            and vectors.dtype == np.float32
+            and norms.shape == live.shape == seqs.shape == (high,)
+            and live.dtype == np.bool_
+            and len(ids) == len(texts) == len(metas) == high
+        )
+        if not shapes_ok:
+            raise ValueError("the snapshot's arrays and documents disagree in size or type")
+        labels = {doc_id: label for label, doc_id in enumerate(ids) if doc_id is not None}
+        n_live = int(docs["n_live"])
+        dead = [label for label, doc_id in enumerate(ids) if doc_id is None]
+        if not (len(labels) == n_live == int(np.count_nonzero(live)) and sorted(free) == dead):
+            raise ValueError("the snapshot's live documents and free slots disagree")
+        if any(not live[label] for label in labels.values()):
+            raise ValueError("the snapshot marks a document as deleted")
+        cap = max(state.capacity, high)
+        index = hnswlib.Index(space=_SPACES[metric], dim=dim)
+        index.load_index(str(directory / INDEX_FILE), max_elements=cap)
+        if int(index.element_count) != high:
+            raise ValueError(f"the snapshot's index holds {index.element_count} elements, its arrays {high}")
+        index.set_ef(state.ef)
+        state.index = index
+        state.vectors = np.zeros((cap, dim), np.float32)
+        state.vectors[:high] = vectors
+        state.norms = np.zeros(cap, np.float32)
+        state.norms[:high] = norms
+        state.live = np.zeros(cap, np.bool_)
+        state.live[:high] = live
+        state.seqs = np.zeros(cap, np.int64)
+        state.seqs[:high] = seqs
+        pad = cap - high
+        state.ids = ids + [None] * pad
+        state.texts = texts + [None] * pad
+        state.metas = metas + [None] * pad
+        state.labels = labels
+        state.free = free
+        state.high = high
+        state.n_live = n_live
+        for label, meta in enumerate(metas):
+            if meta:
+                state.columns.set_row(label, meta)
+        for label, text in enumerate(texts):  # the keyword index is rebuilt, not stored
+            if text is not None and ids[label] is not None:
+                state.keywords.set_counts(label, term_counts(text))
+        return state
 
 
 class _Nones:

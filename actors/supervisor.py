@@ -1,8 +1,9 @@
 """The supervisor: starts the actors in order, serves the engine API, stops them in reverse.
 
-    start:  persistence -> embedder -> catalog (+ shards) -> load collections -> subscriptions
-            -> ingest -> ready
-    stop:   ingest (drains acked work) -> subscriptions -> catalog -> embedder -> persistence
+    start:  persistence -> embedder -> catalog (+ shards) -> load collections -> snapshotter
+            -> subscriptions -> ingest -> ready
+    stop:   ingest (drains acked work) -> subscriptions -> snapshotter (last snapshots) -> catalog
+            -> embedder -> persistence
 
 `Engine` is the only thing the edge talks to. Its methods take validated requests and return
 typed results; they raise `ShoalError`s with wire codes.
@@ -20,6 +21,7 @@ import heapq
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -32,6 +34,7 @@ from actors.ingest import Applied, Ingest, Publisher
 from actors.matching import StandingQuery
 from actors.persistence import Persistence
 from actors.results_cache import EmbeddingCache, ResultsCache
+from actors.snapshotter import Snapshotter
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
 from actors.subscriber import Event, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
@@ -54,7 +57,12 @@ class Engine:
     """The running engine of one node."""
 
     def __init__(
-        self, dsn: str, config: EngineConfig, limits: Limits, subscriptions: SubscriptionConfig | None = None
+        self,
+        dsn: str,
+        config: EngineConfig,
+        limits: Limits,
+        subscriptions: SubscriptionConfig | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.limits = limits
@@ -73,6 +81,10 @@ class Engine:
         self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog, self._publish)
         self.subscriptions = Subscriptions(self.persistence, subscriptions)
         self.add_listener(self.subscriptions.publish)
+        # Snapshots for fast restart, when given a directory for them.
+        self.snapshotter = (
+            None if snapshot_dir is None else Snapshotter(snapshot_dir, self.catalog, self.persistence, config)
+        )
         self.results = ResultsCache(config.results_cache_bytes)
         self.embeddings = EmbeddingCache(config.embedding_cache_bytes)
         self.ready = False
@@ -82,9 +94,14 @@ class Engine:
     @classmethod
     @asynccontextmanager
     async def running(
-        cls, dsn: str, config: EngineConfig, limits: Limits, subscriptions: SubscriptionConfig | None = None
+        cls,
+        dsn: str,
+        config: EngineConfig,
+        limits: Limits,
+        subscriptions: SubscriptionConfig | None = None,
+        snapshot_dir: Path | None = None,
     ) -> AsyncIterator[Engine]:
-        engine = cls(dsn, config, limits, subscriptions)
+        engine = cls(dsn, config, limits, subscriptions, snapshot_dir)
         # Opened before the task group, so that a StartupError (unreachable database, no
         # pgvector) reaches the caller as itself, not inside an exception group.
         await engine.persistence.open()
@@ -95,6 +112,8 @@ class Engine:
                 for actor in first:
                     started.append((actor, await _start(tg, actor)))
                 await engine._load_collections()
+                if engine.snapshotter is not None:  # stops after ingest, before the shards
+                    started.append((engine.snapshotter, await _start(tg, engine.snapshotter)))
                 started.append((engine.subscriptions, await _start(tg, engine.subscriptions)))
                 started.append((engine.ingest, await _start(tg, engine.ingest)))
                 engine.ready = True
@@ -110,8 +129,11 @@ class Engine:
                         await finished.wait()
 
     async def _load_collections(self) -> None:
-        """Rebuild every shard from PostgreSQL: the durable state is the source of truth."""
+        """Load every shard from its snapshot and the log after it, or else rebuild it from
+        PostgreSQL: the durable state is the source of truth."""
         for info in await self.persistence.list_collections():
+            if self.snapshotter is not None and await self.snapshotter.restore(info):
+                continue  # from its snapshot and the log after it
             collection = await self.catalog.add(info.name, info.dim, info.metric, last_seq=0)
             loaded = 0
             async with self.persistence.load_collection(info.name) as snapshot:

@@ -120,6 +120,12 @@ class EngineConfig:
     db_probe_interval_s: float = field(default=1.0, metadata=bounds(0.05, 60))
     db_probe_timeout_s: float = field(default=2.0, metadata=bounds(0.05, 60))
     db_restart_check_s: float = field(default=0.5, metadata=bounds(0.05, 60))
+    # Snapshots for fast restart (actors/snapshotter.py): on/off; a collection is snapshotted
+    # again after this many seconds with changes (1..86,400) or this many changes (1..10**9),
+    # and at clean shutdown.
+    snapshots: bool = True
+    snapshot_interval_s: float = field(default=300.0, metadata=bounds(1, 86_400))
+    snapshot_every_changes: int = field(default=50_000, metadata=bounds(1, 1_000_000_000))
     # Keyword and hybrid search: each side's default candidate depth for hybrid (at least k;
     # 1..1000, queries may ask for their own). Results cache: bytes of answers kept (0: off;
     # 0..2**40), and bytes of cached query embeddings (0: off; 0..2**40).

@@ -112,6 +112,11 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
 }
 
 
+def snapshot_dir(settings: Settings) -> Path | None:
+    """Where snapshots live (`<data-dir>/snapshots`, also with a database URL), None if off."""
+    return settings.data_dir / "snapshots" if settings.engine.snapshots else None
+
+
 def create_app(settings: Settings) -> Edge:
     failures = AuthFailures(
         settings.auth_failures_per_minute, settings.auth_failure_burst, settings.auth_failure_addresses
@@ -130,7 +135,9 @@ def create_app(settings: Settings) -> Edge:
             open_database(
                 settings.data_dir, settings.database_url, check_interval=settings.engine.db_restart_check_s
             ) as dsn,
-            Engine.running(dsn, settings.engine, settings.limits, settings.subscriptions) as engine,
+            Engine.running(
+                dsn, settings.engine, settings.limits, settings.subscriptions, snapshot_dir(settings)
+            ) as engine,
             anyio.create_task_group() as tasks,
         ):
             metrics = Metrics()

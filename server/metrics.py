@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from actors.embedder import EmbedderStats
 from actors.latency import LatencyHistogram
 from actors.planner import plan_counts
+from actors.snapshotter import snapshot_counts
 from actors.supervisor import Engine
 from models.requests import PARSERS
 
@@ -182,6 +183,7 @@ class EngineCollector(Collector):
         for plan, count in plan_counts().items():
             plans.add_metric([plan], count)
         yield plans
+        yield from _snapshot_metrics()
         yield from _cache_metrics(engine)
 
         if status.database is not None:
@@ -219,6 +221,25 @@ def _embedder_metrics(stats: EmbedderStats) -> Iterator[Metric]:
 def _histogram(name: str, doc: str, histogram: LatencyHistogram) -> HistogramMetricFamily:
     buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in histogram.cumulative()]
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=histogram.sum)
+
+
+def _snapshot_metrics() -> Iterator[Metric]:
+    counts = snapshot_counts()
+    loads = CounterMetricFamily(
+        "shoal_snapshot_loads",
+        "Collections loaded at start, by result (loaded: snapshot + log tail; rebuilt: snapshot unusable, "
+        "full rebuild; absent: no snapshot, full rebuild)",
+        labels=["result"],
+    )
+    for result, n in counts["loads"].items():
+        loads.add_metric([result], n)
+    yield loads
+    writes = CounterMetricFamily(
+        "shoal_snapshot_writes", "Snapshots written, by result (ok, failed)", labels=["result"]
+    )
+    for result, n in counts["writes"].items():
+        writes.add_metric([result], n)
+    yield writes
 
 
 def _cache_metrics(engine: Engine) -> Iterator[Metric]:

@@ -142,3 +142,54 @@ def test_search_and_live_matches_in_the_page(server: ServerProcess, browser: web
         browser.save_screenshot(str(shot))
         print(f"screenshot: {shot}\npage:\n{browser.page_source[:4000]}")
         raise
+
+
+def test_create_add_filter_and_live_count_in_the_page(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    """The page's own writes: a collection created and documents added from the page, the count
+    badge following the change feed (also for a write made elsewhere), a filtered keyword search,
+    and the favicon."""
+    name = f"page_{uuid.uuid4().hex[:8]}"
+    wait = WebDriverWait(browser, 30)
+    try:
+        browser.get(f"{server.url}/")
+        icon = browser.find_element(By.CSS_SELECTOR, "link[rel='icon']").get_attribute("href")
+        assert icon is not None and httpx.get(icon, timeout=30).status_code == 200
+        browser.find_element(By.ID, "new-collection").send_keys(name)
+        browser.find_element(By.ID, "create").click()
+        chosen = lambda d: Select(d.find_element(By.ID, "collection")).first_selected_option  # noqa: E731
+        wait.until(lambda d: chosen(d).get_attribute("value") == name)
+        wait.until(lambda d: d.find_element(By.ID, "count").text == "0 docs")
+
+        for doc_id, text, meta in (
+            ("n1", "libxml2 fails to parse the v1.2 manifest", '{"kind": "bug"}'),
+            ("n2", "libxml2 release notes for packagers", '{"kind": "doc"}'),
+        ):
+            browser.find_element(By.ID, "doc-id").send_keys(doc_id)
+            browser.find_element(By.ID, "doc-text").send_keys(text)
+            meta_box = browser.find_element(By.ID, "doc-meta")
+            meta_box.clear()
+            meta_box.send_keys(meta)
+            browser.find_element(By.ID, "add").click()
+            wait.until(lambda d: d.find_element(By.ID, "add-status").text.startswith(f"Added {doc_id}"))  # noqa: B023
+        wait.until(lambda d: d.find_element(By.ID, "count").text == "2 docs")
+        # A write from another client moves the badge too: it follows the change feed.
+        api(server, f"/v1/collections/{name}/upsert", {"docs": [{"id": "n3", "text": "weather for the weekend"}]})
+        wait.until(lambda d: d.find_element(By.ID, "count").text == "3 docs")
+
+        browser.find_element(By.ID, "query").send_keys("libxml2")
+        Select(browser.find_element(By.ID, "mode")).select_by_value("keyword")
+        browser.find_element(By.ID, "where").send_keys('{"kind": "bug"}')
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda d: d.find_element(By.ID, "search-status").text.startswith("1 result"))
+        assert [li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#results li.hit")] == [
+            "n1"
+        ]
+        # A filter that is not JSON is reported, not sent.
+        browser.find_element(By.ID, "where").send_keys("}")
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda d: "filter must be JSON" in d.find_element(By.ID, "search-status").text)
+    except Exception:
+        shot = server.data_dir / "browser-failure-2.png"
+        browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}\npage:\n{browser.page_source[:4000]}")
+        raise

@@ -156,7 +156,7 @@ def test_keyword_and_hybrid_search_types(server: ServerProcess) -> None:
     filtered = store.search("parser", search_type="hybrid", k=3, filter={"kind": "pet"})
     assert [d.id for d in filtered] == ["pet"]  # the filter holds on both sides
     retriever = store.as_retriever(search_type="hybrid", search_kwargs={"k": 2, "fusion": "rrf", "rrf_k": 10})
-    assert [d.id for d in retriever.invoke("libxml2 manifest")][0] == "exact"
+    assert retriever.invoke("libxml2 manifest")[0].id == "exact"
     assert [d.id for d in store.as_retriever(search_type="keyword").invoke("kitten")] == ["pet"]
     with pytest.raises(BadRequest):  # alpha out of range: the server's own check
         store.search("x", search_type="hybrid", fusion="weighted", alpha=2.0)

@@ -3,7 +3,7 @@
 // the WebSocket protocol; live matches over a WebSocket subscription or the SSE subscribe
 // endpoint (EventSource), as the user picks.
 
-import { ShoalClient, subscribeSSE } from "shoal-client";
+import { ShoalClient, changesSSE, subscribeSSE } from "shoal-client";
 
 const $ = (id) => document.getElementById(id);
 const MAX_LIVE = 200;
@@ -85,6 +85,109 @@ function describe(err) {
   return err && err.serverMessage ? `${err.code}: ${err.serverMessage}` : String((err && err.message) || err);
 }
 
+/** The filter box as a `where` map, or undefined when empty; throws a readable Error. */
+function whereFilter() {
+  const raw = $("where").value.trim();
+  if (!raw) return undefined;
+  let where;
+  try {
+    where = JSON.parse(raw);
+  } catch {
+    throw new Error('the filter must be JSON, e.g. {"kind": "pet"}');
+  }
+  if (!where || typeof where !== "object" || Array.isArray(where)) throw new Error("the filter must be a JSON object");
+  return where;
+}
+
+// --- collections and their live count ----------------------------------------------------
+
+let counting = null; // { collection, stream } of the change feed behind the count badge
+
+async function showCount(collection) {
+  try {
+    const count = await (await connection()).count(collection);
+    if (counting && counting.collection === collection) $("count").textContent = `${count} docs`;
+  } catch {
+    // the collection went away, or the connection did: the next change or refresh tells
+  }
+}
+
+/** Keep the count badge current: read it once, then again after every change (at most a few
+ * times a second), as the collection's change feed reports them. */
+async function followCount() {
+  const collection = $("collection").value;
+  if (counting && counting.collection === collection) return;
+  if (counting) counting.stream.close();
+  counting = null;
+  $("count").textContent = "–";
+  if (!collection) return;
+  const key = $("key").value.trim();
+  const stream = changesSSE(location.origin, collection, { key: key || undefined, reconnect: true });
+  const mine = { collection, stream };
+  counting = mine;
+  await showCount(collection);
+  let due = null;
+  try {
+    for await (const change of stream) {
+      if (counting !== mine) break;
+      if (change.event !== "upsert" && change.event !== "delete") continue;
+      due ??= setTimeout(() => {
+        due = null;
+        showCount(collection);
+      }, 250);
+    }
+  } catch {
+    if (counting === mine) $("count").textContent = "–";
+  }
+}
+
+async function createCollection(event) {
+  event.preventDefault();
+  const name = $("new-collection").value.trim();
+  if (!name) return;
+  try {
+    await (await connection()).createCollection(name, { ifNotExists: true });
+    $("new-collection").value = "";
+    await loadCollections();
+    $("collection").value = name;
+    followCount();
+    status($("add-status"), `Collection ${name} is ready: add documents below.`);
+  } catch (err) {
+    status($("add-status"), describe(err), true);
+  }
+}
+
+async function addDocument(event) {
+  event.preventDefault();
+  const collection = $("collection").value;
+  const text = $("doc-text").value.trim();
+  if (!collection || !text) {
+    status($("add-status"), "Pick a collection and write some text first.", true);
+    return;
+  }
+  const doc = { id: $("doc-id").value.trim() || `doc-${Date.now().toString(36)}`, text };
+  try {
+    const meta = $("doc-meta").value.trim();
+    if (meta) {
+      doc.metadata = JSON.parse(meta);
+      if (!doc.metadata || typeof doc.metadata !== "object" || Array.isArray(doc.metadata)) {
+        throw new Error("metadata must be a JSON object");
+      }
+    }
+  } catch (err) {
+    status($("add-status"), err instanceof SyntaxError ? "metadata must be JSON" : describe(err), true);
+    return;
+  }
+  try {
+    const reply = await (await connection()).upsert(collection, [doc]);
+    status($("add-status"), `Added ${doc.id} (seq ${reply.seq}).`);
+    $("doc-id").value = "";
+    $("doc-text").value = "";
+  } catch (err) {
+    status($("add-status"), describe(err), true);
+  }
+}
+
 // --- collections --------------------------------------------------------------------------
 
 async function loadCollections() {
@@ -100,7 +203,8 @@ async function loadCollections() {
       select.append(opt);
     }
     if ([...select.options].some((o) => o.value === current)) select.value = current;
-    status($("search-status"), collections.length ? "" : "No collections yet.");
+    status($("search-status"), collections.length ? "" : "No collections yet: create one.");
+    followCount();
   } catch (err) {
     status($("search-status"), describe(err), true);
   }
@@ -116,7 +220,8 @@ async function search(event) {
   const k = Math.max(1, Math.min(1000, parseInt($("k").value, 10) || 10));
   status($("search-status"), "Searching…");
   try {
-    const reply = await (await connection()).query(collection, { text, k });
+    const mode = $("mode").value;
+    const reply = await (await connection()).query(collection, { text, k, mode, where: whereFilter() });
     $("results").replaceChildren(...reply.hits.map((h) => hitItem(h)));
     status($("search-status"), `${reply.hits.length} result(s) in ${reply.took_ms} ms`);
   } catch (err) {
@@ -167,13 +272,15 @@ async function watch(event) {
   const banner = `Live (${transport === "ws" ? "WebSocket" : "SSE"}): "${text}" in ${collection}, score ≥ ${threshold}`;
   let stream = null;
   try {
+    const where = whereFilter();
     if (transport === "ws") {
-      stream = await (await connection()).subscribe(collection, { text, threshold });
+      stream = await (await connection()).subscribe(collection, { text, threshold, where });
       status($("live-status"), banner);
     } else {
       const key = $("key").value.trim();
       const onopen = () => live === stream && status($("live-status"), banner);
-      stream = subscribeSSE(location.origin, collection, { text, threshold, key: key || undefined, reconnect: true, onopen });
+      const options = { text, threshold, where, key: key || undefined, reconnect: true, onopen };
+      stream = subscribeSSE(location.origin, collection, options);
     }
     live = stream;
     for await (const push of stream) {
@@ -199,5 +306,8 @@ $("search-form").addEventListener("submit", search);
 $("watch-form").addEventListener("submit", watch);
 $("stop").addEventListener("click", () => stopWatching("Stopped."));
 $("refresh").addEventListener("click", loadCollections);
+$("collection").addEventListener("change", followCount);
+$("create-form").addEventListener("submit", createCollection);
+$("add-form").addEventListener("submit", addDocument);
 $("key").addEventListener("change", loadCollections);
 loadCollections();
