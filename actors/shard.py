@@ -103,6 +103,15 @@ class _IdsMatching:
 
 
 @dataclass(frozen=True, slots=True)
+class _Scan:
+    after: DocId | None
+    limit: int
+    where: Filter | None
+    where_text: TextFilter | None
+    reply: Reply[list[StoredDoc]]
+
+
+@dataclass(frozen=True, slots=True)
 class _KeywordSearch:
     terms: tuple[str, ...]
     k: int
@@ -124,7 +133,7 @@ class _LoadFiles:
     reply: Reply[int]
 
 
-_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _KeywordSearch | _SaveFiles | _LoadFiles
+_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _KeywordSearch | _SaveFiles | _LoadFiles | _Scan
 # Each shard object's number, unique in the process: part of a results-cache version, so a
 # collection dropped and made again never matches the results of its former self.
 _shard_numbers = itertools.count()
@@ -309,6 +318,15 @@ class Shard:
         self._mailbox.offer(_Get(tuple(ids), reply))
         return await reply.wait()
 
+    async def scan(
+        self, after: DocId | None, limit: int, where: Filter | None, where_text: TextFilter | None
+    ) -> list[StoredDoc]:
+        """Up to `limit` live documents passing the filters with ids after `after`, in id order
+        (see `ShardState.scan`). Raises `Overloaded` when the mailbox is full."""
+        reply: Reply[list[StoredDoc]] = Reply()
+        self._mailbox.offer(_Scan(after, limit, where, where_text, reply))
+        return await reply.wait()
+
     async def count(self) -> int:
         reply: Reply[int] = Reply()
         self._mailbox.offer(_Count(reply))
@@ -406,6 +424,10 @@ class Shard:
                 await self._readers_at_most(self._max_reads - 1)
                 fn = _bind(self._state.ids_matching, msg.where, msg.where_text)
                 self._start_read(fn, msg.reply.set, msg.reply.fail)
+            elif isinstance(msg, _Scan):
+                await self._readers_at_most(self._max_reads - 1)
+                scan = _bind(self._state.scan, msg.after, msg.limit, msg.where, msg.where_text)
+                self._start_read(scan, msg.reply.set, msg.reply.fail)
             elif isinstance(msg, _Upsert | _Delete):
                 await self._readers_at_most(0)
                 await self._write(msg)

@@ -7,6 +7,7 @@ records any overlap it observes, so tests can prove the discipline holds.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,6 +119,8 @@ class ShardState:
         # vectors, so keyword search sees exactly what the shard has applied.
         self.keywords = KeywordIndex()
         self.occupancy = Occupancy()
+        # Live ids in sorted order and their labels, for paging; None once an id came or went.
+        self._id_order: tuple[list[DocId], NDArray[np.int64]] | None = None
 
     @property
     def capacity(self) -> int:
@@ -163,6 +166,7 @@ class ShardState:
                     label = self.free.pop() if self.free and not fresh_labels else self._new_label()
                     self.labels[doc.id] = label
                     self.n_live += 1
+                    self._id_order = None
                 labels[i] = label
             self._ensure_capacity(self.high)
             # An existing label is updated in place; a reused (deleted) one is unmarked too.
@@ -197,6 +201,7 @@ class ShardState:
             self.keywords.remove(label)
             self.free.append(label)
             self.n_live -= 1
+            self._id_order = None
         return existed
 
     def set_ef(self, ef: int) -> None:
@@ -329,6 +334,45 @@ class ShardState:
                     )
                 )
             return out
+
+    def scan(
+        self, after: DocId | None, limit: int, where: Filter | None, where_text: TextFilter | None
+    ) -> list[StoredDoc]:
+        """Up to `limit` live documents passing both filters whose ids sort after `after` (None:
+        from the first), in id order (Python string order: by code point)."""
+        with self.occupancy.reading():
+            ids, labels = self._sorted_ids()
+            start = 0 if after is None else bisect.bisect_right(ids, after)
+            rest = labels[start:]
+            if where is None and where_text is None:
+                picked = np.arange(min(limit, rest.shape[0]))
+            else:
+                picked = np.flatnonzero(self._mask(where, where_text)[rest])[:limit]
+            out: list[StoredDoc] = []
+            for i in picked.tolist():
+                label = int(rest[i])
+                meta = self.metas[label]
+                out.append(
+                    StoredDoc(
+                        id=ids[start + i],
+                        text=self.texts[label],
+                        vector=self.vectors[label].copy(),
+                        metadata=meta if meta is not None else {},
+                        seq=Seq(int(self.seqs[label])),
+                    )
+                )
+            return out
+
+    def _sorted_ids(self) -> tuple[list[DocId], NDArray[np.int64]]:
+        """The live ids sorted, with their labels; rebuilt on the first scan after an id came or
+        went (a replaced document keeps its id and label). Readers may build it at once: each
+        builds the same value, and assigning it is atomic."""
+        order = self._id_order
+        if order is None:
+            ids = sorted(self.labels)
+            labels = np.fromiter((self.labels[i] for i in ids), np.int64, len(ids))
+            order = self._id_order = (ids, labels)
+        return order
 
     def ids_matching(self, where: Filter | None, where_text: TextFilter | None) -> list[DocId]:
         with self.occupancy.reading():

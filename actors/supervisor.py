@@ -21,6 +21,7 @@ stopping.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -235,6 +236,10 @@ class Engine:
         return await self.ingest.delete(req.collection, req.ids, req.where, req.where_text)
 
     async def get(self, req: rq.Get) -> list[StoredDoc]:
+        """The documents of `req.ids` that exist, in request order; without ids, one page (see
+        `scan`). Raises NotFound for an unknown collection."""
+        if req.ids is None:
+            return (await self.scan(req))[0]
         collection = self.catalog.get(req.collection)
         await self._applied_through(collection, req.min_seq)
         found: dict[str, StoredDoc] = {}
@@ -247,6 +252,38 @@ class Engine:
         docs = [found[i] for i in dict.fromkeys(req.ids) if i in found]
         check_rows_fit(docs, req.include, collection.dim, self.limits)
         return docs
+
+    async def scan(self, req: rq.Get) -> tuple[list[StoredDoc], bool]:
+        """One page of a paged `get`: up to `req.limit` live documents passing its filters with
+        ids after `req.after`, in id order, and whether more follow. Each shard returns its
+        next `limit + 1` in id order; the merge of those cut at `limit` is the page, and more
+        follow exactly when the shards returned more than `limit` in all. Raises NotFound."""
+        collection = self.catalog.get(req.collection)
+        await self._applied_through(collection, req.min_seq)
+        shards = collection.shards
+        want = req.limit + 1
+        per_shard: list[list[StoredDoc]] = [[] for _ in shards]
+        errors: list[ShoalError] = []
+
+        async def one(i: int) -> None:
+            try:
+                per_shard[i] = await shards[i].scan(req.after, want, req.where, req.where_text)
+            except ShoalError as exc:  # raised as itself below, not inside an exception group
+                errors.append(exc)
+
+        try:
+            if len(shards) == 1:
+                per_shard[0] = await shards[0].scan(req.after, want, req.where, req.where_text)
+            else:
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(shards)):
+                        tg.start_soon(one, i)
+                if errors:
+                    raise errors[0]
+        except Unavailable as exc:
+            raise self._read_failed(collection, exc) from None
+        merged = list(heapq.merge(*per_shard, key=lambda doc: doc.id))
+        return merged[: req.limit], len(merged) > req.limit
 
     async def count(self, req: rq.Count) -> int:
         collection = self.catalog.get(req.collection)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from models.config import Limits
+from models.cursor import decode_cursor
 from models.errors import BadRequest, InvalidVector, TooLarge, UnknownOp, echo
 from models.filters import Filter, TextFilter, parse_where, parse_where_text
 from models.records import DEFAULT_INCLUDE, DocId, Document, Include, Metadata, Metric, Vector
@@ -29,6 +30,8 @@ from models.strings import check_string
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_K = 10
+# Documents in one page of `get` without ids (the most is `Limits.max_ids`).
+DEFAULT_GET_LIMIT = 100
 DEFAULT_RRF_K = 60
 MAX_RRF_K = 1_000_000
 # Arguments that only a hybrid query takes (fusion and its parameters, candidate depths).
@@ -81,9 +84,16 @@ class Delete:
 
 @dataclass(frozen=True, slots=True)
 class Get:
+    """By `ids`, or else a page: up to `limit` live documents passing the filters whose ids come
+    after `after` (the decoded cursor; None: from the first), in id order."""
+
     collection: str
-    ids: tuple[DocId, ...]
+    ids: tuple[DocId, ...] | None
     include: frozenset[Include]
+    where: Filter | None = None
+    where_text: TextFilter | None = None
+    limit: int = DEFAULT_GET_LIMIT
+    after: DocId | None = None
     min_seq: int | None = None  # answer once this node has applied the collection through it
 
 
@@ -446,6 +456,22 @@ def _delete(a: Args) -> Delete:
     return Delete(name, ids, where, where_text)
 
 
+def _get(a: Args) -> Get:
+    name = a.collection_name()
+    include = a.include()
+    min_seq = a.integer("min_seq", low=0)
+    ids = a.ids(required=False)
+    if ids is not None:
+        if a.has("where") or a.has("where_text") or a.has("limit") or a.has("cursor"):
+            raise BadRequest("get takes 'ids', or else 'where' / 'limit' / 'cursor', not both")
+        return Get(name, ids, include, min_seq=min_seq)
+    limit = a.integer("limit", low=1, high=a.limits.max_ids, default=DEFAULT_GET_LIMIT)
+    assert limit is not None
+    cursor = a.string("cursor")
+    after = None if cursor is None else decode_cursor(cursor)
+    return Get(name, None, include, a.where(), a.where_text(), limit, after, min_seq)
+
+
 def _query_target(a: Args) -> tuple[Vector | None, str | None]:
     vector, text = a.vector(), a.text()
     if (vector is None) == (text is None):
@@ -583,7 +609,7 @@ PARSERS: dict[str, Callable[[Args], Request]] = {
     "drop_collection": lambda a: DropCollection(a.collection_name("name")),
     "upsert": _upsert,
     "delete": _delete,
-    "get": lambda a: Get(a.collection_name(), a.ids() or (), a.include(), a.integer("min_seq", low=0)),
+    "get": _get,
     "count": lambda a: Count(a.collection_name(), a.integer("min_seq", low=0)),
     "query": _query,
     "subscribe": _subscribe,

@@ -43,7 +43,7 @@ from models.errors import (
     Unauthorized,
     Unavailable,
 )
-from server import http_api, sse, ws
+from server import apidocs, http_api, sse, ws
 from server.auth import Authenticator, AuthFailures, parse_api_keys
 from server.edge import Edge
 from server.guard import guard_policy
@@ -164,6 +164,8 @@ def create_app(settings: Settings) -> Edge:
         Route("/healthz", http_api.healthz, methods=["GET"]),
         Route("/readyz", http_api.readyz, methods=["GET"]),
         Route("/metrics", http_api.metrics, methods=["GET"]),
+        Route("/openapi.json", apidocs.openapi_json, methods=["GET"]),
+        Route("/docs", apidocs.docs, methods=["GET"]),
         Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]

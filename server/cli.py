@@ -194,12 +194,75 @@ def _parser() -> argparse.ArgumentParser:
     )
     pg.add_argument("--data-dir", required=True, help="data directory of the embedded PostgreSQL")
     pg.add_argument("--port", type=int, default=5432, help="TCP port on 127.0.0.1, 0 picks a free one (default 5432)")
+    _transfer_parsers(sub)
     bench = sub.add_parser(
         "bench", help="run a load generator: shoal bench NAME [args] (python -m load.NAME)"
     )
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _transfer_parsers(sub: Any) -> None:
+    """`shoal import` and `shoal export` (server/transfer.py)."""
+    from server import transfer
+
+    load = sub.add_parser(
+        "import",
+        help="upsert a JSONL or CSV file into a collection",
+        description="Upsert a JSONL file (one Document per line) or a CSV file (.csv: an id column, a text "
+        "column, the rest metadata) into a collection, creating it when missing. Bad lines are reported "
+        "with their numbers and skipped. Exit status 0: all imported, 1: some skipped, 2: nothing done.",
+    )
+    load.add_argument("path")
+    load.add_argument("--collection", required=True)
+    load.add_argument("--url", default=transfer.DEFAULT_URL, help=f"server (default {transfer.DEFAULT_URL})")
+    load.add_argument("--key", help="API key, sent as Authorization: Bearer KEY")
+    load.add_argument("--batch", type=int, default=transfer.DEFAULT_BATCH, help="documents per upsert (1..10000)")
+    load.add_argument("--in-flight", type=int, default=transfer.DEFAULT_IN_FLIGHT, help="upserts awaiting acks")
+    load.add_argument("--strict", action="store_true", help="any bad line fails the import before anything is sent")
+    load.add_argument("--id-column", default="id", help="CSV: the id column (default id)")
+    load.add_argument("--text-column", default="text", help="CSV: the text column (default text)")
+    load.add_argument("--metric", help="metric of a collection created by the import (default cosine)")
+    load.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dump = sub.add_parser(
+        "export",
+        help="write a collection as JSONL (with vectors) that import reads back",
+        description="Write every document of a collection, in id order, as JSONL with vectors.",
+    )
+    dump.add_argument("collection")
+    dump.add_argument("--url", default=transfer.DEFAULT_URL, help=f"server (default {transfer.DEFAULT_URL})")
+    dump.add_argument("--key", help="API key, sent as Authorization: Bearer KEY")
+    dump.add_argument("--output", help="file to write (default: stdout)")
+    dump.add_argument("--page", type=int, default=transfer.DEFAULT_PAGE, help="documents per get page (1..10000)")
+    dump.add_argument("--vectors", choices=["array", "base64"], default="array", help="vector encoding")
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from server import transfer  # the client and tqdm: loaded only for these commands
+
+    if args.command == "export":
+        if not 1 <= args.page <= 10_000:
+            raise StartupError("--page must be 1..10000")
+        return transfer.run_export(
+            args.collection, args.output, url=args.url, key=args.key, page=args.page, vectors=args.vectors
+        )
+    if not 1 <= args.batch <= 10_000 or args.in_flight < 1:
+        raise StartupError("--batch must be 1..10000 and --in-flight at least 1")
+    options = transfer.ImportOptions(
+        path=Path(args.path),
+        collection=args.collection,
+        url=args.url,
+        key=args.key,
+        batch=args.batch,
+        in_flight=args.in_flight,
+        strict=args.strict,
+        id_column=args.id_column,
+        text_column=args.text_column,
+        metric=args.metric,
+        progress=not args.no_progress,
+    )
+    return transfer.run_import(options)
 
 
 def _bench(name: str, args: list[str]) -> None:
@@ -237,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         elif args.command == "postgres":
             _postgres(args.data_dir, args.port)
+        elif args.command in ("import", "export"):
+            code = _transfer(args)
+            if code:
+                raise SystemExit(code)
         else:
             _bench(args.name, args.args)
     except StartupError as exc:

@@ -17,8 +17,9 @@ from actors.supervisor import Engine
 from models import requests as rq
 from models.codec import Frame, decode_frame
 from models.config import Limits
+from models.cursor import encode_cursor
 from models.errors import BadRequest
-from models.records import Hit, Include, StoredDoc
+from models.records import DocId, Hit, Include, StoredDoc
 from server.lifecycle import writes_in_flight
 
 # Counted while served, so that a stopping server waits for their acks (server.lifecycle).
@@ -67,6 +68,49 @@ def doc_to_wire(doc: StoredDoc, include: frozenset[Include], compact: bool) -> d
     return out
 
 
+async def _page(engine: Engine, request: rq.Get, compact: bool) -> dict[str, Any]:
+    """One page of a paged `get`: `{"docs", "next_cursor"}`. A page is also cut short before its
+    estimated size passes the frame limit, so that it always fits in one frame; `next_cursor`
+    then continues after its last document."""
+    docs, more = await engine.scan(request)
+    budget = engine.limits.max_frame_bytes - PAGE_HEADROOM_BYTES
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        budget -= _wire_size(doc, request.include, compact)
+        if budget < 0 and out:
+            more = True
+            break
+        out.append(doc_to_wire(doc, request.include, compact))
+    return {"docs": out, "next_cursor": encode_cursor(DocId(out[-1]["id"])) if more and out else None}
+
+
+# Room left in a page's frame for the reply's own keys and framing.
+PAGE_HEADROOM_BYTES = 4_096
+# The most bytes one float32 takes as a JSON number (`-1.2345678901234567e-38,`).
+JSON_FLOAT_BYTES = 25
+
+
+def _wire_size(doc: StoredDoc, include: frozenset[Include], compact: bool) -> int:
+    """An upper estimate of the bytes `doc_to_wire(doc, include, compact)` encodes to."""
+    # A character takes at most 4 bytes in UTF-8 (msgpack), 6 as a JSON escape (`\u00e9`).
+    per_char = 4 if compact else 6
+    size = 64 + per_char * len(doc.id)
+    if Include.TEXT in include and doc.text is not None:
+        size += per_char * len(doc.text)
+    if Include.METADATA in include:
+        for key, value in doc.metadata.items():
+            size += 16 + per_char * len(key)
+            if isinstance(value, str):
+                size += per_char * len(value)
+            elif isinstance(value, list):
+                size += sum(8 + per_char * len(item) for item in value)
+            else:
+                size += 32
+    if Include.VECTOR in include:
+        size += 8 + (4 if compact else JSON_FLOAT_BYTES) * int(doc.vector.shape[0])
+    return size
+
+
 def match_hit(event: MatchEvent, include: frozenset[Include], compact: bool) -> dict[str, Any]:
     """The Hit map of a subscription match: the same fields a query for that document returns."""
     doc = event.upserted.doc
@@ -103,6 +147,8 @@ async def _dispatch(
         count, seq = await engine.upsert(request)
         return {"count": count, "seq": seq}
     if isinstance(request, rq.Get):
+        if request.ids is None:
+            return await _page(engine, request, compact)
         docs = await engine.get(request)
         return {"docs": [doc_to_wire(doc, request.include, compact) for doc in docs]}
     if isinstance(request, rq.Count):

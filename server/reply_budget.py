@@ -90,6 +90,9 @@ class ReplyBudget:
             self._room = None
 
 
+_DEFAULT_GET_LIMIT = 100  # models.requests.DEFAULT_GET_LIMIT
+
+
 def vector_bytes_floor(op: object, args: Mapping[str, Any], dim_of: Callable[[str], int | None]) -> int:
     """The bytes the vectors of a `query` / `get` reply are expected to take: its rows (`k`, or
     the number of ids) times 4 bytes per value of the collection's vectors, when it asks for
@@ -101,7 +104,7 @@ def vector_bytes_floor(op: object, args: Mapping[str, Any], dim_of: Callable[[st
         rows = args.get("k", _DEFAULT_K)
     elif op == "get":
         ids = args.get("ids")
-        rows = len(ids) if isinstance(ids, list) else 0
+        rows = len(ids) if isinstance(ids, list) else args.get("limit", _DEFAULT_GET_LIMIT)  # paged
     else:
         return 0
     collection = args.get("collection")

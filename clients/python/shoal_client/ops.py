@@ -8,7 +8,7 @@ defaults apply.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,6 +16,7 @@ from shoal_client.errors import ClientError, ProtocolError
 from shoal_client.types import (
     CollectionInfo,
     DeleteResult,
+    Page,
     QueryResult,
     UpsertResult,
     parse_collection,
@@ -147,6 +148,51 @@ class ShoalOps(abc.ABC):
         if not isinstance(docs, list):
             raise ProtocolError(f"get reply without a docs list: {reply!r}")
         return [parse_doc(d) for d in docs if isinstance(d, Mapping)]
+
+    async def get_page(
+        self,
+        collection: str,
+        *,
+        where: Mapping[str, Any] | None = None,
+        where_text: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        include: Iterable[str] | str | None = None,
+    ) -> Page:
+        """One page of the live documents passing the filters, in id order: up to `limit`
+        (server default 100, at most 10,000), after the page whose `next_cursor` is `cursor`
+        (None: the first page). A page may hold fewer than `limit` documents and still not be
+        the last (the server cuts a page to fit in one frame); only `next_cursor is None` ends."""
+        args = search_args(vector=None, text=None, where=where, where_text=where_text, include=include)
+        args.update(compact(limit=limit, cursor=cursor))
+        reply = await self.request("get", collection=collection, **args)
+        docs = reply.get("docs")
+        next_cursor = reply.get("next_cursor")
+        if not isinstance(docs, list) or not (next_cursor is None or isinstance(next_cursor, str)):
+            raise ProtocolError(f"get reply without a docs list and a next_cursor: {reply!r}")
+        return Page([parse_doc(d) for d in docs if isinstance(d, Mapping)], next_cursor)
+
+    async def scan(
+        self,
+        collection: str,
+        *,
+        where: Mapping[str, Any] | None = None,
+        where_text: Mapping[str, Any] | None = None,
+        page: int | None = None,
+        include: Iterable[str] | str | None = None,
+        cursor: str | None = None,
+    ) -> AsyncIterator[Page]:
+        """Every live document passing the filters, a page (`page` documents at most) at a time,
+        in id order; start after `cursor` to resume. A document live for the whole scan is seen
+        exactly once; one written or deleted meanwhile may or may not be."""
+        while True:
+            got = await self.get_page(
+                collection, where=where, where_text=where_text, limit=page, cursor=cursor, include=include
+            )
+            yield got
+            if got.next_cursor is None:
+                return
+            cursor = got.next_cursor
 
     async def count(self, collection: str) -> int:
         reply = await self.request("count", collection=collection)

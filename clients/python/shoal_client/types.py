@@ -67,6 +67,15 @@ class UpsertResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a paged `get`: documents in id order (vectors as float32 numpy) and the cursor
+    of the next page, None on the last."""
+
+    docs: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class DeleteResult:
     deleted: int
     seq: int
