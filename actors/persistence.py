@@ -26,14 +26,8 @@ them into the docs table (the last change of an id within the batch wins). Delet
 catalog row first, so every writer takes locks in the same order and none can deadlock another.
 Vectors and metadata are encoded before the lock is taken, to keep the critical section short.
 
-Measured with `python -m load.persist_bench` (2 cores, virtual disk; 500 docs a batch, 384-d,
-~300 characters of text, 4 metadata fields; durable commits; variants interleaved batch by
-batch): COPY + fold 19-26k docs/s for new ids (batch p50 15-22 ms), 12-18k docs/s for replaced
-ids; the single-statement INSERT ... SELECT FROM unnest(...) alternative 18-23k and 11-16k, i.e.
-5-20% slower in every run. With 1,000-character texts: COPY 17k, INSERT 14k, and 12k with the
-default toast_tuple_target (vectors moved to TOAST). Two writers on two collections: ~23k docs/s
-together (cores and disk, not the row lock, are the limit). `load_collection` reads 30-60k docs/s (row
-decoding in Python).
+`python -m load.persist_bench` compares this with the single-statement `INSERT ... SELECT FROM
+unnest(...)` alternative, which was slower in every run (README, "Persistence figures").
 
 Errors and faults
 -----------------

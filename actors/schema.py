@@ -27,8 +27,8 @@ MAX_VECTOR_DIM = 16_000
 # PostgreSQL moves wide values out of line (TOAST) once a row passes ~2 KB; a 384-d vector alone
 # is 1,544 bytes, so documents with a few hundred characters of text would pay an extra TOAST heap
 # and index write per row. Up to this size rows stay inline and uncompressed; beyond it the text is
-# compressed first. With 1,000-character texts 4080 wrote ~30% faster than the default; 8160 was as
-# fast but keeps long texts uncompressed at one row a page (3x the space at 3,000 characters).
+# compressed first. 4080 wrote faster than the default with 1,000-character texts; 8160 was no
+# faster and keeps long texts uncompressed at one row a page (README, "Persistence figures").
 TOAST_TUPLE_TARGET = 4080
 
 # The LISTEN/NOTIFY channel on which every commit announces `<last seq>:<collection>` (seq 0: a
