@@ -75,7 +75,7 @@ class ImportSummary:
     def line(self, collection: str) -> str:
         rate = self.imported / self.seconds if self.seconds > 0 else 0.0
         return (
-            f"imported {self.imported} documents into {collection} in {self.seconds:.1f} s "
+            f"imported {self.imported} documents into {collection} in {self.seconds:.2f} s "
             f"({rate:,.0f} docs/s), {self.skipped} lines skipped, last seq {self.seq}"
         )
 
