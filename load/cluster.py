@@ -19,10 +19,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,50 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from load.server import ROOT, ServerProcess, temp_data_dir
+from load.server import ROOT, PostgresProcess, ServerProcess, temp_data_dir
 from shoal_client import ShoalClient
 from shoal_client.types import MatchEvent
 
 DIM = 64
 COLLECTION = "cluster_bench"
-
-
-class PostgresProcess:
-    """`shoal postgres --data-dir DIR --port 0` as a child process; `url` once it serves."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "postgres", "--data-dir", str(data_dir), "--port", "0"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.url = ""
-        found = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith("database-url: "):
-                    self.url = line.split(" ", 1)[1].strip()
-                    found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(90):
-            self.proc.kill()
-            raise RuntimeError("shoal postgres did not start:\n" + "".join(self.lines))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -120,3 +120,41 @@ def local_server(env: dict[str, str] | None = None, *, quiet: bool = False) -> I
             if not data_dir.exists():
                 break
             time.sleep(0.5)
+
+
+class PostgresProcess:
+    """`shoal postgres --data-dir DIR --port P` as a child process; `url` once it serves."""
+
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        self.data_dir = data_dir
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "postgres", "--data-dir", str(data_dir), "--port", str(port)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.url = ""
+        found = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith("database-url: "):
+                    self.url = line.split(" ", 1)[1].strip()
+                    found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(90):
+            self.proc.kill()
+            raise RuntimeError("shoal postgres did not start:\n" + "".join(self.lines))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from load.server import ROOT, ServerProcess, temp_data_dir
+from load.server import ROOT, ServerProcess, local_server, temp_data_dir
 
-__all__ = ["ROOT", "ServerProcess", "temp_data_dir"]
+__all__ = ["ROOT", "ServerProcess", "local_server", "temp_data_dir"]

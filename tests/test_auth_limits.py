@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +21,7 @@ from websockets.asyncio.client import ClientConnection
 
 from models.errors import RateLimited
 from server.auth import AuthFailures, failure_address
-from tests.server_process import ServerProcess, temp_data_dir
+from tests.server_process import ServerProcess, local_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,14 +43,8 @@ def keyed_server() -> Iterator[ServerProcess]:
         "SHOAL_AUTH_FAILURES_PER_MINUTE": str(PER_MINUTE),
         "SHOAL_WS_AUTH_FAILURES_CLOSE": str(WS_CLOSE_AFTER),
     }
-    data_dir = temp_data_dir()
-    proc = ServerProcess(data_dir, env)
-    proc.start()
-    try:
+    with local_server(env, quiet=True) as proc:
         yield proc
-    finally:
-        proc.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @asynccontextmanager

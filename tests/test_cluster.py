@@ -6,11 +6,7 @@ load catches up on restart with no subscriber missing or doubling a match."""
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +16,11 @@ import httpx
 import numpy as np
 import pytest
 
+from load.server import PostgresProcess as Postgres
 from shoal_client import ShoalClient
 from shoal_client.errors import NotFound, Unavailable
 from shoal_client.types import MatchEvent
-from tests.server_process import ROOT, ServerProcess, temp_data_dir
+from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -31,44 +28,6 @@ DIM = 4
 HOT = np.array([1.0, 0.0, 0.0, 0.0], np.float32)
 COLD = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
 NODE_ENV = {"SHOAL_FOLLOW_POLL_S": "0.5", "SHOAL_EMBED_WORKERS": "1", "SHOAL_SEARCH_THREADS": "1"}
-
-
-class Postgres:
-    """`shoal postgres --data-dir DIR --port 0` as a child process."""
-
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
-        self.data_dir = data_dir
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "postgres", "--data-dir", str(data_dir), "--port", str(port)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.url = ""
-        found = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith("database-url: "):
-                    self.url = line.split(" ", 1)[1].strip()
-                    found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(90):
-            self.proc.kill()
-            raise RuntimeError("shoal postgres did not start:\n" + "".join(self.lines))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

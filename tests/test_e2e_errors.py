@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection
 from shoal_client import ShoalClient, ShoalHTTP
 from shoal_client import errors as ce
 from shoal_client.sse import changes_sse, subscribe_sse
-from tests.server_process import ServerProcess, temp_data_dir
+from tests.server_process import ServerProcess, local_server, temp_data_dir
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -186,14 +186,8 @@ def guarded_server() -> Iterator[ServerProcess]:
         {"key": "slow-key", "collections": "*", "access": "read"},
     ]
     env = {"SHOAL_API_KEYS": json.dumps(keys), "SHOAL_RATE_LIMIT": "20", "SHOAL_RATE_BURST": "20"}
-    data_dir = temp_data_dir()
-    proc = ServerProcess(data_dir, env)
-    proc.start()
-    try:
+    with local_server(env, quiet=True) as proc:
         yield proc
-    finally:
-        proc.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def test_unauthorized_forbidden_and_rate_limited(guarded_server: ServerProcess) -> None:

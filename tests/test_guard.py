@@ -26,7 +26,7 @@ from websockets.exceptions import InvalidStatus
 from models.errors import BadRequest, Forbidden
 from server.guard import guard_policy
 from server.settings import Settings
-from tests.server_process import ServerProcess, temp_data_dir
+from tests.server_process import ServerProcess, local_server, temp_data_dir
 from tests.test_browser import CHROMEDRIVER, CHROMIUM, FLAGS
 
 pytestmark = pytest.mark.timeout(180)
@@ -173,14 +173,8 @@ def listed_server() -> Iterator[ServerProcess]:
         "SHOAL_ALLOWED_ORIGINS": "https://app.example",
         "SHOAL_CORS_ORIGINS": "http://cors.example:8000",
     }
-    data_dir = temp_data_dir()
-    proc = ServerProcess(data_dir, env)
-    proc.start()
-    try:
+    with local_server(env, quiet=True) as proc:
         yield proc
-    finally:
-        proc.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def test_listed_hosts_and_origins_are_served(listed_server: ServerProcess) -> None:

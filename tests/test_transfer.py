@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from shoal_client import ShoalClient
-from tests.server_process import ROOT, ServerProcess, temp_data_dir
+from tests.server_process import ROOT, ServerProcess, local_server
 
 pytestmark = pytest.mark.timeout(240)
 DIM = 8
@@ -24,14 +23,8 @@ DIM = 8
 
 @pytest.fixture(scope="module")
 def sharded() -> Iterator[ServerProcess]:
-    data_dir = temp_data_dir()
-    proc = ServerProcess(data_dir, env={"SHOAL_SHARDS_PER_COLLECTION": "3"})
-    proc.start()
-    try:
+    with local_server(env={"SHOAL_SHARDS_PER_COLLECTION": "3"}, quiet=True) as proc:
         yield proc
-    finally:
-        proc.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def shoal(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
