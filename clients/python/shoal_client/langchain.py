@@ -66,8 +66,9 @@ from shoal_client.errors import NotFound
 from shoal_client.http import ShoalHTTP
 from shoal_client.metadata import decode_metadata, encode_metadata
 from shoal_client.mmr import mmr_order
+from shoal_client.store_collection import StoreCollection
 from shoal_client.sync import SyncShoalHTTP
-from shoal_client.types import CollectionInfo, Hit
+from shoal_client.types import Hit
 
 # Options a search accepts besides `k`: the Shoal query arguments they map to.
 _SEARCH_OPTIONS = frozenset({"filter", "where_text", "ef"})
@@ -110,7 +111,7 @@ class ShoalVectorStore(VectorStore):
         self._batch_size = batch_size
         self._owns_client = client is None
         self._db = client if client is not None else SyncShoalHTTP(url, key, timeout=timeout, use_msgpack=True)
-        self._info: CollectionInfo | None = None
+        self._target = StoreCollection(collection, dim, metric, batch_size)
 
     # --- LangChain's VectorStore ------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class ShoalVectorStore(VectorStore):
         vectors = self._embedding.embed_documents(texts) if self._embedding is not None and texts else None
         new_ids, docs = self._documents(texts, metadatas, ids, vectors)
         if docs:
-            self._db.run(lambda c: self._upsert(c, docs, _dim_of(vectors)))
+            self._db.run(lambda c: self._target.upsert(c, docs, _dim_of(vectors)))
         return new_ids
 
     async def aadd_texts(
@@ -156,7 +157,7 @@ class ShoalVectorStore(VectorStore):
         vectors = await self._embedding.aembed_documents(texts) if self._embedding is not None and texts else None
         new_ids, docs = self._documents(texts, metadatas, ids, vectors)
         if docs:
-            await self._db.arun(lambda c: self._upsert(c, docs, _dim_of(vectors)))
+            await self._db.arun(lambda c: self._target.upsert(c, docs, _dim_of(vectors)))
         return new_ids
 
     def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
@@ -335,7 +336,7 @@ class ShoalVectorStore(VectorStore):
     def delete_collection(self) -> None:
         """Drop the whole collection; the next write creates it again."""
         self._db.drop_collection(self.collection)
-        self._info = None
+        self._target.forget()
 
     def close(self) -> None:
         """Close the HTTP client (unless it was given to the constructor)."""
@@ -350,35 +351,6 @@ class ShoalVectorStore(VectorStore):
 
     # --- internals: coroutines run on the client's private loop ----------------------------
 
-    async def _collection(self, c: ShoalHTTP, dim: int | None) -> CollectionInfo:
-        info = self._info
-        if info is None:
-            info = await c.create_collection(
-                self.collection, dim=dim if dim is not None else self._dim, metric=self._metric, if_not_exists=True
-            )
-        if self._metric is not None and info.metric != self._metric:
-            raise ValueError(f"collection {self.collection!r} uses metric {info.metric!r}, not {self._metric!r}")
-        if dim is not None and info.dim != dim:
-            raise ValueError(
-                f"collection {self.collection!r} holds {info.dim}-dimensional vectors; the embedding gives {dim}"
-            )
-        self._info = info
-        return info
-
-    async def _upsert(self, c: ShoalHTTP, docs: list[dict[str, Any]], dim: int | None) -> None:
-        cached = self._info is not None
-        await self._collection(c, dim)
-        try:
-            for start in range(0, len(docs), self._batch_size):
-                await c.upsert(self.collection, docs[start : start + self._batch_size])
-        except NotFound:
-            if not cached:
-                raise
-            # Dropped since it was looked up (by another client): create it again, once. Upserts
-            # replace by id, so re-sending batches that went through is harmless.
-            self._info = None
-            await self._upsert(c, docs, dim)
-
     async def _query(
         self,
         c: ShoalHTTP,
@@ -390,8 +362,8 @@ class ShoalVectorStore(VectorStore):
         with_vectors: bool = False,
         mode: str | None = None,
     ) -> list[Hit]:
-        cached = self._info is not None
-        await self._collection(c, len(vector) if vector is not None else None)
+        cached = self._target.known
+        await self._target.ensure(c, len(vector) if vector is not None else None)
         include = ["text", "metadata", "vector"] if with_vectors else None
         try:
             result = await c.query(
@@ -409,7 +381,7 @@ class ShoalVectorStore(VectorStore):
         except NotFound:
             if not cached:
                 raise
-            self._info = None  # dropped since it was looked up: create it again (empty), once
+            self._target.forget()  # dropped since it was looked up: create it again (empty), once
             return await self._query(c, vector, text, k, options, with_vectors=with_vectors, mode=mode)
         return result.hits
 
@@ -439,11 +411,13 @@ class ShoalVectorStore(VectorStore):
     def _mmr(
         self, hits: list[Hit], k: int, lambda_mult: float, vector: np.ndarray[Any, np.dtype[np.float32]] | None
     ) -> list[Document]:
-        metric = self._info.metric if self._info is not None else "cosine"
+        info = self._target.info
+        metric = info.metric if info is not None else "cosine"
         return [_document(hit) for hit in mmr_order(hits, k, lambda_mult, metric=metric, query_vector=vector)]
 
     def _relevance(self, score: float) -> float:
-        metric = self._info.metric if self._info is not None else (self._metric or "cosine")
+        info = self._target.info
+        metric = info.metric if info is not None else (self._metric or "cosine")
         relevance = 1.0 + score / math.sqrt(2) if metric == "l2" else score
         return min(1.0, max(0.0, relevance))
 

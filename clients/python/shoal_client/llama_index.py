@@ -58,8 +58,9 @@ from shoal_client.errors import NotFound
 from shoal_client.http import ShoalHTTP
 from shoal_client.metadata import decode_metadata, is_flat_value
 from shoal_client.mmr import mmr_order
+from shoal_client.store_collection import StoreCollection
 from shoal_client.sync import SyncShoalHTTP
-from shoal_client.types import CollectionInfo, Hit
+from shoal_client.types import Hit
 
 REF_DOC_KEY = "ref_doc_id"
 NODE_CONTENT_KEY = "_node_content"
@@ -155,7 +156,7 @@ class ShoalVectorStore(BasePydanticVectorStore):
 
     _db: SyncShoalHTTP = PrivateAttr()
     _owns_client: bool = PrivateAttr(default=True)
-    _info: CollectionInfo | None = PrivateAttr(default=None)
+    _target: StoreCollection = PrivateAttr()
 
     def __init__(
         self,
@@ -185,6 +186,7 @@ class ShoalVectorStore(BasePydanticVectorStore):
         super().__init__(**fields)
         self._owns_client = client is None
         self._db = client if client is not None else SyncShoalHTTP(url, key, timeout=timeout, use_msgpack=True)
+        self._target = StoreCollection(collection, dim, metric, batch_size)
 
     @classmethod
     def class_name(cls) -> str:
@@ -202,13 +204,13 @@ class ShoalVectorStore(BasePydanticVectorStore):
         Raises `ValueError` for metadata keys Shoal refuses or a collection of another dimension."""
         docs, dim = _documents(nodes)
         if docs:
-            self._db.run(lambda c: self._upsert(c, docs, dim))
+            self._db.run(lambda c: self._target.upsert(c, docs, dim))
         return [doc["id"] for doc in docs]
 
     async def async_add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
         docs, dim = _documents(nodes)
         if docs:
-            await self._db.arun(lambda c: self._upsert(c, docs, dim))
+            await self._db.arun(lambda c: self._target.upsert(c, docs, dim))
         return [doc["id"] for doc in docs]
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
@@ -268,38 +270,9 @@ class ShoalVectorStore(BasePydanticVectorStore):
 
     # --- internals: coroutines run on the client's private loop -----------------------------
 
-    async def _collection(self, c: ShoalHTTP, dim: int | None) -> CollectionInfo:
-        info = self._info
-        if info is None:
-            info = await c.create_collection(
-                self.collection, dim=dim if dim is not None else self.dim, metric=self.metric, if_not_exists=True
-            )
-        if self.metric is not None and info.metric != self.metric:
-            raise ValueError(f"collection {self.collection!r} uses metric {info.metric!r}, not {self.metric!r}")
-        if dim is not None and info.dim != dim:
-            raise ValueError(
-                f"collection {self.collection!r} holds {info.dim}-dimensional vectors; the embedding gives {dim}"
-            )
-        self._info = info
-        return info
-
-    async def _upsert(self, c: ShoalHTTP, docs: list[dict[str, Any]], dim: int | None) -> None:
-        cached = self._info is not None
-        await self._collection(c, dim)
-        try:
-            for start in range(0, len(docs), self.batch_size):
-                await c.upsert(self.collection, docs[start : start + self.batch_size])
-        except NotFound:
-            if not cached:
-                raise
-            # Dropped since it was looked up (by another client): create it again, once. Upserts
-            # replace by id, so re-sending batches that went through is harmless.
-            self._info = None
-            await self._upsert(c, docs, dim)
-
     async def _drop(self, c: ShoalHTTP) -> None:
         await c.drop_collection(self.collection)
-        self._info = None
+        self._target.forget()
 
     async def _query(self, c: ShoalHTTP, query: VectorStoreQuery) -> VectorStoreQueryResult:
         mmr = query.mode == VectorStoreQueryMode.MMR
@@ -318,8 +291,8 @@ class ShoalVectorStore(BasePydanticVectorStore):
         if query.doc_ids:
             by_doc = {REF_DOC_KEY: {"$in": list(query.doc_ids)}}
             where = by_doc if where is None else {"$and": [where, by_doc]}
-        cached = self._info is not None
-        info = await self._collection(c, len(vector) if vector is not None else None)
+        cached = self._target.known
+        info = await self._target.ensure(c, len(vector) if vector is not None else None)
         k = query.similarity_top_k
         fetch = min(MAX_K, max(k, k * MMR_PREFETCH_FACTOR)) if mmr else k
         include = ["text", "metadata", "vector"] if mmr else ["text", "metadata"]
@@ -328,7 +301,7 @@ class ShoalVectorStore(BasePydanticVectorStore):
         except NotFound:
             if not cached:
                 raise
-            self._info = None  # dropped since it was looked up: create it again (empty), once
+            self._target.forget()  # dropped since it was looked up: create it again (empty), once
             return await self._query(c, query)
         hits = found.hits
         if mmr:
