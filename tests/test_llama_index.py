@@ -212,9 +212,24 @@ def test_unsupported_filters_raise_a_clear_error(
         server_embedded.query(VectorStoreQuery(query_str="x", filters=filters))
 
 
+def test_keyword_and_hybrid_modes_rank_on_the_server(server_embedded: ShoalVectorStore) -> None:
+    keyword = server_embedded.query(
+        VectorStoreQuery(query_str="harbour", mode=VectorStoreQueryMode.TEXT_SEARCH, similarity_top_k=3)
+    )
+    assert keyword.ids == ["ship"]  # only nodes holding the term
+    hybrid = server_embedded.query(
+        VectorStoreQuery(query_str="tax deadline", mode=VectorStoreQueryMode.HYBRID, similarity_top_k=2, alpha=0.5)
+    )
+    assert hybrid.ids is not None and hybrid.ids[0] == "tax" and len(hybrid.ids) == 2
+    rrf = server_embedded.query(VectorStoreQuery(query_str="dog", mode=VectorStoreQueryMode.HYBRID))
+    assert rrf.ids is not None and rrf.ids[0] == "dog"
+
+
 def test_unsupported_modes_and_node_id_restriction_raise(server_embedded: ShoalVectorStore) -> None:
-    with pytest.raises(ValueError, match="hybrid"):
-        server_embedded.query(VectorStoreQuery(query_str="x", mode=VectorStoreQueryMode.HYBRID))
+    with pytest.raises(ValueError, match="not supported by Shoal"):
+        server_embedded.query(VectorStoreQuery(query_str="x", mode=VectorStoreQueryMode.SPARSE))
+    with pytest.raises(ValueError, match="needs query_str"):
+        server_embedded.query(VectorStoreQuery(query_embedding=[0.0] * 4, mode=VectorStoreQueryMode.HYBRID))
     with pytest.raises(ValueError, match="node_ids"):
         server_embedded.query(VectorStoreQuery(query_str="x", node_ids=["cat"]))
     with pytest.raises(ValueError, match="query_embedding or query_str"):

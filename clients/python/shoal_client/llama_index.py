@@ -67,6 +67,9 @@ NODE_CONTENT_KEY = "_node_content"
 DEFAULT_BATCH_SIZE = 256
 # MMR picks from this many times `similarity_top_k` nearest hits (at most the server's k limit).
 MMR_PREFETCH_FACTOR = 4
+# LlamaIndex query modes that Shoal serves itself: BM25 over the texts, and server-side fusion
+# (`alpha` given: weighted with it as the vector side's weight; otherwise reciprocal rank).
+_SHOAL_MODES = {VectorStoreQueryMode.TEXT_SEARCH: "keyword", VectorStoreQueryMode.HYBRID: "hybrid"}
 MAX_K = 1000
 
 _OPERATORS: dict[FilterOperator, str] = {
@@ -276,15 +279,28 @@ class ShoalVectorStore(BasePydanticVectorStore):
 
     async def _query(self, c: ShoalHTTP, query: VectorStoreQuery) -> VectorStoreQueryResult:
         mmr = query.mode == VectorStoreQueryMode.MMR
-        if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
+        modes = (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR, *_SHOAL_MODES)
+        if query.mode not in modes:
             raise ValueError(
-                f"query mode {query.mode.value!r} is not supported by Shoal (the server offers no keyword or"
-                " hybrid search yet); use 'default' or 'mmr'"
+                f"query mode {query.mode.value!r} is not supported by Shoal; use one of "
+                + ", ".join(repr(m.value) for m in modes)
             )
         if query.node_ids:
             raise ValueError("restricting a query to node_ids is not supported by Shoal; filter on metadata instead")
         vector = np.asarray(query.query_embedding, np.float32) if query.query_embedding is not None else None
         text = query.query_str if vector is None else None
+        server_mode = _SHOAL_MODES.get(query.mode)
+        fusion: dict[str, Any] = {}
+        if server_mode is not None:
+            # Keyword and hybrid rank by the text on the server (hybrid's vector side may be ours).
+            if not query.query_str:
+                raise ValueError(f"query mode {query.mode.value!r} needs query_str")
+            text = query.query_str
+            if server_mode == "keyword":
+                vector = None
+            elif query.alpha is not None:
+                fusion = {"fusion": "weighted", "alpha": query.alpha}
+            fusion["mode"] = server_mode
         if vector is None and text is None:
             raise ValueError("a query needs query_embedding or query_str")
         where = filters_to_where(query.filters)
@@ -297,7 +313,9 @@ class ShoalVectorStore(BasePydanticVectorStore):
         fetch = min(MAX_K, max(k, k * MMR_PREFETCH_FACTOR)) if mmr else k
         include = ["text", "metadata", "vector"] if mmr else ["text", "metadata"]
         try:
-            found = await c.query(self.collection, vector=vector, text=text, k=fetch, where=where, include=include)
+            found = await c.query(
+                self.collection, vector=vector, text=text, k=fetch, where=where, include=include, **fusion
+            )
         except NotFound:
             if not cached:
                 raise
