@@ -202,3 +202,38 @@ async def test_a_live_node_keeps_its_log_and_one_back_after_the_expiry_rebuilds(
             if proc.proc is not None and proc.proc.poll() is None:
                 proc.stop()
             shutil.rmtree(proc.data_dir, ignore_errors=True)
+
+
+async def test_a_node_frozen_past_the_expiry_reloads_the_collection_instead_of_the_gap(
+    database: Postgres, db: asyncpg.Connection
+) -> None:
+    a, b = start_node(database), start_node(database)
+    try:
+        async with ShoalClient.connect(b.ws_url) as cb:
+            await cb.create_collection("far", dim=DIM)
+            base = await write_one_by_one(cb, "far", "p", 20)
+            async with ShoalClient.connect(a.ws_url) as ca:
+                with anyio.fail_after(15):
+                    while await ca.count("far") != 20:
+                        await anyio.sleep(0.1)
+            assert a.proc is not None
+            os.kill(a.proc.pid, signal.SIGSTOP)  # alive, but silent for longer than the expiry
+            try:
+                last = await write_one_by_one(cb, "far", "q", 30)
+                await wait_compacted(db, "far", last - KEEP, timeout=EXPIRY_S + 15)
+                assert last - KEEP > base  # what A still needs is gone from the log
+            finally:
+                os.kill(a.proc.pid, signal.SIGCONT)
+            async with ShoalClient.connect(a.ws_url) as ca:
+                with anyio.fail_after(20):
+                    while await ca.count("far") != 50:
+                        await anyio.sleep(0.1)
+                got = await ca.get("far", [f"{p}{i}" for p in "pq" for i in range(20 if p == "p" else 30)], include=[])
+                assert len(got) == 50
+                assert await ca.upsert("far", [{"id": "after", "vector": HOT}])  # and A still writes
+            assert "reloading it from the database" in a.log_path.read_text()
+    finally:
+        for proc in (a, b):
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.stop()
+            shutil.rmtree(proc.data_dir, ignore_errors=True)
