@@ -4,10 +4,11 @@ Schema (DDL in `actors/schema.py`)
 ----------------------------------
 - `shoal_collections`: one catalog row per collection: name, dim, metric, `last_seq` (the last
   seq handed out) and `doc_count` (live documents, kept exact in the write transactions so that
-  listing collections never scans a table).
+  listing collections never scans a table), and `log_floor` (the highest seq compacted away).
+- `shoal_node_seqs`: each running node's applied seq per collection (see `actors/compactor.py`).
 - Per collection, two tables named from the catalog's integer id, never from user text:
-  `shoal_log_<id>` (seq PK, op, doc_id, text, vector, metadata) holds every change with the full
-  content of each upsert; `shoal_docs_<id>` (id PK, seq, text, vector, metadata) is the live
+  `shoal_log_<id>` (seq PK, op, doc_id, text, vector, metadata) holds every change after
+  `log_floor` with the full content of each upsert; `shoal_docs_<id>` (id PK, seq, text, vector, metadata) is the live
   state, the log folded by id. Subscriptions replay old changes from the log with documents as
   they were at that seq; start-up and delete-by-filter read the docs table.
   One table pair per collection (rather than shared tables keyed by collection) keeps every index
@@ -474,28 +475,33 @@ class Persistence:
     async def compact_log(self, collection_id: int, keep_changes: int, expiry_s: float, batch: int) -> int:
         """Delete up to `batch` of the collection's oldest log rows that every node seen within
         `expiry_s` seconds has applied and that lie more than `keep_changes` before its last seq;
-        the floor rises in the same transaction. Returns the rows deleted (0: nothing to do).
-        Raises Unavailable."""
+        the floor rises in the same transaction. Returns the rows deleted (0: nothing to do, or
+        the collection was dropped). Raises Unavailable."""
         table = Tables(collection_id).log
-        async with self._connection() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT c.last_seq, c.log_floor, (SELECT min(n.applied_seq) FROM shoal_node_seqs n "
-                "WHERE n.collection_id = c.id AND n.seen >= now() - make_interval(secs => $2)) AS applied "
-                "FROM shoal_collections c WHERE c.id = $1",
-                collection_id,
-                float(expiry_s),
-            )
-            if row is None or row["applied"] is None:  # dropped, or no live node reports it
-                return 0
-            horizon = min(int(row["last_seq"]) - keep_changes, int(row["applied"]))
-            horizon = min(horizon, int(row["log_floor"]) + batch)
-            if horizon <= int(row["log_floor"]):
-                return 0
-            deleted = await conn.execute(f"DELETE FROM {table} WHERE seq <= $1", horizon)
-            # greatest(): another node compacting at the same time never lowers the floor.
-            await conn.execute(
-                "UPDATE shoal_collections SET log_floor = greatest(log_floor, $2) WHERE id = $1", collection_id, horizon
-            )
+        try:
+            async with self._connection() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT c.last_seq, c.log_floor, (SELECT min(n.applied_seq) FROM shoal_node_seqs n "
+                    "WHERE n.collection_id = c.id AND n.seen >= now() - make_interval(secs => $2)) AS applied "
+                    "FROM shoal_collections c WHERE c.id = $1",
+                    collection_id,
+                    float(expiry_s),
+                )
+                if row is None or row["applied"] is None:  # dropped, or no live node reports it
+                    return 0
+                floor = int(row["log_floor"])
+                horizon = min(int(row["last_seq"]) - keep_changes, int(row["applied"]), floor + batch)
+                if horizon <= floor:
+                    return 0
+                deleted = await conn.execute(f"DELETE FROM {table} WHERE seq <= $1", horizon)
+                # greatest(): another node compacting at the same time never lowers the floor.
+                await conn.execute(
+                    "UPDATE shoal_collections SET log_floor = greatest(log_floor, $2) WHERE id = $1",
+                    collection_id,
+                    horizon,
+                )
+        except asyncpg.exceptions.UndefinedTableError:  # dropped meanwhile (the transaction rolled back)
+            return 0
         return int(deleted.split()[-1])
 
     async def collection_marker(self, name: str) -> tuple[int, str]:

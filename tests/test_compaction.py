@@ -122,6 +122,9 @@ async def test_compaction_deletes_old_changes_and_resumes_before_the_floor_are_g
                     response = await http.get(path, params=params, headers=headers)
                     assert response.status_code == 410, response.text
                     assert response.json()["error"]["code"] == "gone"
+                metrics = (await http.get("/metrics")).text
+                compacted = [line for line in metrics.splitlines() if line.startswith("shoal_log_compacted_rows_total")]
+                assert compacted and float(compacted[0].split()[-1]) >= floor
                 # At the floor the feed still resumes.
                 async with http.stream(
                     "GET", "/v1/collections/cmp/changes", headers={"Last-Event-ID": str(floor)}
