@@ -57,7 +57,19 @@ CATALOG_DDL: tuple[str, ...] = (
     """,
     # compaction: the highest seq removed from the collection's log (0: none); a resume must
     # start at or after it.
-    "ALTER TABLE shoal_collections ADD COLUMN IF NOT EXISTS log_floor bigint NOT NULL DEFAULT 0",
+    # (ALTER only when missing: even a no-op ALTER TABLE would queue behind every writer's lock.)
+    """
+    DO $$
+    BEGIN
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_attribute
+            WHERE attrelid = 'shoal_collections'::regclass AND attname = 'log_floor' AND NOT attisdropped
+        ) THEN
+            ALTER TABLE shoal_collections ADD COLUMN log_floor bigint NOT NULL DEFAULT 0;
+        END IF;
+    END
+    $$
+    """,
     # compaction: every running node's applied seq per collection, refreshed by its heartbeat;
     # the log a live node has not applied is never compacted.
     """
