@@ -32,7 +32,7 @@ from actors.catalog import Catalog, Collection
 from actors.db_health import UNAVAILABLE_ERRORS, describe
 from actors.persistence import CatalogRow, Persistence
 from actors.schema import CHANGES_CHANNEL
-from models.errors import NotFound, ShoalError
+from models.errors import Gone, NotFound, ShoalError
 
 log = logging.getLogger("shoal.follower")
 
@@ -140,7 +140,17 @@ class Follower:
                     here = await self._create(row)
                     log.info("collection %s followed: created on another node", row.name)
                 if here.last_seq < row.last_seq:
-                    await here.applier.catch_up(row.last_seq)
+                    try:
+                        await here.applier.catch_up(row.last_seq)
+                    except Gone:
+                        # Away longer than the node expiry: the log it needs was compacted.
+                        log.warning(
+                            "collection %s: the log after seq %d was compacted; reloading it from the database",
+                            row.name,
+                            here.last_seq,
+                        )
+                        await self._catalog.remove(here.name, here.cid)
+                        await self._create(row)
             except NotFound:
                 self._full = True  # dropped while we read it: the next sync removes it
         self.syncs += 1
@@ -160,7 +170,7 @@ class Follower:
         try:
             for collection, seq in targets:
                 await collection.applier.catch_up(seq)
-        except NotFound:
+        except (NotFound, Gone):  # a full sync removes it, or reloads it past the compacted log
             return False
         return True
 

@@ -4,10 +4,11 @@ Schema (DDL in `actors/schema.py`)
 ----------------------------------
 - `shoal_collections`: one catalog row per collection: name, dim, metric, `last_seq` (the last
   seq handed out) and `doc_count` (live documents, kept exact in the write transactions so that
-  listing collections never scans a table).
+  listing collections never scans a table), and `log_floor` (the highest seq compacted away).
+- `shoal_node_seqs`: each running node's applied seq per collection (see `actors/compactor.py`).
 - Per collection, two tables named from the catalog's integer id, never from user text:
-  `shoal_log_<id>` (seq PK, op, doc_id, text, vector, metadata) holds every change with the full
-  content of each upsert; `shoal_docs_<id>` (id PK, seq, text, vector, metadata) is the live
+  `shoal_log_<id>` (seq PK, op, doc_id, text, vector, metadata) holds every change after
+  `log_floor` with the full content of each upsert; `shoal_docs_<id>` (id PK, seq, text, vector, metadata) is the live
   state, the log folded by id. Subscriptions replay old changes from the log with documents as
   they were at that seq; start-up and delete-by-filter read the docs table.
   One table pair per collection (rather than shared tables keyed by collection) keeps every index
@@ -62,11 +63,18 @@ from actors.pg_codecs import (
 )
 from actors.pg_pool import DatabasePool, redact
 from actors.schema import CHANGES_CHANNEL, LOG_COLUMNS, Tables
-from models.errors import BadRequest, DimensionMismatch, Exists, NotFound
+from models.errors import BadRequest, DimensionMismatch, Exists, Gone, NotFound
 from models.filters import Filter, TextFilter, text_to_sql, to_sql
 from models.records import Change, CollectionInfo, Document, Metric, StoredDoc
 
 log = logging.getLogger(__name__)
+
+
+def _gone(name: str, after_seq: int, floor: int) -> Gone:
+    return Gone(
+        f"collection {name!r}: the changes after seq {after_seq} were compacted (the log starts after"
+        f" seq {floor}); subscribe again without after_seq / Last-Event-ID and reload what you need"
+    )
 
 
 def _bad_data(exc: BaseException) -> BadRequest:
@@ -90,6 +98,7 @@ _ALLOCATE_DELETES = (
 )
 # Create and drop: seq 0 in the payload says "the catalog changed".
 _NOTIFY_CATALOG = f"SELECT pg_notify('{CHANGES_CHANNEL}', '0:' || $1::text)"
+_FLOOR = "SELECT log_floor FROM shoal_collections WHERE id = $1"
 _CATALOG_ROWS = "SELECT name, id, dim, metric, last_seq FROM shoal_collections ORDER BY name"
 
 
@@ -420,7 +429,80 @@ class Persistence:
                 )
             except asyncpg.exceptions.UndefinedTableError as exc:  # dropped meanwhile
                 raise NotFound(f"no collection {name!r}") from exc
+            # Read after the rows: compaction deletes and raises the floor in one transaction, so
+            # rows missing from the read above show here as a floor above after_seq.
+            floor = await conn.fetchval(_FLOOR, row["id"])
+        if floor is not None and after_seq < floor:
+            raise _gone(name, after_seq, int(floor))
         return [row_to_change(r) for r in rows]
+
+    async def log_floor(self, name: str) -> int:
+        """The highest seq compacted away from the collection's log (0: none); a resume must start
+        at or after it. Raises NotFound."""
+        async with self._connection() as conn:
+            floor = await conn.fetchval("SELECT log_floor FROM shoal_collections WHERE name = $1", name)
+        if floor is None:
+            raise NotFound(f"no collection {name!r}")
+        return int(floor)
+
+    async def check_resumable(self, name: str, after_seq: int | None) -> None:
+        """Raises Gone if the changes after `after_seq` were compacted away (None: not a resume)."""
+        if after_seq is not None:
+            floor = await self.log_floor(name)
+            if after_seq < floor:
+                raise _gone(name, after_seq, floor)
+
+    async def heartbeat(self, node: str, applied: Sequence[tuple[int, int]], expiry_s: float) -> None:
+        """Record this node's applied seq per collection id (one statement) and forget the rows of
+        nodes not seen for `expiry_s` seconds. Raises Unavailable."""
+        ids = [cid for cid, _ in applied]
+        seqs = [seq for _, seq in applied]
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO shoal_node_seqs (node, collection_id, applied_seq, seen) "
+                "SELECT $1, c, s, now() FROM unnest($2::int[], $3::bigint[]) AS u(c, s) "
+                "ON CONFLICT (node, collection_id) DO UPDATE SET applied_seq = EXCLUDED.applied_seq, seen = now()",
+                node,
+                ids,
+                seqs,
+            )
+            await conn.execute(
+                "DELETE FROM shoal_node_seqs WHERE seen < now() - make_interval(secs => $1) "
+                "OR collection_id NOT IN (SELECT id FROM shoal_collections)",
+                float(expiry_s),
+            )
+
+    async def compact_log(self, collection_id: int, keep_changes: int, expiry_s: float, batch: int) -> int:
+        """Delete up to `batch` of the collection's oldest log rows that every node seen within
+        `expiry_s` seconds has applied and that lie more than `keep_changes` before its last seq;
+        the floor rises in the same transaction. Returns the rows deleted (0: nothing to do, or
+        the collection was dropped). Raises Unavailable."""
+        table = Tables(collection_id).log
+        try:
+            async with self._connection() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT c.last_seq, c.log_floor, (SELECT min(n.applied_seq) FROM shoal_node_seqs n "
+                    "WHERE n.collection_id = c.id AND n.seen >= now() - make_interval(secs => $2)) AS applied "
+                    "FROM shoal_collections c WHERE c.id = $1",
+                    collection_id,
+                    float(expiry_s),
+                )
+                if row is None or row["applied"] is None:  # dropped, or no live node reports it
+                    return 0
+                floor = int(row["log_floor"])
+                horizon = min(int(row["last_seq"]) - keep_changes, int(row["applied"]), floor + batch)
+                if horizon <= floor:
+                    return 0
+                deleted = await conn.execute(f"DELETE FROM {table} WHERE seq <= $1", horizon)
+                # greatest(): another node compacting at the same time never lowers the floor.
+                await conn.execute(
+                    "UPDATE shoal_collections SET log_floor = greatest(log_floor, $2) WHERE id = $1",
+                    collection_id,
+                    horizon,
+                )
+        except asyncpg.exceptions.UndefinedTableError:  # dropped meanwhile (the transaction rolled back)
+            return 0
+        return int(deleted.split()[-1])
 
     async def collection_marker(self, name: str) -> tuple[int, str]:
         """(catalog id, creation time in ISO format) of a collection: what tells it from a dropped

@@ -55,6 +55,32 @@ CATALOG_DDL: tuple[str, ...] = (
         created_at timestamptz NOT NULL DEFAULT now()
     )
     """,
+    # compaction: the highest seq removed from the collection's log (0: none); a resume must
+    # start at or after it.
+    # (ALTER only when missing: even a no-op ALTER TABLE would queue behind every writer's lock.)
+    """
+    DO $$
+    BEGIN
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_attribute
+            WHERE attrelid = 'shoal_collections'::regclass AND attname = 'log_floor' AND NOT attisdropped
+        ) THEN
+            ALTER TABLE shoal_collections ADD COLUMN log_floor bigint NOT NULL DEFAULT 0;
+        END IF;
+    END
+    $$
+    """,
+    # compaction: every running node's applied seq per collection, refreshed by its heartbeat;
+    # the log a live node has not applied is never compacted.
+    """
+    CREATE TABLE IF NOT EXISTS shoal_node_seqs (
+        node          text NOT NULL,
+        collection_id integer NOT NULL,
+        applied_seq   bigint NOT NULL,
+        seen          timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (node, collection_id)
+    )
+    """,
 )
 
 

@@ -34,6 +34,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from actors import planner
 from actors.applier import Applied, Publisher
 from actors.catalog import Catalog, Collection
+from actors.compactor import Compactor
 from actors.embedder import Embedder
 from actors.follower import Follower
 from actors.ingest import Ingest
@@ -96,6 +97,7 @@ class Engine:
             poll_s=config.follow_poll_s,
             connect_timeout=config.db_connect_timeout_s,
         )
+        self.compactor = Compactor(self.catalog, self.persistence, config)
         self.add_listener(self.subscriptions.publish)
         # Snapshots for fast restart, when given a directory for them.
         self.snapshotter = (
@@ -134,6 +136,7 @@ class Engine:
                 # Started once caught up with what other nodes committed while this one was down.
                 started.append((engine.follower, await _start(tg, engine.follower)))
                 started.append((engine.ingest, await _start(tg, engine.ingest)))
+                started.append((engine.compactor, await _start(tg, engine.compactor)))
                 engine.ready = True
                 log.info("engine ready: %d collection(s)", len(engine.catalog.names()))
                 yield engine
@@ -345,6 +348,7 @@ class Engine:
         if self.catalog.get(req.collection) is not collection:  # dropped while embedding
             raise NotFound(f"no collection named {req.collection!r}")
         query = StandingQuery(vector, req.threshold, req.where, req.where_text)
+        await self.persistence.check_resumable(req.collection, req.after_seq)
         return self.subscriptions.register(
             collection,
             query,
@@ -353,9 +357,14 @@ class Engine:
             close_on_overflow=close_on_overflow,
         )
 
-    def changes(self, name: str, after_seq: int | None) -> Subscriber:
-        """A registered change-feed subscriber (closed, not counted, when it overflows)."""
-        return self.subscriptions.register(self.catalog.get(name), None, after_seq=after_seq, close_on_overflow=True)
+    async def changes(self, name: str, after_seq: int | None) -> Subscriber:
+        """A registered change-feed subscriber (closed, not counted, when it overflows). Raises
+        NotFound, Gone (`after_seq` before the compacted log), Overloaded, Unavailable."""
+        collection = self.catalog.get(name)
+        await self.persistence.check_resumable(name, after_seq)
+        if self.catalog.get(name) is not collection:  # dropped meanwhile
+            raise NotFound(f"no collection named {name!r}")
+        return self.subscriptions.register(collection, None, after_seq=after_seq, close_on_overflow=True)
 
     # -- what the edges need besides the operations (they talk to the Engine, not its actors) ---
 

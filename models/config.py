@@ -137,3 +137,12 @@ class EngineConfig:
     # that seq before answering `unavailable` (0..60000 ms).
     follow_poll_s: float = field(default=1.0, metadata=bounds(0.01, 60))
     min_seq_wait_ms: float = field(default=2_000.0, metadata=bounds(0, 60_000))
+    # compaction (actors/compactor.py): on/off; how often each node reports its applied seqs and
+    # compacts (0.05..86,400 s); the newest changes of a collection always kept, whatever every
+    # node has applied (0..10**12); how long a node's report counts without a newer one
+    # (1..10**6 s); the log rows one compaction step deletes at most (1..10**7).
+    log_compaction: bool = True
+    compact_interval_s: float = field(default=60.0, metadata=bounds(0.05, 86_400))
+    log_retention_changes: int = field(default=100_000, metadata=bounds(0, 10**12))
+    node_expiry_s: float = field(default=300.0, metadata=bounds(1, 1_000_000))
+    compact_batch: int = field(default=10_000, metadata=bounds(1, 10_000_000))

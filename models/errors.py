@@ -126,6 +126,13 @@ class Overloaded(ShoalError):
     code, http_status = "overloaded", 503
 
 
+class Gone(ShoalError):
+    """A resume point (`after_seq`, `Last-Event-ID`) older than the compacted change log: the
+    changes after it are no longer kept. Subscribe again without one."""
+
+    code, http_status = "gone", 410
+
+
 class Internal(ShoalError):
     code, http_status = "internal", 500
 
@@ -169,4 +176,5 @@ ALL_ERRORS: tuple[type[ShoalError], ...] = (
     Overloaded,
     Internal,
     MethodNotAllowed,
+    Gone,
 )

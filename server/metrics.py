@@ -26,6 +26,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from actors.compactor import compacted_rows
 from actors.embedder import EmbedderStats
 from actors.latency import LatencyHistogram
 from actors.planner import plan_counts
@@ -240,6 +241,9 @@ def _snapshot_metrics() -> Iterator[Metric]:
     for result, n in counts["writes"].items():
         writes.add_metric([result], n)
     yield writes
+    yield CounterMetricFamily(
+        "shoal_log_compacted_rows", "Change-log rows this node deleted by compaction", value=compacted_rows()
+    )
 
 
 def _cache_metrics(engine: Engine) -> Iterator[Metric]:

@@ -209,7 +209,7 @@ async def changes(request: Request) -> Response | EventStream:
         params = _single(request.query_params, CHANGES_PARAMS)
         if not rq.COLLECTION_NAME.fullmatch(name):
             raise BadRequest("the collection name must match [A-Za-z0-9_-]{1,64}")
-        sub = state.engine.changes(name, _resume_point(params, request))
+        sub = await state.engine.changes(name, _resume_point(params, request))
     except Exception as exc:
         state.metrics.requests.labels("sse", "changes", as_shoal_error(exc).code).inc()
         return _error(exc)

@@ -308,6 +308,8 @@ export declare const Unavailable: ShoalErrorClass<"unavailable">;
 export declare const Overloaded: ShoalErrorClass<"overloaded">;
 export declare const Internal: ShoalErrorClass<"internal">;
 export declare const MethodNotAllowed: ShoalErrorClass<"method_not_allowed">;
+/** The resume point (after_seq / Last-Event-ID) predates the compacted log: subscribe again without one. */
+export declare const Gone: ShoalErrorClass<"gone">;
 
 export declare class RateLimited extends ShoalError {
   constructor(message?: string, extra?: Record<string, unknown>);

@@ -99,6 +99,13 @@ class MethodNotAllowed(ShoalError):
     code, http_status = "method_not_allowed", 405
 
 
+class Gone(ShoalError):
+    """The resume point (after_seq / Last-Event-ID) predates the compacted change log:
+    subscribe again without one."""
+
+    code, http_status = "gone", 410
+
+
 ERROR_CLASSES: dict[str, type[ShoalError]] = {
     cls.code: cls
     for cls in (
@@ -117,6 +124,7 @@ ERROR_CLASSES: dict[str, type[ShoalError]] = {
         Overloaded,
         Internal,
         MethodNotAllowed,
+        Gone,
     )
 }
 
@@ -128,6 +136,7 @@ _STATUS_CLASSES: dict[int, type[ShoalError]] = {
     404: NotFound,
     405: MethodNotAllowed,
     409: Exists,
+    410: Gone,
     413: TooLarge,
     422: BadRequest,
     429: RateLimited,

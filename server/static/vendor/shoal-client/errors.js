@@ -55,6 +55,8 @@ export const Unavailable = codeClass("Unavailable", "unavailable", 503);
 export const Overloaded = codeClass("Overloaded", "overloaded", 503);
 export const Internal = codeClass("Internal", "internal", 500);
 export const MethodNotAllowed = codeClass("MethodNotAllowed", "method_not_allowed", 405);
+/** The resume point (after_seq / Last-Event-ID) predates the compacted log: subscribe again without one. */
+export const Gone = codeClass("Gone", "gone", 410);
 
 const RateLimitedBase = codeClass("RateLimited", "rate_limited", 429);
 export class RateLimited extends RateLimitedBase {
@@ -71,6 +73,7 @@ export const ERROR_CLASSES = Object.freeze(
     [
       BadFrame, BadRequest, UnknownOp, NotFound, Exists, DimensionMismatch, InvalidVector, TooLarge,
       Unauthorized, Forbidden, RateLimited, Unavailable, Overloaded, Internal, MethodNotAllowed,
+      Gone,
     ].map((cls) => [cls.code, cls]),
   ),
 );
@@ -78,7 +81,7 @@ export const ERROR_CLASSES = Object.freeze(
 // Used only when an HTTP error has no readable {"error": ...} body (e.g. a proxy answered).
 const STATUS_CLASSES = {
   400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed,
-  409: Exists, 413: TooLarge, 422: BadRequest, 429: RateLimited, 503: Unavailable,
+  409: Exists, 410: Gone, 413: TooLarge, 422: BadRequest, 429: RateLimited, 503: Unavailable,
 };
 
 export class ClientError extends Error {

@@ -37,6 +37,7 @@ export {
   Overloaded,
   Internal,
   MethodNotAllowed,
+  Gone,
   ERROR_CLASSES,
   ClientError,
   ConnectionClosed,
