@@ -146,7 +146,9 @@ def test_error_mapping_hides_internals() -> None:
     assert as_shoal_error(KeyError("secret path /etc")).to_wire() == {"code": "internal", "message": "internal error"}
     assert isinstance(as_shoal_error(ValueError()), Internal)
     codes = [cls("m").code for cls in ALL_ERRORS]
-    assert len(codes) == len(set(codes)) == 15
+    # The contract's 14 codes and the two this server adds (docs/PROTOCOL.md), each once.
+    assert len(codes) == len(set(codes)) == 16
+    assert {"method_not_allowed", "gone"} <= set(codes)
 
 
 def test_api_keys_and_token_bucket() -> None:
