@@ -168,6 +168,18 @@ class Engine:
 
         return await self.catalog.add(row.name, row.dim, row.metric, row.cid, load)
 
+    async def _read_target(self, name: str, min_seq: int | None) -> Collection:
+        """The collection a read names, once it has applied its changes through `min_seq`. A
+        reader that gives a seq knows the collection exists, so one created on another node and
+        not followed here yet is looked up in the shared catalog first instead of answering
+        `not_found` until the next poll. Raises NotFound, Unavailable."""
+        if min_seq is not None and self.catalog.find(name) is None:
+            with anyio.move_on_after(self.config.min_seq_wait_ms / 1000):
+                await self.follower.sync()
+        collection = self.catalog.get(name)
+        await self._applied_through(collection, min_seq)
+        return collection
+
     async def _applied_through(self, collection: Collection, min_seq: int | None) -> None:
         """Return once `collection` has applied its changes through `min_seq` (None: at once).
         Raises Unavailable after `min_seq_wait_ms`, NotFound if it was dropped meanwhile."""
@@ -243,8 +255,7 @@ class Engine:
         `scan`). Raises NotFound for an unknown collection."""
         if req.ids is None:
             return (await self.scan(req))[0]
-        collection = self.catalog.get(req.collection)
-        await self._applied_through(collection, req.min_seq)
+        collection = await self._read_target(req.collection, req.min_seq)
         found: dict[str, StoredDoc] = {}
         try:
             for shard in collection.shards:
@@ -261,8 +272,7 @@ class Engine:
         ids after `req.after`, in id order, and whether more follow. Each shard returns its
         next `limit + 1` in id order; the merge of those cut at `limit` is the page, and more
         follow exactly when the shards returned more than `limit` in all. Raises NotFound."""
-        collection = self.catalog.get(req.collection)
-        await self._applied_through(collection, req.min_seq)
+        collection = await self._read_target(req.collection, req.min_seq)
         shards = collection.shards
         want = req.limit + 1
         per_shard: list[list[StoredDoc]] = [[] for _ in shards]
@@ -289,8 +299,7 @@ class Engine:
         return merged[: req.limit], len(merged) > req.limit
 
     async def count(self, req: rq.Count) -> int:
-        collection = self.catalog.get(req.collection)
-        await self._applied_through(collection, req.min_seq)
+        collection = await self._read_target(req.collection, req.min_seq)
         try:
             return await self.catalog.counts(collection)
         except Unavailable as exc:
@@ -322,8 +331,7 @@ class Engine:
         `scope`) was answered. Raises NotFound (also when the collection is dropped while the
         query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable, and TooLarge when
         the hits' texts and vectors alone would not fit in one frame."""
-        collection = self.catalog.get(req.collection)
-        await self._applied_through(collection, req.min_seq)
+        collection = await self._read_target(req.collection, req.min_seq)
 
         def vector_of() -> Awaitable[Vector]:
             return self.query_vector(collection, req.vector, req.text)
