@@ -263,7 +263,8 @@ class DatabasePool:
                     try:
                         yield conn
                     except BaseException as exc:
-                        if isinstance(exc, (anyio.get_cancelled_exc_class(), *_UNAVAILABLE)) or _is_lost(conn):
+                        broken = isinstance(exc, asyncpg.exceptions.InternalClientError)
+                        if broken or isinstance(exc, (anyio.get_cancelled_exc_class(), *_UNAVAILABLE)) or _is_lost(conn):
                             lost = True
                             _terminate(conn)
                         raise
@@ -271,7 +272,9 @@ class DatabasePool:
             reason = f"no answer within {deadline:g} s" if isinstance(exc, TimeoutError) else describe(exc)
             self.health.mark_down(reason)
             raise Unavailable(f"database unavailable: {reason}") from exc
-        except asyncpg.exceptions.InterfaceError as exc:
+        except (asyncpg.exceptions.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+            # InternalClientError: asyncpg refuses a connection whose server went away in the
+            # middle of an operation ("cannot switch to state ..."): as lost as a reset socket.
             if lost:  # e.g. a transaction's ROLLBACK on a connection the server dropped
                 self.health.mark_down("connection lost")
                 raise Unavailable("database unavailable: connection lost") from exc
