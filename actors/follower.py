@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -41,6 +42,19 @@ log = logging.getLogger("shoal.follower")
 COALESCE_S = 0.002
 
 Loader = Callable[[CatalogRow], Awaitable[Collection]]
+
+
+@dataclass(frozen=True, slots=True)
+class FollowerStats:
+    """What `/metrics` shows of the follower. `lag` is, per collection, the highest seq known to
+    be committed (by the last catalog read or a notification since) minus the seq applied here."""
+
+    listening: bool
+    syncs: int
+    catch_ups: int
+    reconnects: int
+    seconds_since_sync: float | None
+    lag: dict[str, int]
 
 
 class Follower:
@@ -68,7 +82,10 @@ class Follower:
         self._closed = False
         self.listening = False
         self.syncs = 0
+        self.catch_ups = 0  # collections brought up to a seq committed elsewhere
+        self.reconnects = 0  # LISTEN connections lost and opened again
         self.last_sync = 0.0  # monotonic time of the last successful sync
+        self._committed: dict[str, int] = {}  # collection -> highest seq known committed
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -116,6 +133,14 @@ class Follower:
             self._full = True
         self._wake.set()
 
+    def stats(self) -> FollowerStats:
+        lag = {}
+        for collection in self._catalog.all():
+            committed = self._committed.get(collection.name, 0)
+            lag[collection.name] = max(0, committed - collection.last_seq)
+        since = time.monotonic() - self.last_sync if self.syncs else None
+        return FollowerStats(self.listening, self.syncs, self.catch_ups, self.reconnects, since, lag)
+
     # -- following ----------------------------------------------------------------------------
 
     async def sync(self) -> None:
@@ -128,6 +153,7 @@ class Follower:
         listed = self._catalog.all()
         rows = await self._persistence.catalog_rows()
         by_name = {row.name: row for row in rows}
+        self._committed = {row.name: max(row.last_seq, self._committed.get(row.name, 0)) for row in rows}
         for collection in listed:
             row = by_name.get(collection.name)
             if row is None or (collection.cid and row.cid != collection.cid):
@@ -140,6 +166,7 @@ class Follower:
                     here = await self._create(row)
                     log.info("collection %s followed: created on another node", row.name)
                 if here.last_seq < row.last_seq:
+                    self.catch_ups += 1
                     try:
                         await here.applier.catch_up(row.last_seq)
                     except Gone:
@@ -169,6 +196,7 @@ class Follower:
             targets.append((collection, seq))
         try:
             for collection, seq in targets:
+                self.catch_ups += 1
                 await collection.applier.catch_up(seq)
         except (NotFound, Gone):  # a full sync removes it, or reloads it past the compacted log
             return False
@@ -194,6 +222,8 @@ class Follower:
         collection = self._catalog.find(name)
         if seq > 0 and collection is not None and collection.last_seq >= seq:
             return  # applied here already (this node's own commit, mostly)
+        if seq > self._committed.get(name, 0):
+            self._committed[name] = seq
         if seq > self._hinted.get(name, -1):
             self._hinted[name] = seq
         self._wake.set()
@@ -220,6 +250,7 @@ class Follower:
                             await conn.fetchval("SELECT 1")
             except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.info("change notifications lost (%s); reconnecting", describe(exc))
+                self.reconnects += 1
             finally:
                 self.listening = False
                 if conn is not None:

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from actors.compactor import compacted_rows
 from actors.embedder import EmbedderStats
+from actors.follower import FollowerStats
 from actors.latency import LatencyHistogram
 from actors.planner import plan_counts
 from actors.snapshotter import snapshot_counts
@@ -66,9 +67,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.ws_connections = Gauge(
-            "shoal_ws_connections", "Open WebSocket connections", registry=self.registry
-        )
+        self.ws_connections = Gauge("shoal_ws_connections", "Open WebSocket connections", registry=self.registry)
         build = Gauge(
             "shoal_build_info", "Always 1; the labels name the build", ["version", "python"], registry=self.registry
         )
@@ -186,6 +185,7 @@ class EngineCollector(Collector):
         yield plans
         yield from _snapshot_metrics()
         yield from _cache_metrics(engine)
+        yield from _follower_metrics(engine.follower.stats())
 
         if status.database is not None:
             pool = status.database
@@ -217,6 +217,27 @@ def _embedder_metrics(stats: EmbedderStats) -> Iterator[Metric]:
     texts.add_metric(["bulk"], stats.bulk_texts)
     yield texts
     yield CounterMetricFamily("shoal_embed_failed_batches", "Model runs that raised", value=stats.failed_batches)
+
+
+def _follower_metrics(stats: FollowerStats) -> Iterator[Metric]:
+    yield _gauge("shoal_follower_listening", "1 while the notifications connection is open", int(stats.listening))
+    yield CounterMetricFamily("shoal_follower_syncs", "Full syncs with the shared catalog", value=stats.syncs)
+    yield CounterMetricFamily(
+        "shoal_follower_catch_ups", "Collections caught up with changes committed by other nodes", value=stats.catch_ups
+    )
+    yield CounterMetricFamily(
+        "shoal_follower_reconnects", "Change notification connections lost and opened again", value=stats.reconnects
+    )
+    if stats.seconds_since_sync is not None:
+        yield _gauge("shoal_follower_sync_age_seconds", "Seconds since the last full sync", stats.seconds_since_sync)
+    lag = GaugeMetricFamily(
+        "shoal_follower_lag",
+        "Changes known committed (by any node) and not applied here yet, per collection",
+        labels=["collection"],
+    )
+    for name, behind in sorted(stats.lag.items()):
+        lag.add_metric([name], behind)
+    yield lag
 
 
 def _histogram(name: str, doc: str, histogram: LatencyHistogram) -> HistogramMetricFamily:

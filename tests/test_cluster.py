@@ -71,6 +71,17 @@ async def wait_ready(proc: ServerProcess, timeout: float = 60) -> None:
                 await anyio.sleep(0.1)
 
 
+async def follower_metrics(proc: ServerProcess) -> dict[str, float]:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(proc.url + "/metrics")).text
+    return {
+        name: float(value)
+        for line in text.splitlines()
+        if line.startswith("shoal_follower_")
+        for name, value in [line.rsplit(" ", 1)]
+    }
+
+
 def docs(prefix: str, hot: list[bool]) -> list[dict[str, object]]:
     return [{"id": f"{prefix}{i}", "vector": HOT if h else COLD, "metadata": {"i": i}} for i, h in enumerate(hot)]
 
@@ -95,6 +106,11 @@ async def test_writes_creates_and_drops_on_one_node_are_seen_on_the_others(nodes
         assert reply["count"] == 3
         hits = await cb.request("query", collection="shared", vector=HOT, k=2, min_seq=written.seq)
         assert {h["id"] for h in hits["hits"]} == {"a0", "a2"}
+        # B's follower shows what it did: listening, A's writes caught up, nothing left behind.
+        follower = await follower_metrics(b)
+        assert follower["shoal_follower_listening"] == 1
+        assert follower["shoal_follower_catch_ups_total"] >= 1
+        assert follower['shoal_follower_lag{collection="shared"}'] == 0
         deleted = await cc.delete("shared", ids=["a1"])
         got = await ca.request("get", collection="shared", ids=["a0", "a1"], min_seq=deleted.seq)
         assert [d["id"] for d in got["docs"]] == ["a0"]
