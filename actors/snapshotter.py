@@ -239,6 +239,7 @@ class Snapshotter:
                             raise SnapshotInvalid(
                                 f"shard {i} holds {loaded} documents, its manifest says {manifest.shards[i].count}"
                             )
+                    done["files_ms"] = round((time.monotonic() - started) * 1000)
                     replayed = 0
                     async for batch in tail:
                         replayed += len(batch)
@@ -268,13 +269,15 @@ class Snapshotter:
         self._saved[name] = (manifest.seq, time.monotonic())
         _count("loads", "loaded")
         log.info(
-            "loaded collection %s from snapshot: %d documents, snapshot seq %d, %d changes replayed, seq %d, %.2f s",
+            "loaded collection %s from snapshot: %d documents, snapshot seq %d, %d changes replayed, seq %d,"
+            " %.2f s (files %.2f s)",
             name,
             done["count"],
             manifest.seq,
             done["replayed"],
             collection.last_seq,
             time.monotonic() - started,
+            done["files_ms"] / 1000,
         )
         return collection
 

@@ -1,8 +1,8 @@
 """The supervisor: starts the actors in order, serves the engine API, stops them in reverse.
 
-    start:  persistence -> embedder -> catalog (+ shards) -> load collections (snapshot + log
-            tail, or a rebuild) -> snapshotter -> subscriptions -> follower (first sync: caught up
-            with the log) -> ingest -> ready
+    start:  persistence -> embedder (its model loads meanwhile) -> catalog (+ shards) -> load
+            collections (snapshot + log tail, or a rebuild) -> model loaded -> snapshotter ->
+            subscriptions -> follower (first sync: caught up with the log) -> ingest -> ready
     stop:   ingest (drains acked work) -> follower -> subscriptions -> snapshotter (last
             snapshots) -> catalog -> embedder -> persistence
 
@@ -126,10 +126,14 @@ class Engine:
         started: list[tuple[Actor, anyio.Event]] = []
         async with anyio.create_task_group() as tg:
             try:
-                first: tuple[Actor, ...] = (engine.persistence, engine.embedder, engine.catalog)
-                for actor in first:
-                    started.append((actor, await _start(tg, actor)))
+                started.append((engine.persistence, await _start(tg, engine.persistence)))
+                # The model loads while the collections do (they need no embedding): a restart
+                # is ready sooner by the model's load time.
+                model_loaded = anyio.Event()
+                started.append((engine.embedder, _start_soon(tg, engine.embedder, model_loaded)))
+                started.append((engine.catalog, await _start(tg, engine.catalog)))
                 await engine._load_collections()
+                await model_loaded.wait()
                 if engine.snapshotter is not None:  # stops after ingest, before the shards
                     started.append((engine.snapshotter, await _start(tg, engine.snapshotter)))
                 started.append((engine.subscriptions, await _start(tg, engine.subscriptions)))
@@ -432,6 +436,23 @@ def _check_vector(collection: Collection, vector: Vector, what: str) -> None:
         )
     if collection.metric is Metric.COSINE and not vector.any():
         raise InvalidVector(f"{what} is all zeros, which has no direction under cosine")
+
+
+def _start_soon(tg: TaskGroup, actor: Actor, started: anyio.Event) -> anyio.Event:
+    """Start an actor in `tg` without waiting: `started` is set when it reports started; the
+    returned event when its run() has returned. If run() raises first, the task group fails."""
+    finished = anyio.Event()
+
+    async def runner() -> None:
+        try:
+            async with anyio.create_task_group() as inner:
+                await inner.start(actor.run)
+                started.set()
+        finally:
+            finished.set()
+
+    tg.start_soon(runner)
+    return finished
 
 
 async def _start(tg: TaskGroup, actor: Actor) -> anyio.Event:
