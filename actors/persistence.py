@@ -47,7 +47,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Self, TypeVar, Unpack
 
 import anyio
 import anyio.abc
@@ -61,11 +61,13 @@ from actors.pg_codecs import (
     row_to_info,
     row_to_stored,
 )
-from actors.pg_pool import DatabasePool, redact
+from actors.pg_pool import DatabasePool, PoolTimeouts, redact
 from actors.schema import CHANGES_CHANNEL, LOG_COLUMNS, Tables
 from models.errors import BadRequest, DimensionMismatch, Exists, Gone, NotFound
 from models.filters import Filter, TextFilter, text_to_sql, to_sql
 from models.records import Change, CollectionInfo, Document, Metric, StoredDoc
+
+B = TypeVar("B")  # what one batch of a _Batches iterator holds
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,7 @@ _LOCK = "SELECT id, dim, last_seq FROM shoal_collections WHERE name = $1 FOR UPD
 # hint to the other nodes costs no extra round trip on the write path.
 _NOTIFY_ROW = f"pg_notify('{CHANGES_CHANNEL}', last_seq::text || ':' || name)"
 _ALLOCATE = (
-    "UPDATE shoal_collections SET last_seq = last_seq + $2 WHERE name = $1 "
-    f"RETURNING id, dim, last_seq, {_NOTIFY_ROW}"
+    f"UPDATE shoal_collections SET last_seq = last_seq + $2 WHERE name = $1 RETURNING id, dim, last_seq, {_NOTIFY_ROW}"
 )
 _ALLOCATE_DELETES = (
     "UPDATE shoal_collections SET last_seq = last_seq + $2, doc_count = doc_count - $2 "
@@ -124,28 +125,8 @@ class Persistence:
     `StartupError` when it cannot be reached or used at all.
     """
 
-    def __init__(
-        self,
-        dsn: str,
-        pool_size: int = 8,
-        *,
-        connect_timeout: float = 5.0,
-        acquire_timeout: float = 10.0,
-        close_timeout: float = 10.0,
-        command_timeout: float = 10.0,
-        probe_interval: float = 1.0,
-        probe_timeout: float = 2.0,
-    ) -> None:
-        self._db = DatabasePool(
-            dsn,
-            pool_size,
-            connect_timeout=connect_timeout,
-            acquire_timeout=acquire_timeout,
-            close_timeout=close_timeout,
-            command_timeout=command_timeout,
-            probe_interval=probe_interval,
-            probe_timeout=probe_timeout,
-        )
+    def __init__(self, dsn: str, pool_size: int = 8, **timeouts: Unpack[PoolTimeouts]) -> None:
+        self._db = DatabasePool(dsn, pool_size, **timeouts)
         self._dsn = dsn
         self._stop: anyio.Event | None = None
         self._stop_requested = False
@@ -174,9 +155,7 @@ class Persistence:
         """Close the pool: in-flight calls finish (up to close_timeout), then connections drop."""
         await self._db.aclose()
 
-    async def run(
-        self, *, task_status: anyio.abc.TaskStatus[Persistence] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def run(self, *, task_status: anyio.abc.TaskStatus[Persistence] = anyio.TASK_STATUS_IGNORED) -> None:
         """Open, report started, probe the database until `close()`, then close the pool."""
         self._stop = anyio.Event()
         if self._stop_requested:
@@ -225,9 +204,7 @@ class Persistence:
         info, _ = await self.create_collection_row(name, dim, metric)
         return info
 
-    async def create_collection_row(
-        self, name: str, dim: int, metric: Metric
-    ) -> tuple[CollectionInfo, int]:
+    async def create_collection_row(self, name: str, dim: int, metric: Metric) -> tuple[CollectionInfo, int]:
         """`create_collection`, also returning the new catalog row's id. Raises Exists, BadRequest."""
         metric = Metric(metric)
         if not 1 <= dim <= 16_000:
@@ -264,9 +241,7 @@ class Persistence:
 
     async def list_collections(self) -> list[CollectionInfo]:
         async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT name, dim, metric, doc_count FROM shoal_collections ORDER BY name"
-            )
+            rows = await conn.fetch("SELECT name, dim, metric, doc_count FROM shoal_collections ORDER BY name")
         return [row_to_info(row) for row in rows]
 
     async def get_collection(self, name: str) -> CollectionInfo:
@@ -284,8 +259,7 @@ class Persistence:
         async with self._connection() as conn:
             rows = await conn.fetch(_CATALOG_ROWS)
         return [
-            CatalogRow(r["name"], int(r["id"]), int(r["dim"]), Metric(r["metric"]), int(r["last_seq"]))
-            for r in rows
+            CatalogRow(r["name"], int(r["id"]), int(r["dim"]), Metric(r["metric"]), int(r["last_seq"])) for r in rows
         ]
 
     async def last_seq(self, name: str) -> int:
@@ -328,9 +302,7 @@ class Persistence:
             last = int(row["last_seq"])
             first = last - n + 1
             tables = Tables(row["id"])
-            records = [
-                (first + i, "upsert", doc.id, doc.text, vectors[i], metas[i]) for i, doc in enumerate(docs)
-            ]
+            records = [(first + i, "upsert", doc.id, doc.text, vectors[i], metas[i]) for i, doc in enumerate(docs)]
             await conn.copy_records_to_table(tables.log, records=records, columns=LOG_COLUMNS)
             await conn.execute(tables.upsert_docs_from_log(), first, last, row["id"])
             return first, last
@@ -353,9 +325,7 @@ class Persistence:
             if row is None:
                 raise NotFound(f"no collection {name!r}")
             tables = Tables(row["id"])
-            rows = await conn.fetch(
-                f"DELETE FROM {tables.docs} WHERE id = ANY($1::text[]) RETURNING id", wanted
-            )
+            rows = await conn.fetch(f"DELETE FROM {tables.docs} WHERE id = ANY($1::text[]) RETURNING id", wanted)
             gone = {r["id"] for r in rows}
             deleted = [i for i in wanted if i in gone]
             return deleted, await self._log_deletes(conn, row, deleted)
@@ -388,9 +358,7 @@ class Persistence:
             if row is None:
                 raise NotFound(f"no collection {name!r}")
             tables = Tables(row["id"])
-            rows = await conn.fetch(
-                f"DELETE FROM {tables.docs} WHERE {' AND '.join(clauses)} RETURNING id", *params
-            )
+            rows = await conn.fetch(f"DELETE FROM {tables.docs} WHERE {' AND '.join(clauses)} RETURNING id", *params)
             deleted = sorted(r["id"] for r in rows)
             return deleted, await self._log_deletes(conn, row, deleted)
 
@@ -558,9 +526,7 @@ class Persistence:
                 raise NotFound(f"no collection {snap.name!r}")
             snap.last_seq = int(row["last_seq"])
             try:
-                cursor = await conn.cursor(
-                    f"SELECT id, seq, text, vector, metadata FROM {Tables(row['id']).docs}"
-                )
+                cursor = await conn.cursor(f"SELECT id, seq, text, vector, metadata FROM {Tables(row['id']).docs}")
             except asyncpg.exceptions.UndefinedTableError as exc:  # dropped meanwhile
                 raise NotFound(f"no collection {snap.name!r}") from exc
             while True:
@@ -570,7 +536,31 @@ class Persistence:
                 yield [row_to_stored(r) for r in rows]
 
 
-class CollectionSnapshot:
+class _Batches(Generic[B]):
+    """The async-iterator shell shared by CollectionSnapshot and LogTail: batches come from one
+    generator that holds a pooled connection until exhausted or closed (`async with`)."""
+
+    _batches: AsyncGenerator[list[B], None]
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> list[B]:
+        return await anext(self._batches)
+
+    async def aclose(self) -> None:
+        await self._batches.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+class CollectionSnapshot(_Batches[StoredDoc]):
     """An async iterator over a collection's live documents, `batch` at a time.
 
     All batches come from one REPEATABLE READ snapshot; `last_seq` is the collection's last seq
@@ -587,25 +577,8 @@ class CollectionSnapshot:
         self.last_seq: int | None = None
         self._batches = db._snapshot_batches(self)
 
-    def __aiter__(self) -> CollectionSnapshot:
-        return self
 
-    async def __anext__(self) -> list[StoredDoc]:
-        return await anext(self._batches)
-
-    async def aclose(self) -> None:
-        await self._batches.aclose()
-
-    async def __aenter__(self) -> CollectionSnapshot:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-
-class LogTail:
+class LogTail(_Batches[Change]):
     """An async iterator over a collection's change log after `after_seq`, `batch` at a time.
 
     Everything comes from one REPEATABLE READ snapshot: `marker` (catalog id, creation time),
@@ -630,20 +603,6 @@ class LogTail:
         if self.marker is None:
             await anext(self._batches)
 
-    def __aiter__(self) -> LogTail:
-        return self
-
     async def __anext__(self) -> list[Change]:
         await self.header()
         return await anext(self._batches)
-
-    async def aclose(self) -> None:
-        await self._batches.aclose()
-
-    async def __aenter__(self) -> LogTail:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import anyio
 import asyncpg
@@ -47,6 +47,17 @@ T = TypeVar("T")
 OWN_BACKENDS_KEPT = 1_024
 
 _UNAVAILABLE = UNAVAILABLE_ERRORS
+
+
+class PoolTimeouts(TypedDict, total=False):
+    """DatabasePool's keyword arguments, seconds each (for callers that pass them through)."""
+
+    connect_timeout: float
+    acquire_timeout: float
+    close_timeout: float
+    command_timeout: float
+    probe_interval: float
+    probe_timeout: float
 
 # Problems of the dsn or the login that no retry fixes: reported at start-up as what to fix.
 # (28000 no such role or no pg_hba entry, 28P01 bad password, 3D000 no such database, 42501 no
@@ -263,8 +274,8 @@ class DatabasePool:
                     try:
                         yield conn
                     except BaseException as exc:
-                        broken = isinstance(exc, asyncpg.exceptions.InternalClientError)
-                        if broken or isinstance(exc, (anyio.get_cancelled_exc_class(), *_UNAVAILABLE)) or _is_lost(conn):
+                        gone = (anyio.get_cancelled_exc_class(), asyncpg.exceptions.InternalClientError, *_UNAVAILABLE)
+                        if isinstance(exc, gone) or _is_lost(conn):
                             lost = True
                             _terminate(conn)
                         raise
