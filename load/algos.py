@@ -130,11 +130,12 @@ class Gauges:
     collection: dict[str, float] = field(default_factory=dict)
     plans: dict[str, float] = field(default_factory=dict)
     rss: float | None = None
+    cache_hits: float = 0.0
 
 
 async def scrape(http: httpx.AsyncClient, name: str) -> Gauges:
     """The /metrics samples labelled `collection=name` (summed over shards), the planner's query
-    counts by plan, and `process_resident_memory_bytes`."""
+    counts by plan, `process_resident_memory_bytes` and the results cache's hits."""
     reply = await http.get("/metrics")
     reply.raise_for_status()
     out = Gauges()
@@ -144,6 +145,8 @@ async def scrape(http: httpx.AsyncClient, name: str) -> Gauges:
                 out.collection[sample.name] = out.collection.get(sample.name, 0.0) + float(sample.value)
             elif sample.name == "process_resident_memory_bytes":
                 out.rss = float(sample.value)
+            elif sample.name == "shoal_results_cache_lookups_total" and sample.labels.get("outcome") == "hit":
+                out.cache_hits = float(sample.value)
             elif (
                 sample.name.startswith("shoal_planner_queries")
                 and "plan" in sample.labels
@@ -228,6 +231,7 @@ async def _create(client: ShoalClient, name: str, dim: int, v: Variant) -> tuple
 
 async def _sweep_point(
     t: Target,
+    http: httpx.AsyncClient,
     conns: Sequence[ShoalClient],
     ds: Dataset,
     name: str,
@@ -241,6 +245,7 @@ async def _sweep_point(
         await conns[0].request("query", **requests[0])
     except BadRequest as exc:
         return {**point, "status": "refused", "reason": exc.message}
+    hits_before = (await scrape(http, name)).cache_hits
     once = await run_closed(conns, requests, max_requests=len(requests), seconds=600.0)
     recall = recall_of(ds, once.found, K, False)
     point.update(status="ok", recall=None if recall is None else round(recall, 4), errors=once.errors.as_dict())
@@ -251,6 +256,8 @@ async def _sweep_point(
     else:
         phase = query_summary(once)
     point["qps"] = phase["qps"]
+    # Answers from the results cache are not searches: a local server runs with it off.
+    point["cache_hits"] = (await scrape(http, name)).cache_hits - hits_before
     point["latency_ms"] = {k: phase["latency_ms"].get(k) for k in ("p50", "p99")}
     if phase["error_count"] or once.errors.total:
         point["errors"] = {**point["errors"], **phase["errors"]}
@@ -361,7 +368,7 @@ async def _sweep(
         plans_before = (await scrape(http, name)).plans
         points = []
         for value in [None, *v.sweep]:
-            point = await _sweep_point(t, conns, ds, name, v.param, value, args.seconds)
+            point = await _sweep_point(t, http, conns, ds, name, v.param, value, args.seconds)
             shown = "default" if value is None else f"{v.param}={value}"
             log(f"{v.label}, {shown}: {_brief(point)}", enabled=not args.quiet)
             points.append(point)
@@ -608,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = load_dataset(args.source, args.size, args.queries)
     config = load_settings().engine if args.url is None else EngineConfig()
     started = time.perf_counter()
-    with target(args.url, quiet=args.quiet) as t:
+    # The sweep repeats the same queries: with the results cache on, most would be answered from it.
+    with target(args.url, quiet=args.quiet, env={"SHOAL_RESULTS_CACHE_BYTES": "0"}) as t:
         result = run_async(lambda: bench(t, ds, config, args))
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["plot"] = str(plot(result, Path(args.plot)))

@@ -3,8 +3,9 @@ same vectors and searched in this process.
 
 Every anchor is searched the same way: the whole query set in one batched call per pass, on
 `threads` threads (the server's search pool), repeated for at least `seconds`; recall@10 comes from
-the first pass. Each returns a dict with its build time, insert rate, serialised bytes per vector
-and one point per sweep value (`recall`, `qps`).
+the first pass, QPS and the CPU this process spent per query from all of them. Each returns a
+dict with its build time, insert rate, serialised bytes per vector and one point per sweep value
+(`recall`, `qps`, `cpu_us_per_query`).
 
 - `hnsw`: raw hnswlib (cosine), the same M / ef_construction as Shoal's, ef swept.
 - `hnsw int8` / `hnsw f16`: faiss `IndexHNSWSQ` (8-bit / fp16 scalar quantiser), efSearch swept.
@@ -42,16 +43,22 @@ Search = Callable[[NDArray[np.float32]], NDArray[np.int64]]
 
 
 def _measure(search: Search, queries: NDArray[np.float32], truth: NDArray[np.int64], seconds: float) -> dict[str, Any]:
-    """recall@10 of the first pass, and queries per second over at least `seconds` of passes."""
-    started = time.perf_counter()
+    """recall@10 of the first pass; queries per second and CPU microseconds per query (this
+    process, every thread) over at least `seconds` of passes."""
+    started, cpu = time.perf_counter(), time.process_time()
     labels = search(queries)
     passes = 1
     while time.perf_counter() - started < seconds:
         search(queries)
         passes += 1
-    elapsed = time.perf_counter() - started
+    elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    done = passes * len(queries)
     recall = recall_at_k(labels[:, :K].tolist(), truth, K)
-    return {"recall": round(recall, 4), "qps": round(passes * len(queries) / elapsed, 1)}
+    return {
+        "recall": round(recall, 4),
+        "qps": round(done / elapsed, 1),
+        "cpu_us_per_query": round(cpu_s / done * 1e6, 1),
+    }
 
 
 def _serialised_bytes(index: Any) -> int:

@@ -24,6 +24,7 @@ SHOAL_HEADERS = [
     "QPS",
     "anchor QPS",
     "ratio",
+    "CPU ratio",
     "build s",
     "inserts/s",
     "B/vector",
@@ -61,23 +62,37 @@ def qps_at_recall(points: Sequence[tuple[float, float]], recall: float) -> tuple
     return None, "unreached"
 
 
-def anchor_curve(anchor: dict[str, Any] | None) -> list[tuple[float, float]]:
+def anchor_curve(anchor: dict[str, Any] | None, *, per_cpu: bool = False) -> list[tuple[float, float]]:
+    """The anchor's (recall, QPS) points, or (recall, queries per CPU-second) with `per_cpu`."""
     if not anchor:
         return []
-    return [(float(p["recall"]), float(p["qps"])) for p in anchor.get("points", []) if p.get("qps")]
+    out = []
+    for p in anchor.get("points", []):
+        if per_cpu and p.get("cpu_us_per_query"):
+            out.append((float(p["recall"]), 1e6 / float(p["cpu_us_per_query"])))
+        elif not per_cpu and p.get("qps"):
+            out.append((float(p["recall"]), float(p["qps"])))
+    return out
 
 
 def compare(variant: dict[str, Any], anchor: dict[str, Any] | None) -> None:
-    """Add `anchor_qps`, `anchor_match` and `ratio` (Shoal QPS / anchor QPS at equal recall) to
-    every measured point of `variant`."""
-    curve = anchor_curve(anchor)
+    """Add to every measured point of `variant`, at equal recall: `anchor_qps`, `anchor_match` and
+    `ratio` (Shoal QPS / anchor QPS); and `anchor_cpu_us_per_query` and `cpu_ratio` (the anchor's
+    CPU per query / the server's: queries per CPU-second, Shoal over the anchor), which a busy
+    neighbour on a shared machine moves much less than QPS."""
+    curve, cpu_curve = anchor_curve(anchor), anchor_curve(anchor, per_cpu=True)
     for point in variant.get("points", []):
         if point.get("recall") is None or not point.get("qps"):
             continue
-        qps, how = qps_at_recall(curve, float(point["recall"]))
+        recall = float(point["recall"])
+        qps, how = qps_at_recall(curve, recall)
         point["anchor_qps"] = None if qps is None else round(qps, 1)
         point["anchor_match"] = how
         point["ratio"] = None if qps is None else round(float(point["qps"]) / qps, 4)
+        per_cpu, _ = qps_at_recall(cpu_curve, recall)
+        server_us = point.get("server_cpu_us_per_query")
+        point["anchor_cpu_us_per_query"] = None if per_cpu is None else round(1e6 / per_cpu, 1)
+        point["cpu_ratio"] = None if per_cpu is None or not server_us else round(1e6 / per_cpu / server_us, 4)
 
 
 def _params(point: dict[str, Any], variant: dict[str, Any]) -> str:
@@ -94,8 +109,8 @@ def _params(point: dict[str, Any], variant: dict[str, Any]) -> str:
     return ", ".join(p for p in (fixed, swept) if p) or "-"
 
 
-def _ratio(point: dict[str, Any]) -> str:
-    ratio = point.get("ratio")
+def _ratio(point: dict[str, Any], key: str = "ratio") -> str:
+    ratio = point.get(key)
     if ratio is None:
         return "unreached" if point.get("anchor_match") == "unreached" else "-"
     return f"{'<=' if point.get('anchor_match') == 'above' else ''}{ratio:.3f}"
@@ -107,13 +122,13 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for v in result["shoal"]:
         if v["status"] != "ok":
-            rows.append([v["label"], f"{v['status']}: {v.get('reason', '')}"[:70], *["-"] * 8])
+            rows.append([v["label"], f"{v['status']}: {v.get('reason', '')}"[:70], *["-"] * 9])
             continue
         build = v["build"]
         first = True
         for point in v["points"]:
             if point.get("status", "ok") != "ok":
-                rows.append([v["label"], f"{_params(point, v)}: {point['status']}", *["-"] * 8])
+                rows.append([v["label"], f"{_params(point, v)}: {point['status']}", *["-"] * 9])
                 continue
             rows.append(
                 [
@@ -123,6 +138,7 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
                     point["qps"],
                     point.get("anchor_qps"),
                     _ratio(point),
+                    _ratio(point, "cpu_ratio"),
                     build["build_s"] if first else "",
                     build["inserts_per_s"] if first else "",
                     v["memory"].get("bytes_per_vector") if first else "",
@@ -168,8 +184,9 @@ def report(result: dict[str, Any]) -> str:
         format_table(ANCHOR_HEADERS, anchor_rows(result)),
         "",
         "ratio: Shoal QPS / the anchor's QPS interpolated at the recall Shoal reached ('<=': the anchor's "
-        "fastest setting already has more recall). B/vector: the server's index and vector gauges "
-        "(/metrics) per vector; RSS B/vector: growth of the server's resident memory per vector.",
+        "fastest setting already has more recall). CPU ratio: the same with queries per CPU-second (the "
+        "server's CPU, the anchor's). B/vector: the server's index and vector gauges (/metrics) per "
+        "vector; RSS B/vector: growth of the server's resident memory per vector.",
     ]
     plans = [f"{v['label']} {v['plans']}" for v in result["shoal"] if v.get("plans")]
     if plans:
