@@ -154,9 +154,26 @@ def anchor_rows(result: dict[str, Any]) -> list[list[Any]]:
     for family, a in result["anchors"].items():
         first = True
         fixed = ", ".join(f"{k}={v}" for k, v in a["params"].items())
+        builds = {b["nbits"]: b for b in a.get("builds", [])}  # lsh: one build per nbits
         for point in a["points"]:
             param = a.get("param")
             swept = "" if param is None else f"{param}={point[param]}"
+            build = builds.get(point.get("nbits"))
+            if build is not None:
+                rows.append(
+                    [
+                        family if first else "",
+                        a["library"] if first else "",
+                        ", ".join(p for p in (fixed, swept) if p),
+                        point["recall"],
+                        point["qps"],
+                        build["build_s"],
+                        build["inserts_per_s"],
+                        build["bytes_per_vector"],
+                    ]
+                )
+                first = False
+                continue
             rows.append(
                 [
                     family if first else "",
@@ -206,7 +223,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     families = list(dict.fromkeys([v["family"] for v in result["shoal"]] + list(result["anchors"])))
     cols = min(4, max(1, len(families)))
@@ -221,16 +238,21 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         if x:
             ax.plot(x, y, "o-", color="tab:blue", label="Shoal")
         anchor = result["anchors"].get(family)
+        ax_y: list[float] = []
         if anchor:
             ax_x, ax_y = _curve(anchor["points"])
             ax.plot(ax_x, ax_y, "s--", color="tab:orange", label=anchor["library"])
         refused = any(v["status"] != "ok" for v in variants)
         ax.set_title(family + (" (Shoal: refused)" if refused and not x else ""), fontsize=10)
         ax.set_xscale("log")
+        # Ticks at 1, 2 and 5 per decade, labelled in full: a panel may span less than a decade.
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:,.0f}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("QPS (log)")
         ax.set_ylabel("recall@10")
-        ax.set_ylim(0.0, 1.02)
+        recalls = y + ax_y
+        ax.set_ylim(max(0.0, min(recalls, default=0.0) - 0.05), 1.01)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     for ax in list(axes.flat)[len(families) :]:
