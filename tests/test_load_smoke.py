@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from load import core_bench, ingest, mixed, query
+from load import algos, core_bench, ingest, mixed, query
 from load.common import Histogram, format_table
 from load.server import ROOT
 from tests.server_process import ServerProcess
@@ -172,3 +172,42 @@ def test_mixed(server: ServerProcess, tmp_path: Path) -> None:
     assert subs["subscriptions"] == 10 and subs["pushes_delivered"] >= 1
     assert subs["lagged_events"] == 0
     assert set(subs["delivery_ms"]) == LATENCY_KEYS
+
+
+@pytest.mark.timeout(300)
+def test_algos_quick(server: ServerProcess, tmp_path: Path) -> None:
+    out, png = tmp_path / "algos.json", tmp_path / "algos.png"
+    code = algos.main(
+        [
+            *("--url", server.url, "--quick", "--source", "synthetic"),
+            *("--json", str(out), "--plot", str(png), "--quiet"),
+        ]
+    )
+    r = _read(out)
+    assert code == 0
+    assert {"corpus", "server_config", "fairness", "shoal", "anchors", "summary", "memory_vs_float32"} <= set(r)
+    assert r["corpus"]["docs"] == 3000 and r["corpus"]["queries"] == 100
+    families = {"hnsw", "hnsw int8", "hnsw f16", "flat", "ivf", "ivf int8", "ivf f16", "lsh"}
+    assert {v["family"] for v in r["shoal"]} == families
+    assert set(r["anchors"]) == families
+    for v in r["shoal"]:
+        # A kind this server does not offer is reported as refused (with the server's reason),
+        # never a crash; every other one is measured in full.
+        assert v["status"] in ("ok", "refused"), v
+        if v["status"] == "refused":
+            assert v["reason"]
+            continue
+        assert v["build"]["docs"] == 3000 and v["build"]["indexed"] is True
+        assert v["build"]["inserts_per_s"] > 0 and v["build"]["build_s"] >= v["build"]["insert_s"]
+        assert v["memory"]["bytes_per_vector"] > 0
+        measured = [p for p in v["points"] if p["status"] == "ok"]
+        assert measured and all(0.0 <= p["recall"] <= 1.0 and p["qps"] > 0 for p in measured), v["points"]
+        assert all(not p["errors"] for p in measured)
+    # The server's default index (hnsw) is always measured.
+    assert next(v for v in r["shoal"] if v["label"] == "hnsw")["status"] == "ok"
+    for family, anchor in r["anchors"].items():
+        assert anchor["status"] == "ok", (family, anchor)
+        assert anchor["points"] and all(0.0 <= p["recall"] <= 1.0 and p["qps"] > 0 for p in anchor["points"])
+        assert anchor["bytes_per_vector"] > 0
+    assert r["anchors"]["flat"]["points"][0]["recall"] == 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
