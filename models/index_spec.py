@@ -7,7 +7,7 @@ Wire shape (`create_collection`'s `index`, and the collection shape): `{"kind": 
 - `flat`: exact search, no parameters.
 - `ivf`: `nlist` (1..65536; absent: chosen from the size, see `actors/indexes/ivf.py`),
   `quantization`?; queries take `nprobe`.
-- `lsh`: `nbits` (8..4096, a multiple of 8; default 2·dim capped at 2048), `candidates`
+- `lsh`: `nbits` (8..4096, a multiple of 8; default 2·dim, 256..2048), `candidates`
   (1..10000; default max(100, 10·k)).
 
 `quantization` is `"int8"` or `"f16"`. Metric `l1` is served by `flat` and `ivf` (unquantised);
@@ -31,6 +31,7 @@ QUERY_PARAMS = {"hnsw": "ef", "ivf": "nprobe"}
 _MAX_NLIST = 65_536
 _MAX_NBITS = 4_096
 _DEFAULT_NBITS_CAP = 2_048
+_MIN_DEFAULT_NBITS = 256
 _MAX_CANDIDATES = 10_000
 _MAX_M = 1_000
 # Build parameters per kind, each with its inclusive integer range (None: the caller's bound).
@@ -79,8 +80,9 @@ class IndexSpec:
 
 
 def default_nbits(dim: int) -> int:
-    """LSH signature bits by default: twice the width, a multiple of 8, at most 2048."""
-    return min(_DEFAULT_NBITS_CAP, max(8, -(-2 * dim // 8) * 8))
+    """LSH signature bits by default: twice the width (at least 256: fewer bits cannot tell
+    neighbours apart, whatever the width), a multiple of 8, at most 2048."""
+    return min(_DEFAULT_NBITS_CAP, max(_MIN_DEFAULT_NBITS, -(-2 * dim // 8) * 8))
 
 
 def default_spec(metric: Metric) -> IndexSpec:

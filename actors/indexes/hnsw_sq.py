@@ -194,7 +194,7 @@ class HnswSqIndex(VectorIndex):
         if graph is None:
             return 0
         n = int(graph.index.ntotal)
-        code = int(graph.index.storage.code_size) if hasattr(graph.index, "storage") else self.dim
+        code = self.dim if self.spec.quantization == "int8" else 2 * self.dim
         # codes, level-0 links (2M ids), upper levels (~M/(M-1) per entry), offsets and levels,
         # and the entry map (label array, alive flag, a dict item per live entry)
         links = 2 * self.m * 4 + (self.m * 4) // max(1, self.m - 1) + 8 + 4

@@ -8,7 +8,7 @@ writes made meanwhile and swapped in (`Rebuild`); with `nlist` left to the serve
 again the same way each time the shard has grown `ivf_retrain_growth`-fold since.
 
 `nlist` by default: min(4·sqrt(n), n / 39), at least 1, for the n live vectors at training.
-`nprobe` by default: max(8, nlist / 8) lists (capped at nlist); a query may ask for its own.
+`nprobe` by default: max(16, nlist / 4) lists (capped at nlist); a query may ask for its own.
 Candidates are re-ranked on the full-precision vectors, so scores are exact for what is found
 (quantised codes only choose the candidates: 4·k of them, at least 40).
 """
@@ -61,7 +61,7 @@ def auto_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    return min(nlist, max(8, nlist // 8))
+    return min(nlist, max(16, nlist // 4))
 
 
 def prepared(vectors: F32, metric: Metric) -> F32:
