@@ -159,6 +159,7 @@ class ShardState:
             kind=self.spec.kind if self.spec.quantization is None else f"{self.spec.kind}_{self.spec.quantization}",
             mapped_bytes=self.store.file_bytes(),
             ready=self.index.ready(),
+            builds=self.index.builds(),
         )
 
     def close(self) -> None:

@@ -44,6 +44,7 @@ class ShardSizes:
     kind: str = "hnsw"  # the index kind, with its quantisation (e.g. "ivf_int8")
     mapped_bytes: int = 0  # full-precision vectors memory-mapped from a file (quantised kinds)
     ready: bool = True  # False while the index declines (an ivf not trained yet): exact search
+    builds: int = 0  # background (re)builds swapped in (ivf training, quantised hnsw rebuilds)
 
     @property
     def bytes_per_vector(self) -> float:

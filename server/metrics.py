@@ -286,6 +286,11 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
         "1 when the shard's index answers, 0 while it is searched exactly",
         labels=["collection", "shard", "kind"],
     )
+    builds = GaugeMetricFamily(
+        "shoal_index_builds",
+        "Index (re)builds swapped in off the write path (ivf training, quantised hnsw)",
+        labels=["collection", "kind"],
+    )
     for collection in collections:
         shards = collection.shards
         if not shards:
@@ -295,8 +300,10 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
         ram = sum(s.index_bytes + s.vector_bytes for s in shards)
         per_vector.add_metric([collection.name, kind], ram / docs if docs else 0.0)
         mapped.add_metric([collection.name, kind], sum(s.mapped_bytes for s in shards))
+        builds.add_metric([collection.name, kind], sum(s.builds for s in shards))
         for number, sizes in enumerate(shards):
             ready.add_metric([collection.name, str(number), kind], 1 if sizes.ready else 0)
     yield per_vector
     yield mapped
     yield ready
+    yield builds

@@ -4,6 +4,7 @@ the background, memory per vector, and the index spec's validation."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def _other_path(spec: IndexSpec, tmp_path: Path) -> Path | None:
     return tmp_path / "loaded.f32" if spec.quantization else None
 
 
-def _passes(where: dict[str, object], meta: dict[str, object]) -> bool:
+def _passes(where: Mapping[str, object], meta: Mapping[str, object]) -> bool:
     if "bucket" in where:
         cond = where["bucket"]
         value = meta["bucket"]

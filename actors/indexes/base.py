@@ -185,6 +185,11 @@ class VectorIndex(ABC):
     def memory_bytes(self) -> int:
         """Process memory the index holds (estimated where the library does not say)."""
 
+    def builds(self) -> int:
+        """Background (re)builds swapped in so far."""
+        rebuild = getattr(self, "rebuild", None)
+        return rebuild.builds if isinstance(rebuild, Rebuild) else 0
+
     def describe(self) -> dict[str, object]:
         """Runtime facts for an operator (e.g. whether an ivf is trained, its nlist)."""
         return {}
