@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup, TaskStatus
 
 from actors.applier import Applier, LogReader, Publisher
@@ -83,6 +84,8 @@ class Catalog:
         self._closed = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self._vectors_dir is not None:  # mapped files a killed process left: nothing reads them
+            await anyio.to_thread.run_sync(_remove_mapped_files, self._vectors_dir)
         with self._pool.running():
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
@@ -197,3 +200,9 @@ async def _run_shard(shard: Shard, finished: anyio.Event, *, task_status: TaskSt
         await shard.run(task_status=task_status)
     finally:
         finished.set()
+
+
+def _remove_mapped_files(directory: Path) -> None:
+    if directory.is_dir():
+        for path in directory.glob("shard-*.f32"):
+            path.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import pytest
 from numpy.typing import NDArray
 
 from actors.indexes.base import query_params
+from actors.matching import StandingQuery, compile_queries, doc_batch, match
 from actors.shard_state import ShardState
 from models.config import EngineConfig
 from models.errors import BadRequest
@@ -255,3 +256,16 @@ def test_index_spec_defaults_and_query_params() -> None:
         check_query_params(IndexSpec("ivf"), "c", 50, None)
     with pytest.raises(BadRequest, match="'ef'"):
         check_query_params(IndexSpec("flat"), "c", 50, None)
+
+
+def test_standing_queries_match_l1_exactly() -> None:
+    vectors = clustered(50, seed=11)
+    query = vectors[0] + 0.1
+    distances = np.abs(vectors - query).sum(axis=1)
+    threshold = -float(np.sort(distances)[4]) - 1e-4  # the five nearest pass
+    compiled = compile_queries([StandingQuery(query, threshold, None, None)], Metric.L1, DIM)
+    found = match(compiled, doc_batch(list(vectors), [None] * 50, [{}] * 50))
+    docs_hit = sorted(int(d) for m in found for d in m.docs.tolist())
+    assert docs_hit == sorted(np.argsort(distances)[:5].tolist())
+    scores = np.concatenate([m.scores for m in found])
+    assert np.allclose(np.sort(-scores), np.sort(distances)[:5], rtol=1e-5)

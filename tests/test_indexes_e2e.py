@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from load.server import PostgresProcess
 from shoal_client import BadRequest, ShoalClient
 from tests.server_process import ServerProcess, temp_data_dir
 
@@ -280,3 +281,30 @@ async def test_bad_requests_over_ws_and_http(client: ShoalClient, server: Server
     assert "bad_new" not in names
     ok = await client.request("query", collection="bad_ivf", vector=[1, 0, 0, 0], nprobe=4)
     assert ok["hits"] == []
+
+
+@pytest.mark.timeout(240)
+async def test_another_node_serves_the_collection_with_its_index() -> None:
+    pg_dir = temp_data_dir("shoal-index-pg-")
+    pg = PostgresProcess(pg_dir)
+    env = {**ENV, "SHOAL_FOLLOW_POLL_S": "0.3", "SHOAL_DATABASE_URL": pg.url}
+    procs = [ServerProcess(temp_data_dir("shoal-index-node-"), env) for _ in range(2)]
+    try:
+        urls = [proc.start() for proc in procs]
+        async with ShoalClient.connect(urls[0]) as a, ShoalClient.connect(urls[1]) as b:
+            index = {"kind": "ivf", "nlist": 8, "quantization": "int8"}
+            await a.request("create_collection", name="shared", dim=DIM, index=index)
+            reply = await a.upsert("shared", [{"id": f"d{i}", "vector": VECTORS[i].tolist()} for i in range(1_000)])
+            seq = reply.seq
+            res = await b.request("query", collection="shared", vector=QUERIES[0].tolist(), k=10, nprobe=8, min_seq=seq)
+            assert len(res["hits"]) == 10
+            shapes = await collection_shapes(b)
+            assert shapes["shared"]["index"] == index
+            with pytest.raises(BadRequest, match="'ef' applies to index kind hnsw"):
+                await b.request("query", collection="shared", vector=QUERIES[0].tolist(), ef=20)
+    finally:
+        for proc in procs:
+            proc.stop()
+            shutil.rmtree(proc.data_dir, ignore_errors=True)
+        pg.stop()
+        shutil.rmtree(pg_dir, ignore_errors=True)
