@@ -115,7 +115,8 @@ class CatalogRow:
     dim: int
     metric: Metric
     last_seq: int
-    index: IndexSpec | None = None  # None: a row from before index kinds (the metric's default)
+    # The collection's index; a row from before index kinds reads as its metric's default.
+    index: IndexSpec | None = None
 
 
 class Persistence:
@@ -293,7 +294,12 @@ class Persistence:
             rows = await conn.fetch(_CATALOG_ROWS)
         return [
             CatalogRow(
-                r["name"], int(r["id"]), int(r["dim"]), Metric(r["metric"]), int(r["last_seq"]), stored_spec(r)
+                r["name"],
+                int(r["id"]),
+                int(r["dim"]),
+                Metric(r["metric"]),
+                int(r["last_seq"]),
+                stored_spec(r) or default_spec(Metric(r["metric"])),
             )
             for r in rows
         ]

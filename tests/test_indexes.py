@@ -4,6 +4,8 @@ the background, memory per vector, and the index spec's validation."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +16,18 @@ from numpy.typing import NDArray
 from actors.indexes.base import query_params
 from actors.matching import StandingQuery, compile_queries, doc_batch, match
 from actors.shard_state import ShardState
+from actors.snapshot import (
+    MANIFEST,
+    Identity,
+    Manifest,
+    ShardEntry,
+    SnapshotInvalid,
+    SnapshotStore,
+    check_usable,
+    file_entry,
+    library_versions,
+)
+from actors.snapshotter import params_of
 from models.config import EngineConfig
 from models.errors import BadRequest
 from models.filters import parse_where
@@ -269,3 +283,29 @@ def test_standing_queries_match_l1_exactly() -> None:
     assert docs_hit == sorted(np.argsort(distances)[:5].tolist())
     scores = np.concatenate([m.scores for m in found])
     assert np.allclose(np.sort(-scores), np.sort(distances)[:5], rtol=1e-5)
+
+
+def test_a_snapshot_of_another_kind_or_an_older_format_is_never_used(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    state = build(IndexSpec("ivf"), Metric.COSINE, tmp_path, clustered(600))
+    gen = store.new_generation("c", 600, 1)
+    count = state.save_files(store.shard_dir(gen, 0))
+    sdir = store.shard_dir(gen, 0)
+    assert {p.name for p in sdir.iterdir()} >= {"index.faiss", "index.json", "arrays.npz", "docs.msgpack"}
+    entry = ShardEntry(count, {p.name: file_entry(p) for p in sorted(sdir.iterdir())})
+    identity = Identity(1, "t", DIM, "cosine")
+    manifest = Manifest("c", identity, 600, count, params_of(CONFIG, IndexSpec("ivf")), gen.name, (entry,))
+    store.commit(manifest)
+    versions = library_versions()
+    check_usable(manifest, identity, 600, params_of(CONFIG, IndexSpec("ivf")), versions)
+    for other in (IndexSpec("hnsw"), IndexSpec("ivf", quantization="int8"), IndexSpec("ivf", nlist=4)):
+        with pytest.raises(SnapshotInvalid, match="other settings"):
+            check_usable(manifest, identity, 600, params_of(CONFIG, other), versions)
+    old = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    old["format"] = 1
+    old.pop("checksum")
+    old["checksum"] = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    (tmp_path / "c" / MANIFEST).write_text(json.dumps(old))
+    with pytest.raises(SnapshotInvalid, match="format 1"):
+        store.read_manifest("c")
+    state.close()
