@@ -89,6 +89,11 @@ class VectorStore:
     def capacity(self) -> int:
         return int(self.vectors.shape[0])
 
+    def plain_vectors(self) -> F32:
+        """The vectors as a plain array (a mapped file's memmap subclass costs per indexing)."""
+        plain: F32 = self.vectors.view(np.ndarray) if isinstance(self.vectors, np.memmap) else self.vectors
+        return plain
+
     @property
     def mapped(self) -> bool:
         return self.path is not None
@@ -205,25 +210,26 @@ def rerank(
     """The k best of each query's candidate labels (-1: none) by the true metric on the
     full-precision vectors, or None when a query has fewer than k usable candidates."""
     cand = np.asarray(candidates, dtype=np.int64)
-    valid = cand >= 0
-    if allowed is not None:
-        inside = valid & (cand < allowed.shape[0])
-        valid = inside & allowed[np.where(inside, cand, 0)]
-    if k <= 0 or bool((valid.sum(axis=1) < k).any()):
+    if k <= 0:
         return None
-    safe = np.where(valid, cand, 0)
-    scores = np.empty(cand.shape, np.float32)
-    for i in range(cand.shape[0]):  # one gather per query: (candidates, dim)
-        rows = safe[i]
-        top = exact.scores_of(store.vectors[rows], store.norms[rows], queries[i : i + 1], metric)[0]
-        scores[i] = top
-    scores[~valid] = -np.inf
-    idx = exact.top_indices(scores, k)
-    labels = np.take_along_axis(cand, idx, axis=1)
-    best = np.take_along_axis(scores, idx, axis=1)
+    vectors, norms = store.plain_vectors(), store.norms
+    labels = np.empty((cand.shape[0], k), np.int64)
+    scores = np.empty((cand.shape[0], k), np.float32)
+    for i in range(cand.shape[0]):  # one gather of (candidates, dim) per query
+        rows = cand[i]
+        rows = rows[rows >= 0]
+        if allowed is not None:
+            rows = rows[rows < allowed.shape[0]]
+            rows = rows[allowed[rows]]
+        if rows.shape[0] < k:
+            return None
+        got = exact.scores_of(vectors[rows], norms[rows], queries[i : i + 1], metric)[0]
+        order = np.argsort(-got, kind="stable")[:k]
+        labels[i] = rows[order]
+        scores[i] = got[order]
     if metric is Metric.COSINE:
-        best = np.clip(best, -1.0, 1.0)
-    return Found(labels, best.astype(np.float32, copy=False), exact.distance_of(best, metric))
+        np.clip(scores, -1.0, 1.0, out=scores)
+    return Found(labels, scores, exact.distance_of(scores, metric))
 
 
 def bitmap(mask: Mask) -> NDArray[np.uint8]:
