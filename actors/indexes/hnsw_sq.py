@@ -124,6 +124,7 @@ class HnswSqIndex(VectorIndex):
         self._graph = built
 
     def add(self, labels: Labels, vectors: F32) -> None:
+        faiss.omp_set_num_threads(self.threads)  # a write may use the shard's threads, as hnswlib's add
         with self.rebuild.lock:
             self.rebuild.record(True, labels, vectors)
             if self._graph is not None:

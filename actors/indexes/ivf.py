@@ -129,6 +129,7 @@ class IvfIndex(VectorIndex):
     # -- writes ----------------------------------------------------------------------------------
 
     def add(self, labels: Labels, vectors: F32) -> None:
+        faiss.omp_set_num_threads(self.threads)  # a write may use the shard's threads, as hnswlib's add
         with self.rebuild.lock:
             self.rebuild.record(True, labels, vectors)
             if self._index is not None:

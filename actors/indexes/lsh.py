@@ -47,6 +47,7 @@ class LshIndex(VectorIndex):
         return given if given is not None else max(DEFAULT_CANDIDATES, _CANDIDATES_PER_K * k)
 
     def add(self, labels: Labels, vectors: F32) -> None:
+        faiss.omp_set_num_threads(self.threads)  # a write may use the shard's threads, as hnswlib's add
         self.index.remove_ids(labels)  # replaced ones
         self.index.add_with_ids(prepared(vectors, self.metric), labels)
 
