@@ -15,6 +15,7 @@ per thread).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -30,6 +31,8 @@ from actors import exact
 from models.config import EngineConfig
 from models.index_spec import IndexSpec
 from models.records import Metric
+
+log = logging.getLogger(__name__)
 
 F32 = NDArray[np.float32]
 Labels = NDArray[np.int64]
@@ -273,10 +276,11 @@ class Rebuild:
         def run() -> None:
             try:
                 built = build()
-            except Exception:
+            except Exception as exc:  # the old index (or exact search) keeps serving; a later write retries
                 with self.lock:
                     self._pending = None
-                raise
+                log.warning("index build failed: %s", exc)
+                return
             with self.lock:
                 pending, self._pending = self._pending or [], None
                 if self._cancelled:
