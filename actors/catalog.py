@@ -17,8 +17,10 @@ from __future__ import annotations
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskGroup, TaskStatus
 
 from actors.applier import Applier, LogReader, Publisher
@@ -26,6 +28,7 @@ from actors.read_pool import ReadPool
 from actors.shard import Shard
 from models.config import EngineConfig
 from models.errors import NotFound
+from models.index_spec import IndexSpec, default_spec
 from models.records import CollectionInfo, DocId, Metric
 
 
@@ -41,6 +44,7 @@ class Collection:
     last_seq: int = 0
     shard_done: tuple[anyio.Event, ...] = field(default=())
     cid: int = 0
+    index: IndexSpec = field(default_factory=IndexSpec)
     applier: Applier = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,7 +57,7 @@ class Collection:
         return zlib.crc32(doc_id.encode()) % len(self.shards)
 
     def info(self, count: int) -> CollectionInfo:
-        return CollectionInfo(self.name, self.dim, self.metric, count)
+        return CollectionInfo(self.name, self.dim, self.metric, count, self.index.to_wire())
 
 
 class Catalog:
@@ -63,8 +67,11 @@ class Catalog:
         log_reader: LogReader | None = None,
         publish: Publisher | None = None,
         on_removed: Callable[[str], None] | None = None,
+        vectors_dir: Path | None = None,
     ) -> None:
         self._config = config
+        # Where quantised collections keep their full-precision vectors, memory-mapped.
+        self._vectors_dir = vectors_dir
         self._log_reader = log_reader
         self._publish = publish
         self._on_removed = on_removed
@@ -77,6 +84,8 @@ class Catalog:
         self._closed = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self._vectors_dir is not None:  # mapped files a killed process left: nothing reads them
+            await anyio.to_thread.run_sync(_remove_mapped_files, self._vectors_dir)
         with self._pool.running():
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
@@ -123,6 +132,7 @@ class Catalog:
         metric: Metric,
         cid: int = 0,
         load: Callable[[Collection], Awaitable[object]] | None = None,
+        index: IndexSpec | None = None,
     ) -> Collection:
         """The running collection `name` with catalog id `cid`: the one already here if it has that
         id, else a new one (replacing an older incarnation), its shards started and `load` run
@@ -136,15 +146,16 @@ class Catalog:
                 return existing
             if existing is not None:
                 await self._remove(name)
+            spec = index if index is not None else default_spec(metric)
             shards = []
             done = []
             for _ in range(max(1, self._config.shards_per_collection)):
-                shard = Shard(dim, metric, self._config, self._pool)
+                shard = Shard(dim, metric, self._config, self._pool, spec=spec, vectors_dir=self._vectors_dir)
                 finished = anyio.Event()
                 await self._task_group.start(_run_shard, shard, finished)
                 shards.append(shard)
                 done.append(finished)
-            collection = Collection(name, dim, metric, tuple(shards), 0, tuple(done), cid)
+            collection = Collection(name, dim, metric, tuple(shards), 0, tuple(done), cid, spec)
             collection.applier = Applier(collection, self._log_reader, self._publish)
             try:
                 if load is not None:
@@ -189,3 +200,9 @@ async def _run_shard(shard: Shard, finished: anyio.Event, *, task_status: TaskSt
         await shard.run(task_status=task_status)
     finally:
         finished.set()
+
+
+def _remove_mapped_files(directory: Path) -> None:
+    if directory.is_dir():
+        for path in directory.glob("shard-*.f32"):
+            path.unlink(missing_ok=True)

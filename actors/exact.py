@@ -7,7 +7,8 @@ Score and distance follow PROTOCOL.md:
 - cosine: score = cosine similarity in [-1, 1], distance = 1 - score (vectors need not be
   normalised);
 - ip:     score = inner product,     distance = 1 - score;
-- l2:     distance = Euclidean distance (not squared), score = -distance.
+- l2:     distance = Euclidean distance (not squared), score = -distance;
+- l1:     distance = sum of absolute differences (Manhattan), score = -distance.
 Higher score is always better.
 
 Callers run these in a worker thread: over large matrices they are "big numpy".
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 from numpy.typing import NDArray
 
@@ -64,6 +66,8 @@ def scores_of(vectors: F32, norms: F32, queries: F32, metric: Metric) -> F32:
     |v|^2 - 2 v.q + |q|^2, which loses precision for near-duplicates: `search` recomputes the
     distances of the rows it returns directly.
     """
+    if metric is Metric.L1:
+        return l1_scores(vectors, queries)
     dots: F32 = queries @ vectors.T
     if metric is Metric.IP:
         return dots
@@ -77,9 +81,24 @@ def scores_of(vectors: F32, norms: F32, queries: F32, metric: Metric) -> F32:
     return neg
 
 
+def l1_scores(vectors: F32, queries: F32) -> F32:
+    """-(sum of absolute differences) of every (query, row) pair, shape (queries, rows).
+
+    faiss's pairwise kernel: numpy would materialise a (queries, rows, dim) difference."""
+    if vectors.shape[0] == 0 or queries.shape[0] == 0:
+        return np.zeros((queries.shape[0], vectors.shape[0]), np.float32)
+    dist = faiss.pairwise_distances(
+        np.ascontiguousarray(queries, dtype=np.float32),
+        np.ascontiguousarray(vectors, dtype=np.float32),
+        faiss.METRIC_L1,
+    )
+    neg: F32 = np.negative(dist).astype(np.float32, copy=False)
+    return neg
+
+
 def distance_of(scores: F32, metric: Metric) -> F32:
     """The protocol distance for protocol scores."""
-    if metric is Metric.L2:
+    if metric is Metric.L2 or metric is Metric.L1:
         return (-scores).astype(np.float32, copy=False)
     return (1.0 - scores).astype(np.float32, copy=False)
 

@@ -40,6 +40,7 @@ from actors.persistence import Persistence
 from models.config import EngineConfig
 from models.errors import Exists, Overloaded, ShoalError, Unavailable
 from models.filters import Filter, TextFilter
+from models.index_spec import IndexSpec
 from models.records import CollectionInfo, DocId, Document, Metric, Seq, StoredDoc, Vector
 
 log = logging.getLogger("shoal.ingest")
@@ -68,6 +69,7 @@ class CreateJob:
     metric: Metric
     if_not_exists: bool
     reply: Reply[CollectionInfo]
+    index: IndexSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +128,10 @@ class Ingest:
         return await reply.wait()
 
     async def create_collection(
-        self, name: str, dim: int, metric: Metric, if_not_exists: bool
+        self, name: str, dim: int, metric: Metric, if_not_exists: bool, index: IndexSpec | None = None
     ) -> CollectionInfo:
         reply: Reply[CollectionInfo] = Reply()
-        await self._mailbox.send(CreateJob(name, dim, metric, if_not_exists, reply))
+        await self._mailbox.send(CreateJob(name, dim, metric, if_not_exists, reply, index))
         return await reply.wait()
 
     async def drop_collection(self, name: str) -> None:
@@ -324,14 +326,14 @@ class Ingest:
 
     async def _commit_create(self, job: CreateJob) -> None:
         try:
-            info, cid = await self._persistence.create_collection_row(job.name, job.dim, job.metric)
+            info, cid = await self._persistence.create_collection_row(job.name, job.dim, job.metric, job.index)
         except Exists:
             if not job.if_not_exists:
                 raise
             existing = self._catalog.get(job.name)
             job.reply.set(existing.info(await self._catalog.counts(existing)))
             return
-        await self._catalog.add(info.name, info.dim, info.metric, cid)
+        await self._catalog.add(info.name, info.dim, info.metric, cid, index=job.index)
         job.reply.set(info)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from actors.exact import distance_of, row_norms
+from actors.exact import distance_of, l1_scores, row_norms
 from models.filters import Filter, MetadataColumns, TextFilter, text_mask
 from models.records import Metadata, Metric, Vector
 
@@ -179,6 +179,8 @@ def match(queries: QuerySet, docs: DocBatch) -> list[Matches]:
 
 
 def _match_chunk(queries: QuerySet, vectors: F32, allowed: NDArray[np.bool_] | None) -> Matches:
+    if queries.metric is Metric.L1:
+        return _match_l1(queries, vectors, allowed)
     thresholds = queries.thresholds[:, None]
     dots: F32 = queries.vectors @ vectors.T  # (S, b)
     if queries.metric is Metric.L2:
@@ -221,3 +223,14 @@ def _match_l2(queries: QuerySet, vectors: F32, dots: F32, allowed: NDArray[np.bo
     scores = (-dist).astype(np.float32)
     keep = scores.astype(np.float64) >= queries.thresholds[qi]
     return Matches(qi[keep], di[keep], scores[keep], dist[keep])
+
+
+def _match_l1(queries: QuerySet, vectors: F32, allowed: NDArray[np.bool_] | None) -> Matches:
+    """l1: score = -(sum of absolute differences), computed exactly for every pair."""
+    scores = l1_scores(vectors, queries.vectors)  # (S, b)
+    hits = scores.astype(np.float64) >= queries.thresholds[:, None]
+    if allowed is not None:
+        hits &= allowed
+    qi, di = np.nonzero(hits)
+    chosen = scores[qi, di].astype(np.float32)
+    return Matches(qi, di, chosen, distance_of(chosen, queries.metric))

@@ -42,6 +42,7 @@ A document PostgreSQL rejects as data (sqlstate class 22, e.g. a NUL character i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -60,11 +61,13 @@ from actors.pg_codecs import (
     row_to_change,
     row_to_info,
     row_to_stored,
+    stored_spec,
 )
 from actors.pg_pool import DatabasePool, PoolTimeouts, redact
 from actors.schema import CHANGES_CHANNEL, LOG_COLUMNS, Tables
 from models.errors import BadRequest, DimensionMismatch, Exists, Gone, NotFound
 from models.filters import Filter, TextFilter, text_to_sql, to_sql
+from models.index_spec import IndexSpec, default_spec
 from models.records import Change, CollectionInfo, Document, Metric, StoredDoc
 
 B = TypeVar("B")  # what one batch of a _Batches iterator holds
@@ -100,7 +103,7 @@ _ALLOCATE_DELETES = (
 # Create and drop: seq 0 in the payload says "the catalog changed".
 _NOTIFY_CATALOG = f"SELECT pg_notify('{CHANGES_CHANNEL}', '0:' || $1::text)"
 _FLOOR = "SELECT log_floor FROM shoal_collections WHERE id = $1"
-_CATALOG_ROWS = "SELECT name, id, dim, metric, last_seq FROM shoal_collections ORDER BY name"
+_CATALOG_ROWS = "SELECT name, id, dim, metric, last_seq, index_spec FROM shoal_collections ORDER BY name"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,8 @@ class CatalogRow:
     dim: int
     metric: Metric
     last_seq: int
+    # The collection's index; a row from before index kinds reads as its metric's default.
+    index: IndexSpec | None = None
 
 
 class Persistence:
@@ -199,12 +204,16 @@ class Persistence:
 
     # --- collections ---------------------------------------------------------------------------
 
-    async def create_collection(self, name: str, dim: int, metric: Metric) -> CollectionInfo:
+    async def create_collection(
+        self, name: str, dim: int, metric: Metric, index: IndexSpec | None = None
+    ) -> CollectionInfo:
         """Create the catalog row and the collection's tables. Raises Exists, BadRequest."""
-        info, _ = await self.create_collection_row(name, dim, metric)
+        info, _ = await self.create_collection_row(name, dim, metric, index)
         return info
 
-    async def create_collection_row(self, name: str, dim: int, metric: Metric) -> tuple[CollectionInfo, int]:
+    async def create_collection_row(
+        self, name: str, dim: int, metric: Metric, index: IndexSpec | None = None
+    ) -> tuple[CollectionInfo, int]:
         """`create_collection`, also returning the new catalog row's id. Raises Exists, BadRequest."""
         metric = Metric(metric)
         if not 1 <= dim <= 16_000:
@@ -212,18 +221,20 @@ class Persistence:
 
         async def body(conn: Any) -> tuple[CollectionInfo, int]:
             cid = await conn.fetchval(
-                "INSERT INTO shoal_collections (name, dim, metric) VALUES ($1, $2, $3) "
+                "INSERT INTO shoal_collections (name, dim, metric, index_spec) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (name) DO NOTHING RETURNING id",
                 name,
                 dim,
                 metric.value,
+                None if index is None else json.dumps(index.to_wire(), sort_keys=True),
             )
             if cid is None:
                 raise Exists(f"collection {name!r} already exists")
             for ddl in Tables(cid).create_ddl(dim):
                 await conn.execute(ddl)
             await conn.execute(_NOTIFY_CATALOG, name)
-            return CollectionInfo(name, dim, metric, 0), int(cid)
+            shown = (index if index is not None else default_spec(metric)).to_wire()
+            return CollectionInfo(name, dim, metric, 0, shown), int(cid)
 
         return await self._db.write(body)
 
@@ -241,14 +252,16 @@ class Persistence:
 
     async def list_collections(self) -> list[CollectionInfo]:
         async with self._connection() as conn:
-            rows = await conn.fetch("SELECT name, dim, metric, doc_count FROM shoal_collections ORDER BY name")
+            rows = await conn.fetch(
+                "SELECT name, dim, metric, doc_count, index_spec FROM shoal_collections ORDER BY name"
+            )
         return [row_to_info(row) for row in rows]
 
     async def get_collection(self, name: str) -> CollectionInfo:
         """Raises NotFound."""
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                "SELECT name, dim, metric, doc_count FROM shoal_collections WHERE name = $1", name
+                "SELECT name, dim, metric, doc_count, index_spec FROM shoal_collections WHERE name = $1", name
             )
         if row is None:
             raise NotFound(f"no collection {name!r}")
@@ -259,7 +272,15 @@ class Persistence:
         async with self._connection() as conn:
             rows = await conn.fetch(_CATALOG_ROWS)
         return [
-            CatalogRow(r["name"], int(r["id"]), int(r["dim"]), Metric(r["metric"]), int(r["last_seq"])) for r in rows
+            CatalogRow(
+                r["name"],
+                int(r["id"]),
+                int(r["dim"]),
+                Metric(r["metric"]),
+                int(r["last_seq"]),
+                stored_spec(r) or default_spec(Metric(r["metric"])),
+            )
+            for r in rows
         ]
 
     async def last_seq(self, name: str) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from models.index_spec import IndexSpec, default_spec, spec_from_wire
 from models.records import Change, CollectionInfo, DocId, Document, Metric, Seq, StoredDoc, Vector
 
 _VEC_HEADER = struct.Struct(">HH")
@@ -59,8 +60,21 @@ def encode_batch(docs: Sequence[Document]) -> tuple[list[bytes], list[str], set[
     return vectors, [encode_metadata(doc.metadata) for doc in docs], widths
 
 
+def stored_spec(row: Any) -> IndexSpec | None:
+    """A catalog row's index spec (column `index_spec`, JSON), or None: a row written before
+    index kinds, or one this build cannot read (the metric's default index then)."""
+    raw = row["index_spec"]
+    if raw is None:
+        return None
+    try:
+        return spec_from_wire(json.loads(raw))
+    except ValueError:
+        return None
+
+
 def row_to_info(row: Any) -> CollectionInfo:
-    return CollectionInfo(row["name"], row["dim"], Metric(row["metric"]), row["doc_count"])
+    spec = stored_spec(row) or default_spec(Metric(row["metric"]))
+    return CollectionInfo(row["name"], row["dim"], Metric(row["metric"]), row["doc_count"], spec.to_wire())
 
 
 def row_to_stored(row: Any) -> StoredDoc:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import anyio
 
 from actors import fusion
+from actors.indexes.base import QueryParams, query_params
 from actors.keyword_index import query_terms
 from models.config import EngineConfig
 from models.errors import ShoalError
@@ -33,22 +34,27 @@ _counts_lock = threading.Lock()
 _counts: dict[Plan, int] = dict.fromkeys(PLANS, 0)
 
 
-def choose_plan(n_live: int, n_match: int, k: int, config: EngineConfig, queries: int = 1) -> Plan:
+def choose_plan(
+    n_live: int, n_match: int, k: int, config: EngineConfig, queries: int = 1, index_usable: bool = True
+) -> Plan:
     """How one shard answers a query whose filter matches `n_match` of its `n_live` documents.
 
     An unfiltered query has n_match == n_live (so does a filter that matches everything, which
-    then needs no filter callback at all).
+    then needs no filter callback at all). The plans name the shard's index whatever its kind
+    ("hnsw" is kept as the metric label of "the index"); `index_usable` False (a `flat`
+    collection, an `ivf` not trained yet) always plans "exact". An index that comes back short
+    is answered exactly too, so a filter never makes a query come back short.
 
     - "exact": numpy over the matching rows. Chosen when they are few (at most
       `exact_max_rows`), when the filter is selective (fraction below `exact_selectivity`; HNSW
       under a tight filter walks most of the graph and may come back short), or when k asks for
       every match anyway. Also for empty candidate sets, where it returns nothing at once.
-    - "hnsw": the graph, no filter.
-    - "hnsw_filtered": the graph with a per-label filter callback.
+    - "hnsw": the index, no filter.
+    - "hnsw_filtered": the index with a per-label filter (callback or id selector).
 
     `queries` (the batch the plan answers) is added to the plan's count in `plan_counts`.
     """
-    plan = _plan(n_live, n_match, k, config)
+    plan = _plan(n_live, n_match, k, config) if index_usable else "exact"
     with _counts_lock:
         _counts[plan] += queries
     return plan
@@ -144,12 +150,18 @@ async def _gather(calls: Sequence[Callable[[], Awaitable[list[Hit]]]]) -> list[l
     return results
 
 
+def index_params(req: Query) -> QueryParams:
+    """The query's index parameters (checked against the collection's kind by the engine)."""
+    return query_params(ef=req.ef, nprobe=req.nprobe)
+
+
 async def vector_side(collection: Collection, req: Query, vector: Vector, depth: int) -> list[Hit]:
     """The `depth` nearest documents passing the query's filters, over every shard."""
     shards = collection.shards
+    params = index_params(req)
     if len(shards) == 1:
-        return await shards[0].search(vector, depth, req.ef, req.where, req.where_text, req.include)
-    calls = [partial(s.search, vector, depth, req.ef, req.where, req.where_text, req.include) for s in shards]
+        return await shards[0].search(vector, depth, params, req.where, req.where_text, req.include)
+    calls = [partial(s.search, vector, depth, params, req.where, req.where_text, req.include) for s in shards]
     return merge_hits(await _gather(calls), depth)
 
 

@@ -144,6 +144,7 @@ def query_key(req: rq.Query, scope: frozenset[str] | None) -> Hashable:
         repr(req.where_text),
         tuple(sorted(req.include)),
         req.ef,
+        req.nprobe,
         req.fusion if req.mode == "hybrid" else None,
         req.alpha if req.mode == "hybrid" and req.fusion == "weighted" else None,
         req.rrf_k if req.mode == "hybrid" and req.fusion == "rrf" else None,

@@ -70,6 +70,20 @@ CATALOG_DDL: tuple[str, ...] = (
     END
     $$
     """,
+    # index kinds: the collection's index spec as JSON (NULL: a collection from before them,
+    # which keeps the default hnsw). Added only when missing, as above.
+    """
+    DO $$
+    BEGIN
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_attribute
+            WHERE attrelid = 'shoal_collections'::regclass AND attname = 'index_spec' AND NOT attisdropped
+        ) THEN
+            ALTER TABLE shoal_collections ADD COLUMN index_spec text;
+        END IF;
+    END
+    $$
+    """,
     # compaction: every running node's applied seq per collection, refreshed by its heartbeat;
     # the log a live node has not applied is never compacted.
     """

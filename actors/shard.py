@@ -1,30 +1,35 @@
-"""The shard actor: one hnswlib index and an exact replica of its documents, owned by one task.
+"""The shard actor: one index (of the collection's kind) and an exact replica of its documents,
+owned by one task.
 
 One `Shard` per (collection, shard number). It is a replica of the durable change log: writes
 arrive already committed, in seq order, and are applied in mailbox order.
 
-Concurrency. hnswlib is not safe for concurrent add and query on one index (hnswlib #562), but
-its queries release the GIL. The actor therefore keeps a read/write discipline:
+Concurrency. No index library is safe for concurrent add and query on one index (hnswlib #562),
+but their queries release the GIL. The actor therefore keeps a read/write discipline:
 - reads (searches, `get`, `ids_matching`) are handed to the catalog's `ReadPool` threads, at most
   twice `search_threads` at a time from this shard (running or queued in the pool), and their
   outcome comes back to the event loop as a callback that answers the caller;
 - a write is applied by the actor loop itself: it first waits until every in-flight read has
   finished, and since the loop is busy with the write, no read starts until it is done;
-- the index-global `ef` is changed only while no read is in flight.
+- index-global query parameters (hnswlib's `ef`: `ShardState.serves` says when a query's
+  parameters need it) are changed only while no read is in flight.
 So a read sees the state after every write queued before it and none queued after it.
 
 Throughput. A search that finds the loop idle (nothing in its mailbox), a free read slot and
-the index at its `ef` goes straight to the pool from the caller's task: no hop through the loop.
+the index serving its parameters goes straight to the pool from the caller's task: no hop through the loop.
 Otherwise it queues in the mailbox; while all read slots are taken, queries queue there. When a
 slot frees, the loop drains the queued queries and answers the unfiltered ones with the same
-(k, ef, include) together: one `knn_query` over a 2-D array per free slot (up to `search_batch`
+(k, parameters, include) together: one index search over a 2-D array per free slot (up to `search_batch`
 queries per drain), so one thread hop serves many queries and every core searches.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +40,8 @@ import anyio
 import numpy as np
 from anyio.abc import TaskStatus
 
+from actors.indexes import needs_mapped_vectors
+from actors.indexes.base import QueryParams
 from actors.mailbox import Mailbox, Reply, unknown_message
 from actors.read_pool import ReadPool
 from actors.shard_state import ShardState
@@ -42,6 +49,7 @@ from actors.status import ShardSizes
 from models.config import EngineConfig
 from models.errors import DimensionMismatch, Unavailable
 from models.filters import Filter, TextFilter
+from models.index_spec import IndexSpec
 from models.records import DocId, Hit, Include, Metric, StoredDoc, Vector
 
 T = TypeVar("T")
@@ -67,7 +75,7 @@ class _Delete:
 class _Search:
     query: Vector
     k: int
-    ef: int
+    params: QueryParams
     where: Filter | None
     where_text: TextFilter | None
     include: frozenset[Include]
@@ -76,10 +84,11 @@ class _Search:
 
 @dataclass(frozen=True, slots=True)
 class _Direct:
-    """An unfiltered search at the index's current ef that skips the mailbox."""
+    """An unfiltered search the index serves as it is, skipping the mailbox."""
 
     query: Vector
     k: int
+    params: QueryParams
     include: frozenset[Include]
     reply: Reply[list[Hit]]
 
@@ -154,12 +163,16 @@ class Shard:
         config: EngineConfig,
         pool: ReadPool,
         name: str = "shard",
+        spec: IndexSpec | None = None,
+        vectors_dir: Path | None = None,
     ) -> None:
         self.dim = dim
         self.metric = metric
         self._config = config
         self._pool = pool
-        self._state = ShardState(dim, metric, config)
+        self._vectors_dir = vectors_dir
+        self._state = ShardState(dim, metric, config, spec, self._vectors_path(spec))
+        self.spec = self._state.spec
         self._mailbox: Mailbox[_Message] = Mailbox(max(1, config.shard_mailbox), name)
         # The mailbox is a memory stream; its non-blocking receive is what batching needs.
         self._receive = self._mailbox.receive
@@ -211,39 +224,45 @@ class Shard:
         finally:
             self.writes_done += 1
 
+    def _vectors_path(self, spec: IndexSpec | None) -> Path | None:
+        """A fresh file for a state's mapped vectors (quantised kinds), else None (in RAM)."""
+        if spec is None or not needs_mapped_vectors(spec):
+            return None
+        root = self._vectors_dir if self._vectors_dir is not None else Path(tempfile.gettempdir()) / "shoal-vectors"
+        return root / f"shard-{os.getpid()}-{uuid.uuid4().hex[:12]}.f32"
+
     async def search(
         self,
         query: Vector,
         k: int,
-        ef: int | None,
+        params: QueryParams,
         where: Filter | None,
         where_text: TextFilter | None,
         include: frozenset[Include],
     ) -> list[Hit]:
         """The k nearest live documents passing the filters, best first.
 
-        Returns min(k, number of matching documents) hits. `ef` (None: `hnsw_ef_search`) is the
-        graph search breadth; hnswlib searches with max(ef, k). Raises `DimensionMismatch` for a
-        query of the wrong width, `Overloaded` when the mailbox is full and `Unavailable` once the
-        shard is shutting down.
+        Returns min(k, number of matching documents) hits. `params`: the query's index
+        parameters (`actors/indexes/base.query_params`; absent ones take the index's defaults).
+        Raises `DimensionMismatch` for a query of the wrong width, `Overloaded` when the mailbox
+        is full and `Unavailable` once the shard is shutting down.
         """
         vec = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
         if vec.shape[0] != self.dim:
             raise DimensionMismatch(f"query has {vec.shape[0]} dimensions, the collection {self.dim}")
         reply: Reply[list[Hit]] = Reply()
-        eff = max(1, ef if ef is not None else self._config.hnsw_ef_search)
         if (
             self._idle
             and self._readers < self._max_reads
-            and eff == self._state.ef
             and where is None
             and where_text is None
+            and self._state.serves(params)
         ):
             # The loop waits on an empty mailbox, so no write is in hand and none can start
             # before this read is counted: go to the pool without waking the loop.
-            self._search_direct(_Direct(vec, k, include, reply))
+            self._search_direct(_Direct(vec, k, params, include, reply))
         else:
-            self._mailbox.offer(_Search(vec, k, eff, where, where_text, include, reply))
+            self._mailbox.offer(_Search(vec, k, params, where, where_text, include, reply))
         return await reply.wait()
 
     def _search_direct(self, search: _Direct) -> None:
@@ -262,25 +281,26 @@ class Shard:
         if start:
             self._start_read(self._drain_direct, _answer_all, self._drain_not_run)
         elif not queued:
-            ef = self._state.ef
-            self._mailbox.offer(_Search(search.query, search.k, ef, None, None, search.include, search.reply))
+            self._mailbox.offer(
+                _Search(search.query, search.k, search.params, None, None, search.include, search.reply)
+            )
 
     def _drain_direct(self) -> list[tuple[Reply[list[Hit]], list[Hit] | BaseException]]:
         """In a pool thread: answer every search queued for the direct path so far, those with
-        the same (k, include) in one knn_query. Never raises: errors are answers."""
+        the same (k, parameters, include) in one index search. Never raises: errors are answers."""
         with self._direct_lock:
             # A fair share, so the drains queued behind this one search on other threads.
             direct = self._direct
             share = -(-len(direct) // self._drains_queued)
             taken = [direct.popleft() for _ in range(share)]
             self._drains_queued -= 1
-        groups: dict[tuple[int, frozenset[Include]], list[_Direct]] = {}
+        groups: dict[tuple[int, QueryParams, frozenset[Include]], list[_Direct]] = {}
         for search in taken:
-            groups.setdefault((search.k, search.include), []).append(search)
+            groups.setdefault((search.k, search.params, search.include), []).append(search)
         answers: list[tuple[Reply[list[Hit]], list[Hit] | BaseException]] = []
-        for (k, include), group in groups.items():
+        for (k, params, include), group in groups.items():
             try:
-                results = self._state.search_unfiltered([s.query for s in group], k, include, 1)
+                results = self._state.search_unfiltered([s.query for s in group], k, include, 1, params)
             except BaseException as exc:  # handed to the callers, who own the error
                 answers.extend((s.reply, exc) for s in group)
             else:
@@ -385,6 +405,7 @@ class Shard:
             with anyio.CancelScope(shield=True):
                 await self._readers_at_most(0)
             self._fail_queued()
+            self._state.close()
 
     async def _serve(self) -> None:
         receive = self._receive
@@ -460,15 +481,15 @@ class Shard:
         return batch
 
     async def _dispatch_searches(self, batch: list[_Search]) -> None:
-        groups: dict[tuple[int, int, frozenset[Include]], list[_Search]] = {}
+        groups: dict[tuple[int, QueryParams, frozenset[Include]], list[_Search]] = {}
         filtered: list[_Search] = []
         for s in batch:
             if s.where is None and s.where_text is None:
-                groups.setdefault((s.k, s.ef, s.include), []).append(s)
+                groups.setdefault((s.k, s.params, s.include), []).append(s)
             else:
                 filtered.append(s)
-        for (k, ef, include), group in groups.items():
-            await self._use_ef(ef)
+        for (k, params, include), group in groups.items():
+            await self._use_params(params)
             # Spread a big group over the free slots, one single-threaded knn_query each: hnswlib
             # runs a call of up to 4 queries per thread on one thread anyway, and the parts
             # come back at different times, so their callers' next queries overlap the search.
@@ -478,22 +499,22 @@ class Shard:
             size = -(-len(group) // parts)
             for start in range(0, len(group), size):
                 part = group[start : start + size]
-                fn = _bind(self._state.search_unfiltered, [s.query for s in part], k, include, threads)
+                fn = _bind(self._state.search_unfiltered, [s.query for s in part], k, include, threads, params)
                 if threads > 1:
                     fn = self._pool.spread(fn)
                 replies = [s.reply for s in part]
                 self._start_read(fn, _deliver_all(replies), _fail_all(replies))
         for s in filtered:
-            await self._use_ef(s.ef)
-            fn2 = _bind(self._state.search_filtered, s.query, s.k, s.where, s.where_text, s.include)
+            await self._use_params(s.params)
+            fn2 = _bind(self._state.search_filtered, s.query, s.k, s.where, s.where_text, s.include, s.params)
             self._start_read(fn2, s.reply.set, s.reply.fail)
 
-    async def _use_ef(self, ef: int) -> None:
-        """Make `ef` the index's search breadth (changed only while no read is in flight), then
-        wait for a free read slot."""
-        if ef != self._state.ef:
+    async def _use_params(self, params: QueryParams) -> None:
+        """Make `params` the index's state where it keeps them (changed only while no read is
+        in flight), then wait for a free read slot."""
+        if not self._state.serves(params):
             await self._readers_at_most(0)
-            self._state.set_ef(ef)
+            self._state.use_params(params)
         else:
             await self._readers_at_most(self._max_reads - 1)
 
@@ -546,7 +567,15 @@ class Shard:
         state = self._state
         try:
             loaded = await self._pool.call(
-                _bind(ShardState.load_files, msg.directory, state.dim, state.metric, state.config)
+                _bind(
+                    ShardState.load_files,
+                    msg.directory,
+                    state.dim,
+                    state.metric,
+                    state.config,
+                    state.spec,
+                    self._vectors_path(state.spec),
+                )
             )
         except Exception as exc:
             msg.reply.fail(exc)
@@ -555,8 +584,8 @@ class Shard:
             msg.reply.fail(Unavailable("shard is shutting down"))
             raise
         loaded.occupancy = state.occupancy  # one record of overlaps over the shard's life
-        loaded.set_ef(state.ef)
         self._state = loaded
+        state.close()
         msg.reply.set(loaded.n_live)
 
     def _fail_queued(self) -> None:

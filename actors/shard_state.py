@@ -1,4 +1,6 @@
-"""The state of one shard and its blocking operations: hnswlib index, exact replica, metadata.
+"""The state of one shard and its blocking operations: documents, metadata columns, the
+full-precision vectors (`VectorStore`) and the collection's index (any kind, `actors/indexes`),
+which it asks for nearest labels and otherwise knows nothing about.
 
 Not thread-safe on its own: `actors/shard.py` runs these methods in worker threads under a
 read/write discipline (reads may overlap each other, a write overlaps nothing). `Occupancy`
@@ -13,23 +15,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import hnswlib
 import msgpack
 import numpy as np
 from numpy.typing import NDArray
 
 from actors import exact
+from actors.indexes import make_index
+from actors.indexes.base import NO_PARAMS, QueryParams, VectorIndex, VectorStore
 from actors.keyword_index import KeywordIndex, term_counts
 from actors.planner import choose_plan
-from actors.status import ShardSizes, hnsw_bytes
+from actors.status import ShardSizes
 from models.config import EngineConfig
 from models.errors import DimensionMismatch
 from models.filters import Filter, MetadataColumns, TextFilter, text_mask
+from models.index_spec import IndexSpec, default_spec
 from models.records import DocId, Hit, Include, Metadata, Metric, Seq, StoredDoc, Vector
 
-_SPACES = {Metric.COSINE: "cosine", Metric.L2: "l2", Metric.IP: "ip"}
-# The files of one shard in a snapshot.
-INDEX_FILE = "index.hnsw"
+# The files of one shard in a snapshot (beside the index's own, see `VectorIndex.save`).
 ARRAYS_FILE = "arrays.npz"
 DOCS_FILE = "docs.msgpack"
 
@@ -88,24 +90,29 @@ class _Section:
 
 
 class ShardState:
-    """Everything a shard holds. Labels (hnswlib ids) index every per-document array."""
+    """Everything a shard holds. Labels (slot numbers, the index's ids) index every
+    per-document array.
 
-    def __init__(self, dim: int, metric: Metric, config: EngineConfig) -> None:
+    `spec`: the collection's index (None: its metric's default). `vectors_path`: a file for the
+    full-precision vectors, memory-mapped (quantised indexes keep only codes in RAM)."""
+
+    def __init__(
+        self,
+        dim: int,
+        metric: Metric,
+        config: EngineConfig,
+        spec: IndexSpec | None = None,
+        vectors_path: Path | None = None,
+    ) -> None:
         self.dim = dim
         self.metric = metric
         self.config = config
+        self.spec = spec if spec is not None else default_spec(metric)
         self.threads = max(1, config.search_threads)
         cap = max(16, config.hnsw_initial_capacity)
-        self.index = hnswlib.Index(space=_SPACES[metric], dim=dim)
-        self.index.init_index(
-            max_elements=cap, M=config.hnsw_m, ef_construction=config.hnsw_ef_construction, random_seed=100
-        )
-        self.ef = max(1, config.hnsw_ef_search)
-        self.index.set_ef(self.ef)
         # Vectors as given (not normalised) and their norms, for exact search and include=vector.
-        self.vectors = np.zeros((cap, dim), np.float32)
-        self.norms = np.zeros(cap, np.float32)
-        self.live = np.zeros(cap, np.bool_)
+        self.store = VectorStore(dim, cap, vectors_path)
+        self.index = make_index(self.spec, dim, metric, config, self.store)
         self.seqs = np.zeros(cap, np.int64)
         self.texts: list[str | None] = [None] * cap
         self.metas: list[Metadata | None] = [None] * cap
@@ -124,21 +131,41 @@ class ShardState:
 
     @property
     def capacity(self) -> int:
-        return int(self.vectors.shape[0])
+        return self.store.capacity
+
+    @property
+    def vectors(self) -> exact.F32:
+        return self.store.vectors
+
+    @property
+    def norms(self) -> exact.F32:
+        return self.store.norms
+
+    @property
+    def live(self) -> exact.Mask:
+        return self.store.live
 
     def sizes(self, queued: int, queue_limit: int) -> ShardSizes:
         """Counts and memory now, read without taking the occupancy (a metrics gauge may lag a
         write that is being applied)."""
-        arrays = (self.vectors, self.norms, self.live, self.seqs)
         return ShardSizes(
             documents=self.n_live,
             deleted=len(self.free),
             capacity=self.capacity,
-            index_bytes=hnsw_bytes(self.capacity, self.high, self.dim, self.config.hnsw_m),
-            vector_bytes=sum(int(a.nbytes) for a in arrays),
+            index_bytes=self.index.memory_bytes(),
+            vector_bytes=self.store.ram_bytes() + int(self.seqs.nbytes),
             queued=queued,
             queue_limit=queue_limit,
+            kind=self.spec.kind if self.spec.quantization is None else f"{self.spec.kind}_{self.spec.quantization}",
+            mapped_bytes=self.store.file_bytes(),
+            ready=self.index.ready(),
+            builds=self.index.builds(),
         )
+
+    def close(self) -> None:
+        """Stop the index's background work and remove the mapped vector file."""
+        self.index.close()
+        self.store.close()
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -169,11 +196,11 @@ class ShardState:
                     self._id_order = None
                 labels[i] = label
             self._ensure_capacity(self.high)
-            # An existing label is updated in place; a reused (deleted) one is unmarked too.
-            self.index.add_items(vecs, labels, num_threads=min(self.threads, len(batch)))
-            self.vectors[labels] = vecs
-            self.norms[labels] = exact.row_norms(vecs)
-            self.live[labels] = True
+            store = self.store
+            store.vectors[labels] = vecs
+            store.norms[labels] = exact.row_norms(vecs)
+            store.live[labels] = True
+            self.index.add(labels, vecs)
             for label, doc, counts in zip(labels.tolist(), batch, terms, strict=True):
                 self.ids[label] = doc.id
                 self.seqs[label] = doc.seq
@@ -181,20 +208,24 @@ class ShardState:
                 self.metas[label] = doc.metadata
                 self.columns.set_row(label, doc.metadata)
                 self.keywords.set_counts(label, counts)
+            self.index.grown(self.n_live)
 
     def delete(self, ids: Sequence[DocId]) -> list[DocId]:
         with self.occupancy.writing():
-            return self._delete_held(ids)
+            existed = self._delete_held(ids)
+            self.index.grown(self.n_live)
+            return existed
 
     def _delete_held(self, ids: Sequence[DocId]) -> list[DocId]:
         """Delete by id (the caller holds the write occupancy); returns the ids that existed."""
         existed: list[DocId] = []
+        gone: list[int] = []
         for doc_id in ids:
             label = self.labels.pop(doc_id, None)
             if label is None:
                 continue
             existed.append(doc_id)
-            self.index.mark_deleted(label)
+            gone.append(label)
             self.live[label] = False
             self.texts[label] = self.metas[label] = self.ids[label] = None
             self.columns.clear_row(label)
@@ -202,12 +233,18 @@ class ShardState:
             self.free.append(label)
             self.n_live -= 1
             self._id_order = None
+        if gone:
+            self.index.remove(np.asarray(gone, np.int64))
         return existed
 
-    def set_ef(self, ef: int) -> None:
+    def serves(self, params: QueryParams) -> bool:
+        """Whether a search with `params` can start now, without `use_params` first."""
+        return not self.index.needs_exclusive(params)
+
+    def use_params(self, params: QueryParams) -> None:
+        """Make `params` the index's state (hnswlib's ef is index-global): a write."""
         with self.occupancy.writing():
-            self.index.set_ef(ef)
-            self.ef = ef
+            self.index.apply(params)
 
     def _new_label(self) -> int:
         self.high += 1
@@ -219,11 +256,9 @@ class ShardState:
         cap = self.capacity
         while cap < needed:
             cap *= 2
-        self.index.resize_index(cap)
+        self.index.resize(cap)
         extra = cap - self.capacity
-        self.vectors = np.concatenate([self.vectors, np.zeros((extra, self.dim), np.float32)])
-        self.norms = np.concatenate([self.norms, np.zeros(extra, np.float32)])
-        self.live = np.concatenate([self.live, np.zeros(extra, np.bool_)])
+        self.store.grow(cap)
         self.seqs = np.concatenate([self.seqs, np.zeros(extra, np.int64)])
         self.texts.extend([None] * extra)
         self.metas.extend([None] * extra)
@@ -232,24 +267,29 @@ class ShardState:
     # -- reads --------------------------------------------------------------------------------
 
     def search_unfiltered(
-        self, queries: Sequence[Vector], k: int, include: frozenset[Include], threads: int = 1
+        self,
+        queries: Sequence[Vector],
+        k: int,
+        include: frozenset[Include],
+        threads: int = 1,
+        params: QueryParams = NO_PARAMS,
     ) -> list[list[Hit]]:
-        """Best-first hits of each query; min(k, live documents) each. `threads` is hnswlib's
-        num_threads for the batch (it parallelises only above 4 queries per thread)."""
+        """Best-first hits of each query; min(k, live documents) each. `threads` is the index's
+        thread budget for the batch (hnswlib parallelises only above 4 queries per thread);
+        `params` the query's index parameters (see `actors/indexes/base.py`)."""
         with self.occupancy.reading():
             if self.n_live == 0 or k <= 0:
                 return [[] for _ in queries]
             q = queries[0][None, :] if len(queries) == 1 else np.stack(queries)
-            plan = choose_plan(self.n_live, self.n_live, k, self.config, len(queries))
+            index = self.index
+            plan = choose_plan(self.n_live, self.n_live, k, self.config, len(queries), _usable(index))
             k_eff = min(k, self.n_live)
             if plan == "hnsw":
-                try:
-                    labels, raw = self.index.knn_query(q, k=k_eff, num_threads=threads)
-                except RuntimeError:  # came back short (deleted elements, tiny ef): answer exactly
-                    pass
-                else:
-                    scores, dists = exact.from_hnsw(raw, self.metric)
-                    return self._hits_rows(labels.tolist(), scores.tolist(), dists.tolist(), include)
+                found = index.search(q, k_eff, None, params, threads)
+                if found is not None:  # else short (deleted elements, tiny ef): answer exactly
+                    return self._hits_rows(
+                        found.labels.tolist(), found.scores.tolist(), found.distances.tolist(), include
+                    )
             tops = exact.search(self.vectors, self.norms, q, k, self.metric, mask=self.live[: self.high])
             return [self._hits(t.labels, t.scores, t.distances, include) for t in tops]
 
@@ -260,26 +300,24 @@ class ShardState:
         where: Filter | None,
         where_text: TextFilter | None,
         include: frozenset[Include],
+        params: QueryParams = NO_PARAMS,
     ) -> list[Hit]:
-        """Best-first hits among the matching documents: exactly min(k, matches) of them."""
+        """Best-first hits among the matching documents: exactly min(k, matches) of them (an
+        index that comes back short or with a label the filter excludes is answered exactly)."""
         with self.occupancy.reading():
             mask = self._mask(where, where_text)
             n_match = int(np.count_nonzero(mask))
             k_eff = min(k, n_match)
             if k_eff <= 0:
                 return []
-            plan = choose_plan(self.n_live, n_match, k, self.config)
+            index = self.index
+            plan = choose_plan(self.n_live, n_match, k, self.config, 1, _usable(index))
             if plan != "exact":
-                # A filter that matches every live document needs no callback.
-                allowed = mask.tolist().__getitem__ if plan == "hnsw_filtered" else None
-                try:
-                    labels, raw = self.index.knn_query(query, k=k_eff, num_threads=1, filter=allowed)
-                except RuntimeError:
-                    pass  # short: fall through to exact
-                else:
-                    if labels.shape[1] == k_eff and bool(mask[labels[0].astype(np.int64)].all()):
-                        scores, dists = exact.from_hnsw(raw, self.metric)
-                        return self._hits(labels[0], scores[0], dists[0], include)
+                # A filter that matches every live document needs no per-label filter.
+                allowed = mask if plan == "hnsw_filtered" else None
+                found = index.search(query[None, :], k_eff, allowed, params, 1)
+                if found is not None and found.labels.shape[1] == k_eff and bool(mask[found.labels[0]].all()):
+                    return self._hits(found.labels[0], found.scores[0], found.distances[0], include)
             top = exact.search(self.vectors, self.norms, query, k, self.metric, mask=mask)[0]
             return self._hits(top.labels, top.scores, top.distances, include)
 
@@ -432,14 +470,14 @@ class ShardState:
     # -- snapshot files (see actors/snapshot.py) -------------------------------------------------
 
     def save_files(self, directory: Path) -> int:
-        """Write the index, the arrays and the documents into `directory` (not fsynced: the
-        caller fsyncs and checksums them); returns the live count the files hold.
+        """Write the index's files, the arrays and the documents into `directory` (not fsynced:
+        the caller fsyncs and checksums them); returns the live count the files hold.
 
         A read: it may overlap searches, never a write. Raises OSError.
         """
         with self.occupancy.reading():
             high = self.high
-            self.index.save_index(str(directory / INDEX_FILE))
+            self.index.save(directory)
             with (directory / ARRAYS_FILE).open("wb") as f:
                 np.savez(
                     f,
@@ -455,23 +493,44 @@ class ShardState:
                 "ids": self.ids[:high],
                 "texts": self.texts[:high],
                 "metas": self.metas[:high],
+                "index": self.spec.to_wire(),
             }
             (directory / DOCS_FILE).write_bytes(msgpack.packb(docs, use_bin_type=True))
             return self.n_live
 
     @classmethod
-    def load_files(cls, directory: Path, dim: int, metric: Metric, config: EngineConfig) -> ShardState:
+    def load_files(
+        cls,
+        directory: Path,
+        dim: int,
+        metric: Metric,
+        config: EngineConfig,
+        spec: IndexSpec | None = None,
+        vectors_path: Path | None = None,
+    ) -> ShardState:
         """A state rebuilt from files `save_files` wrote (and whose checksums were verified).
 
-        Raises ValueError when the files disagree with each other or with `dim`; OSError.
+        Raises ValueError when the files disagree with each other, with `dim` or with `spec`
+        (files of another index kind or parameters are never loaded); OSError.
         """
-        state = cls(dim, metric, config)
+        state = cls(dim, metric, config, spec, vectors_path)
+        try:
+            state._load_files(directory)
+        except BaseException:
+            state.close()
+            raise
+        return state
+
+    def _load_files(self, directory: Path) -> None:
+        state, dim = self, self.dim
+        docs = msgpack.unpackb((directory / DOCS_FILE).read_bytes(), raw=False)
+        if docs.get("index") != state.spec.to_wire():
+            raise ValueError(f"the snapshot holds index {docs.get('index')!r}, the collection {state.spec.to_wire()!r}")
         with np.load(directory / ARRAYS_FILE, allow_pickle=False) as arrays:
             vectors = arrays["vectors"]
             norms = arrays["norms"]
             live = arrays["live"]
             seqs = arrays["seqs"]
-        docs = msgpack.unpackb((directory / DOCS_FILE).read_bytes(), raw=False)
         high = int(docs["high"])
         ids: list[DocId | None] = docs["ids"]
         texts: list[str | None] = docs["texts"]
@@ -493,19 +552,15 @@ class ShardState:
             raise ValueError("the snapshot's live documents and free slots disagree")
         if any(not live[label] for label in labels.values()):
             raise ValueError("the snapshot marks a document as deleted")
-        cap = max(state.capacity, high)
-        index = hnswlib.Index(space=_SPACES[metric], dim=dim)
-        index.load_index(str(directory / INDEX_FILE), max_elements=cap)
-        if int(index.element_count) != high:
-            raise ValueError(f"the snapshot's index holds {index.element_count} elements, its arrays {high}")
-        index.set_ef(state.ef)
-        state.index = index
-        state.vectors = np.zeros((cap, dim), np.float32)
-        state.vectors[:high] = vectors
-        state.norms = np.zeros(cap, np.float32)
-        state.norms[:high] = norms
-        state.live = np.zeros(cap, np.bool_)
-        state.live[:high] = live
+        cap = state.capacity
+        while cap < high:
+            cap *= 2
+        state.index.resize(cap)
+        state.store.grow(cap)
+        state.store.vectors[:high] = vectors
+        state.store.norms[:high] = norms
+        state.store.live[:high] = live
+        state.index.load(directory, high)
         state.seqs = np.zeros(cap, np.int64)
         state.seqs[:high] = seqs
         pad = cap - high
@@ -522,7 +577,12 @@ class ShardState:
         for label, text in enumerate(texts):  # the keyword index is rebuilt, not stored
             if text is not None and ids[label] is not None:
                 state.keywords.set_counts(label, term_counts(text))
-        return state
+        state.index.grown(n_live)  # a kind that trains may be due (e.g. an untrained ivf)
+
+
+def _usable(index: VectorIndex) -> bool:
+    """Whether the planner may plan the index at all (not for flat, nor an untrained ivf)."""
+    return not index.exact and index.ready()
 
 
 class _Nones:

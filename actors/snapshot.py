@@ -6,7 +6,8 @@ use it to skip the full scan of the docs table, and anything wrong with it means
 Layout under the snapshot root (`<data-dir>/snapshots`)::
 
     <collection>/manifest.json          the commit point: names the generation in use
-    <collection>/gen-<seq>-<nonce>/shard-<i>/index.hnsw, arrays.npz, docs.msgpack
+    <collection>/gen-<seq>-<nonce>/shard-<i>/arrays.npz, docs.msgpack, and the index's own
+                                        files (index.hnsw; index.faiss, index.json, ...)
 
 A new generation is written beside the old one: every file is written and fsynced, then the
 manifest is written to a temporary file, fsynced and renamed over `manifest.json` (and the
@@ -16,7 +17,10 @@ naming complete files; generations no manifest names are removed by the next wri
 The manifest records what the snapshot claims (collection, PostgreSQL's collection id and
 creation time, dim, metric, the applied seq, counts, index parameters, library versions, the
 size and SHA-256 of every file) and a SHA-256 of its own content. `verify_files` checks every
-file against it before anything parses a file: hnswlib's loader trusts its input.
+file against it before anything parses a file: hnswlib's and faiss's loaders trust their input.
+The index kind and its parameters are part of `Params` (and of the shard's docs file): a
+snapshot of another kind, or of an older format (1: hnsw only), is discarded and the collection
+rebuilt from the log, never loaded into the wrong index.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 from models.records import Metric
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _CHUNK = 4 * 1024 * 1024
 
@@ -45,7 +49,7 @@ class SnapshotInvalid(Exception):
 def library_versions() -> dict[str, str]:
     """The versions of the libraries whose file formats a snapshot holds."""
     out: dict[str, str] = {}
-    for name in ("hnswlib", "numpy", "msgpack"):
+    for name in ("hnswlib", "numpy", "msgpack", "faiss-cpu"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -71,6 +75,7 @@ class Params:
     shards: int
     hnsw_m: int
     hnsw_ef_construction: int
+    index: str = ""  # the collection's index spec as sorted JSON (models/index_spec.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,10 +281,11 @@ def check_usable(
         raise SnapshotInvalid(f"it was built with other settings ({manifest.params}, now {params})")
     if len(manifest.shards) != params.shards:
         raise SnapshotInvalid(f"it has {len(manifest.shards)} shards, the settings {params.shards}")
-    if manifest.versions.get("hnswlib") != versions.get("hnswlib"):
-        raise SnapshotInvalid(
-            f"its index was written by hnswlib {manifest.versions.get('hnswlib')}, this is {versions.get('hnswlib')}"
-        )
+    for library in ("hnswlib", "faiss-cpu"):
+        if manifest.versions.get(library) != versions.get(library):
+            raise SnapshotInvalid(
+                f"its index was written by {library} {manifest.versions.get(library)}, this is {versions.get(library)}"
+            )
     if manifest.count != sum(s.count for s in manifest.shards):
         raise SnapshotInvalid("its shard counts do not add up to its document count")
 

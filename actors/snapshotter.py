@@ -20,6 +20,7 @@ collection from the docs table) and removes the snapshot; only an unreachable da
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -34,7 +35,6 @@ from anyio.abc import TaskStatus
 
 from actors.catalog import Catalog, Collection
 from actors.persistence import CatalogRow, Persistence
-from actors.shard_state import ARRAYS_FILE, DOCS_FILE, INDEX_FILE
 from actors.snapshot import (
     Identity,
     Manifest,
@@ -49,6 +49,7 @@ from actors.snapshot import (
 )
 from models.config import EngineConfig
 from models.errors import NotFound, ShoalError
+from models.index_spec import IndexSpec
 from models.records import Change, DocId, StoredDoc
 
 log = logging.getLogger("shoal.snapshots")
@@ -75,8 +76,11 @@ def snapshot_counts() -> dict[str, dict[str, int]]:
         }
 
 
-def params_of(config: EngineConfig) -> Params:
-    return Params(max(1, config.shards_per_collection), config.hnsw_m, config.hnsw_ef_construction)
+def params_of(config: EngineConfig, spec: IndexSpec | None = None) -> Params:
+    """The settings a snapshot's files depend on: the shard count, the hnsw defaults and the
+    collection's index spec (None: not recorded)."""
+    index = "" if spec is None else json.dumps(spec.to_wire(), sort_keys=True)
+    return Params(max(1, config.shards_per_collection), config.hnsw_m, config.hnsw_ef_construction, index)
 
 
 class Snapshotter:
@@ -163,7 +167,7 @@ class Snapshotter:
                     identity=Identity(marker[0], marker[1], collection.dim, metric_name(collection.metric)),
                     seq=seq,
                     count=sum(counts),
-                    params=params_of(self._config),
+                    params=params_of(self._config, collection.index),
                     generation=gen.name,
                     shards=entries,
                 )
@@ -228,7 +232,7 @@ class Snapshotter:
                 await tail.header()
                 assert tail.marker is not None
                 identity = Identity(tail.marker[0], tail.marker[1], row.dim, metric_name(row.metric))
-                check_usable(manifest, identity, tail.last_seq, params_of(self._config), library_versions())
+                check_usable(manifest, identity, tail.last_seq, params_of(self._config, row.index), library_versions())
 
                 async def load(collection: Collection) -> None:
                     # Runs before the catalog lists the collection: nothing else applies to it
@@ -257,7 +261,7 @@ class Snapshotter:
                     done.update(count=count, replayed=replayed)
 
                 # The catalog stops the collection again if `load` raises.
-                collection = await self._catalog.add(name, row.dim, row.metric, row.cid, load)
+                collection = await self._catalog.add(name, row.dim, row.metric, row.cid, load, row.index)
                 self._markers[name] = (collection, tail.marker)
         except ShoalError:
             raise
@@ -287,7 +291,8 @@ def _shard_entries(gen: Path, counts: Sequence[int]) -> tuple[ShardEntry, ...]:
     out = []
     for i, count in enumerate(counts):
         sdir = SnapshotStore.shard_dir(gen, i)
-        out.append(ShardEntry(count, {f: file_entry(sdir / f) for f in (INDEX_FILE, ARRAYS_FILE, DOCS_FILE)}))
+        names = sorted(p.name for p in sdir.iterdir() if p.is_file())
+        out.append(ShardEntry(count, {f: file_entry(sdir / f) for f in names}))
     return tuple(out)
 
 

@@ -37,10 +37,19 @@ class ShardSizes:
     documents: int
     deleted: int
     capacity: int  # slots allocated (the index grows by doubling)
-    index_bytes: int  # the hnswlib graph and its vectors (estimate, see `hnsw_bytes`)
-    vector_bytes: int  # the exact replica's arrays (vectors, norms, flags, seqs)
+    index_bytes: int  # the index's memory (estimated: `hnsw_bytes`, `VectorIndex.memory_bytes`)
+    vector_bytes: int  # the exact replica's arrays in RAM (vectors unless mapped, norms, flags, seqs)
     queued: int  # messages in the shard's mailbox
     queue_limit: int
+    kind: str = "hnsw"  # the index kind, with its quantisation (e.g. "ivf_int8")
+    mapped_bytes: int = 0  # full-precision vectors memory-mapped from a file (quantised kinds)
+    ready: bool = True  # False while the index declines (an ivf not trained yet): exact search
+    builds: int = 0  # background (re)builds swapped in (ivf training, quantised hnsw rebuilds)
+
+    @property
+    def bytes_per_vector(self) -> float:
+        """RAM per live document of the index plus the replica's arrays (0 when empty)."""
+        return (self.index_bytes + self.vector_bytes) / self.documents if self.documents else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ from actors.subscriptions import SubscriptionConfig, Subscriptions, Subscription
 from models import requests as rq
 from models.config import EngineConfig, Limits
 from models.errors import DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable
+from models.index_spec import check_query_params
 from models.records import MODEL_DIM, CollectionInfo, Hit, Metric, StoredDoc, Vector
 from models.reply_size import check_rows_fit
 
@@ -70,6 +71,7 @@ class Engine:
         limits: Limits,
         subscriptions: SubscriptionConfig | None = None,
         snapshot_dir: Path | None = None,
+        vectors_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.limits = limits
@@ -86,7 +88,11 @@ class Engine:
         self._listeners: list[Publisher] = []
         self.subscriptions = Subscriptions(self.persistence, subscriptions)
         self.catalog = Catalog(
-            config, self.persistence, self._publish, on_removed=self.subscriptions.collection_dropped
+            config,
+            self.persistence,
+            self._publish,
+            on_removed=self.subscriptions.collection_dropped,
+            vectors_dir=vectors_dir,
         )
         self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog)
         self.follower = Follower(
@@ -118,8 +124,9 @@ class Engine:
         limits: Limits,
         subscriptions: SubscriptionConfig | None = None,
         snapshot_dir: Path | None = None,
+        vectors_dir: Path | None = None,
     ) -> AsyncIterator[Engine]:
-        engine = cls(dsn, config, limits, subscriptions, snapshot_dir)
+        engine = cls(dsn, config, limits, subscriptions, snapshot_dir, vectors_dir)
         # Opened before the task group, so that a StartupError (unreachable database, no
         # pgvector) reaches the caller as itself, not inside an exception group.
         await engine.persistence.open()
@@ -170,7 +177,7 @@ class Engine:
                 loaded = await collection.applier.load(snapshot, lambda: snapshot.last_seq)
             log.info("loaded collection %s: %d documents, seq %d", row.name, loaded, collection.last_seq)
 
-        return await self.catalog.add(row.name, row.dim, row.metric, row.cid, load)
+        return await self.catalog.add(row.name, row.dim, row.metric, row.cid, load, row.index)
 
     async def _read_target(self, name: str, min_seq: int | None) -> Collection:
         """The collection a read names, once it has applied its changes through `min_seq`. A
@@ -210,8 +217,9 @@ class Engine:
 
     async def create_collection(self, req: rq.CreateCollection) -> CollectionInfo:
         dim = req.dim if req.dim is not None else MODEL_DIM
+        index = req.index.resolved(dim, self.config.hnsw_m, self.config.hnsw_ef_construction)
         try:
-            return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists)
+            return await self.ingest.create_collection(req.name, dim, req.metric, req.if_not_exists, index)
         except NotFound:
             if not req.if_not_exists:
                 raise
@@ -336,6 +344,7 @@ class Engine:
         query runs), DimensionMismatch, InvalidVector, Overloaded, Unavailable, and TooLarge when
         the hits' texts and vectors alone would not fit in one frame."""
         collection = await self._read_target(req.collection, req.min_seq)
+        check_query_params(collection.index, collection.name, req.ef, req.nprobe)
 
         def vector_of() -> Awaitable[Vector]:
             return self.query_vector(collection, req.vector, req.text)

@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from actors import exact
+from actors.indexes.base import query_params
 from actors.read_pool import ReadPool
 from actors.shard import Shard
 from models.config import EngineConfig
@@ -75,7 +76,7 @@ async def shard_qps(
         nonlocal count
         i = offset
         while time.perf_counter() < deadline:
-            await shard.search(queries[i % len(queries)], k, ef, None, None, DEFAULT_INCLUDE)
+            await shard.search(queries[i % len(queries)], k, query_params(ef=ef), None, None, DEFAULT_INCLUDE)
             count += 1
             i += callers
 

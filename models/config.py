@@ -146,3 +146,8 @@ class EngineConfig:
     log_retention_changes: int = field(default=100_000, metadata=bounds(0, 10**12))
     node_expiry_s: float = field(default=300.0, metadata=bounds(1, 1_000_000))
     compact_batch: int = field(default=10_000, metadata=bounds(1, 10_000_000))
+    # index kinds (actors/indexes): an ivf index is trained once a shard holds this many vectors
+    # (exact search until then; 1..10**9), and ivf and quantised hnsw are rebuilt off the write
+    # path each time the shard has grown this many times since their last build (1.5..1000).
+    ivf_train_min: int = field(default=4_096, metadata=bounds(1, 1_000_000_000))
+    ivf_retrain_growth: float = field(default=4.0, metadata=bounds(1.5, 1_000))

@@ -37,7 +37,22 @@ class Op:
 
 
 NAME: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
-METRIC: Schema = {"type": "string", "enum": ["cosine", "l2", "ip"], "default": "cosine"}
+METRIC: Schema = {"type": "string", "enum": ["cosine", "l2", "ip", "l1"], "default": "cosine"}
+# create_collection's `index` (models/index_spec.py holds the rules per kind).
+INDEX: Schema = {
+    "type": "object",
+    "required": ["kind"],
+    "properties": {
+        "kind": {"type": "string", "enum": ["hnsw", "flat", "ivf", "lsh"], "default": "hnsw"},
+        "m": {"type": "integer", "minimum": 2, "maximum": 1_000, "description": "hnsw: links per node"},
+        "ef_construction": {"type": "integer", "minimum": 1, "description": "hnsw: build breadth"},
+        "nlist": {"type": "integer", "minimum": 1, "maximum": 65_536, "description": "ivf: lists (default: from size)"},
+        "nbits": {"type": "integer", "minimum": 8, "maximum": 4_096, "multipleOf": 8, "description": "lsh: bits"},
+        "candidates": {"type": "integer", "minimum": 1, "maximum": 10_000, "description": "lsh: re-ranked"},
+        "quantization": {"type": "string", "enum": ["int8", "f16"], "description": "hnsw, ivf: vector codes"},
+    },
+    "additionalProperties": False,
+}
 FILTER: Schema = {
     "type": "object",
     "description": 'Chroma-compatible: {"field": value}, {"field": {"$eq|$ne|$gt|$gte|$lt|$lte": value}}, '
@@ -112,7 +127,13 @@ def op_args(limits: Limits) -> dict[str, Op]:
     docs: Schema = {"type": "array", "items": _document(limits)}
     collection_info = {
         "type": "object",
-        "properties": {"name": NAME, "dim": {"type": "integer"}, "metric": METRIC, "count": {"type": "integer"}},
+        "properties": {
+            "name": NAME,
+            "dim": {"type": "integer"},
+            "metric": METRIC,
+            "count": {"type": "integer"},
+            "index": INDEX,
+        },
     }
     return {
         "ping": Op("liveness of the connection", {}, [{}]),
@@ -128,8 +149,13 @@ def op_args(limits: Limits) -> dict[str, Op]:
                 "dim": Arg({"type": "integer", "minimum": 1, "maximum": limits.max_dim}, "vector width (default 384)"),
                 "metric": Arg(METRIC, "distance metric"),
                 "if_not_exists": Arg({"type": "boolean", "default": False}, "return an existing one instead of exists"),
+                "index": Arg(INDEX, "index kind and parameters (default hnsw; flat under l1)"),
             },
-            [{"name": "docs"}, {"name": "vecs", "dim": 4, "metric": "l2", "if_not_exists": True}],
+            [
+                {"name": "docs"},
+                {"name": "vecs", "dim": 4, "metric": "l2", "if_not_exists": True},
+                {"name": "big", "dim": 4, "index": {"kind": "ivf", "quantization": "int8"}},
+            ],
             {"type": "object", "properties": {"collection": collection_info}},
         ),
         "list_collections": Op(
@@ -220,7 +246,8 @@ def op_args(limits: Limits) -> dict[str, Op]:
                 "where": where,
                 "where_text": where_text,
                 "include": include,
-                "ef": Arg({"type": "integer", "minimum": 1, "maximum": limits.max_ef}, "HNSW search breadth"),
+                "ef": Arg({"type": "integer", "minimum": 1, "maximum": limits.max_ef}, "hnsw kind: search breadth"),
+                "nprobe": Arg({"type": "integer", "minimum": 1, "maximum": 65_536}, "ivf kind: lists searched"),
                 "mode": Arg(
                     {"type": "string", "enum": ["vector", "keyword", "hybrid"], "default": "vector"}, "search mode"
                 ),
@@ -240,6 +267,7 @@ def op_args(limits: Limits) -> dict[str, Op]:
             [
                 {"collection": "c", "text": "hello", "k": 5, "where": {"lang": "en"}, "include": ["text"]},
                 {"collection": "c", "vector": v4, "ef": 100, "where_text": {"$contains": "h"}, "mode": "vector"},
+                {"collection": "big", "vector": v4, "nprobe": 32},
                 {"collection": "c", "text": "hello", "mode": "hybrid", "fusion": "weighted", "alpha": 0.3},
                 {
                     "collection": "c",

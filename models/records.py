@@ -47,6 +47,7 @@ class Metric(enum.StrEnum):
     COSINE = "cosine"
     L2 = "l2"
     IP = "ip"
+    L1 = "l1"  # Manhattan: score = -distance, distance = sum of absolute differences
 
 
 class Include(enum.StrEnum):
@@ -60,13 +61,20 @@ DEFAULT_INCLUDE: frozenset[Include] = frozenset({Include.TEXT, Include.METADATA}
 
 @dataclass(frozen=True, slots=True)
 class CollectionInfo:
+    """A collection's shape. `index` is its index kind and parameters as the wire shows them
+    (`{"kind": "hnsw", "m": 16, ...}`; see `models/index_spec.py`); None: the default."""
+
     name: str
     dim: int
     metric: Metric
     count: int = 0
+    index: dict[str, object] | None = None
 
     def to_wire(self) -> dict[str, object]:
-        return {"name": self.name, "dim": self.dim, "metric": self.metric.value, "count": self.count}
+        out: dict[str, object] = {"name": self.name, "dim": self.dim, "metric": self.metric.value, "count": self.count}
+        if self.index is not None:
+            out["index"] = dict(self.index)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from models.config import Limits
 from models.cursor import decode_cursor
 from models.errors import BadRequest, InvalidVector, TooLarge, UnknownOp, echo
 from models.filters import Filter, TextFilter, parse_where, parse_where_text
+from models.index_spec import IndexSpec, parse_index_spec
 from models.records import DEFAULT_INCLUDE, DocId, Document, Include, Metadata, Metric, Vector
 from models.strings import check_string
 
@@ -33,6 +34,8 @@ DEFAULT_K = 10
 # Documents in one page of `get` without ids (the most is `Limits.max_ids`).
 DEFAULT_GET_LIMIT = 100
 DEFAULT_RRF_K = 60
+# ivf's nprobe: at most its largest nlist (a query's nprobe past its collection's nlist is capped).
+MAX_NPROBE = 65_536
 MAX_RRF_K = 1_000_000
 # Arguments that only a hybrid query takes (fusion and its parameters, candidate depths).
 HYBRID_ARGS = ("fusion", "alpha", "rrf_k", "vector_candidates", "keyword_candidates")
@@ -56,6 +59,7 @@ class CreateCollection:
     dim: int | None
     metric: Metric
     if_not_exists: bool
+    index: IndexSpec = field(default_factory=IndexSpec)  # as given: defaults filled by the engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,8 @@ class Query:
     vector_candidates: int | None = None
     keyword_candidates: int | None = None
     min_seq: int | None = None
+    # ivf's lists searched (checked against the collection's index kind by the engine, as is `ef`)
+    nprobe: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,12 +432,13 @@ def _create_collection(a: Args) -> CreateCollection:
     try:
         parsed_metric = Metric(metric)
     except ValueError as exc:
-        raise BadRequest("'metric' must be one of cosine, l2, ip") from exc
+        raise BadRequest("'metric' must be one of cosine, l2, ip, l1") from exc
     return CreateCollection(
         name=a.collection_name("name"),
         dim=a.integer("dim", low=1, high=a.limits.max_dim),
         metric=parsed_metric,
         if_not_exists=a.boolean("if_not_exists", False),
+        index=parse_index_spec(a._get("index"), parsed_metric, a.limits.max_ef),
     )
 
 
@@ -508,6 +515,7 @@ def _query(a: Args) -> Query:
             fusion="rrf",
             alpha=0.5,
             min_seq=min_seq,
+            nprobe=a.integer("nprobe", low=1, high=MAX_NPROBE),
         )
     text = a.text()
     if text is None:
@@ -515,7 +523,7 @@ def _query(a: Args) -> Query:
     if mode == "keyword":
         if a.has("vector"):
             raise BadRequest("mode 'keyword' takes 'text' only, not 'vector'")
-        given = [key for key in (*HYBRID_ARGS, "ef") if a.has(key)]
+        given = [key for key in (*HYBRID_ARGS, "ef", "nprobe") if a.has(key)]
         if given:
             raise BadRequest(f"{echo(given[0])} does not apply to mode 'keyword'")
         return Query(
@@ -567,6 +575,7 @@ def _query(a: Args) -> Query:
         vector_candidates=depths[0],
         keyword_candidates=depths[1],
         min_seq=min_seq,
+        nprobe=a.integer("nprobe", low=1, high=MAX_NPROBE),
     )
 
 

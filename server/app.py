@@ -136,7 +136,12 @@ def create_app(settings: Settings) -> Edge:
                 settings.data_dir, settings.database_url, check_interval=settings.engine.db_restart_check_s
             ) as dsn,
             Engine.running(
-                dsn, settings.engine, settings.limits, settings.subscriptions, snapshot_dir(settings)
+                dsn,
+                settings.engine,
+                settings.limits,
+                settings.subscriptions,
+                snapshot_dir(settings),
+                settings.data_dir / "vectors",  # quantised collections' mapped vectors
             ) as engine,
             anyio.create_task_group() as tasks,
         ):

@@ -10,7 +10,7 @@ scrape answers while the engine is busy. Each bounded queue is exported as a pai
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -32,6 +32,7 @@ from actors.follower import FollowerStats
 from actors.latency import LatencyHistogram
 from actors.planner import plan_counts
 from actors.snapshotter import snapshot_counts
+from actors.status import CollectionStatus
 from actors.supervisor import Engine
 from models.requests import PARSERS
 
@@ -172,6 +173,7 @@ class EngineCollector(Collector):
                     family.add_metric(labels, getattr(sizes, field))
         yield docs
         yield from families.values()
+        yield from _index_metrics(status.collections)
         yield _gauge("shoal_shard_queue_limit", "Bound of shoal_shard_queue", engine.config.shard_mailbox)
 
         yield _gauge("shoal_search_threads", "Threads running shard searches and writes", status.search_threads)
@@ -284,3 +286,45 @@ def _cache_metrics(engine: Engine) -> Iterator[Metric]:
         yield _gauge(f"{prefix}_bytes", f"{what}: estimated bytes held", stats.bytes)
         yield _gauge(f"{prefix}_entries", f"{what}: entries held", stats.entries)
         yield _gauge(f"{prefix}_limit_bytes", f"{what}: bound in bytes (0: off)", stats.limit_bytes)
+
+
+def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMetricFamily]:
+    """Memory per vector by collection and index kind (RAM of the index and the replica's arrays
+    over live documents; quantised kinds' mapped vectors counted apart), and whether each shard's
+    index answers (0: an ivf not trained yet, searched exactly)."""
+    per_vector = GaugeMetricFamily(
+        "shoal_index_bytes_per_vector",
+        "RAM per live document: index plus the shard's arrays, by index kind",
+        labels=["collection", "kind"],
+    )
+    mapped = GaugeMetricFamily(
+        "shoal_index_mapped_bytes",
+        "Full-precision vectors memory-mapped from the data directory",
+        labels=["collection", "kind"],
+    )
+    ready = GaugeMetricFamily(
+        "shoal_index_ready",
+        "1 when the shard's index answers, 0 while it is searched exactly",
+        labels=["collection", "shard", "kind"],
+    )
+    builds = GaugeMetricFamily(
+        "shoal_index_builds",
+        "Index (re)builds swapped in off the write path (ivf training, quantised hnsw)",
+        labels=["collection", "kind"],
+    )
+    for collection in collections:
+        shards = collection.shards
+        if not shards:
+            continue
+        kind = shards[0].kind
+        docs = sum(s.documents for s in shards)
+        ram = sum(s.index_bytes + s.vector_bytes for s in shards)
+        per_vector.add_metric([collection.name, kind], ram / docs if docs else 0.0)
+        mapped.add_metric([collection.name, kind], sum(s.mapped_bytes for s in shards))
+        builds.add_metric([collection.name, kind], sum(s.builds for s in shards))
+        for number, sizes in enumerate(shards):
+            ready.add_metric([collection.name, str(number), kind], 1 if sizes.ready else 0)
+    yield per_vector
+    yield mapped
+    yield ready
+    yield builds

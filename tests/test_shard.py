@@ -14,6 +14,7 @@ import pytest
 from numpy.typing import NDArray
 
 from actors import exact
+from actors.indexes.base import QueryParams, query_params
 from actors.planner import choose_plan
 from actors.read_pool import ReadPool
 from actors.shard import Shard
@@ -95,7 +96,7 @@ async def search(
     where_text: TextFilter | None = None,
     include: frozenset[Include] = DEFAULT_INCLUDE,
 ) -> list[Hit]:
-    return await shard.search(q, k, ef, where, where_text, include)
+    return await shard.search(q, k, query_params(ef=ef), where, where_text, include)
 
 
 def ids_of(hits: Sequence[Hit]) -> list[str]:
@@ -190,7 +191,7 @@ async def test_growth_past_initial_capacity() -> None:
     async with running(16, Metric.COSINE, config) as shard:
         await load(shard, docs_for(vecs), batch=37)
         assert await shard.count() == 1_500
-        assert shard._state.capacity >= 1_500 and shard._state.index.get_max_elements() >= 1_500
+        assert shard._state.capacity >= 1_500 and shard._state.index.index.get_max_elements() >= 1_500
         found = 0
         for i in range(0, 1_500, 15):
             found += ids_of(await search(shard, vecs[i], 1, ef=100)) == [f"d{i}"]
@@ -224,7 +225,7 @@ async def test_search_fails_instead_of_hanging_when_the_pool_is_stopped() -> Non
             await anyio.sleep(0)  # the loop now waits on its empty mailbox
             for _ in range(3):
                 with pytest.raises(Unavailable):
-                    await shard.search(np.ones(4, np.float32), 1, None, None, None, DEFAULT_INCLUDE)
+                    await shard.search(np.ones(4, np.float32), 1, (), None, None, DEFAULT_INCLUDE)
             shard.close()
     assert shard.direct_searches == 3
 
@@ -362,10 +363,14 @@ async def test_concurrent_searches_are_batched_and_match_sequential() -> None:
         real = shard._state.search_unfiltered
 
         def spy(
-            qs: Sequence[NDArray[np.float32]], k: int, include: frozenset[Include], threads: int
+            qs: Sequence[NDArray[np.float32]],
+            k: int,
+            include: frozenset[Include],
+            threads: int,
+            params: QueryParams = (),
         ) -> list[list[Hit]]:
             batch_sizes.append(len(qs))
-            return real(qs, k, include, threads)
+            return real(qs, k, include, threads, params)
 
         shard._state.search_unfiltered = spy  # type: ignore[method-assign]
         concurrent: list[list[Hit]] = [[] for _ in queries]

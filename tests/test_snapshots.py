@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.shard_state import ARRAYS_FILE, INDEX_FILE, ShardState
+from actors.indexes.hnsw import INDEX_FILE
+from actors.shard_state import ARRAYS_FILE, ShardState
 from actors.snapshot import (
     FORMAT_VERSION,
     MANIFEST,

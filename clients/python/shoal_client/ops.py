@@ -99,11 +99,18 @@ class ShoalOps(abc.ABC):
         await self.request("ping")
 
     async def create_collection(
-        self, name: str, dim: int | None = None, metric: str | None = None, if_not_exists: bool = False
+        self,
+        name: str,
+        dim: int | None = None,
+        metric: str | None = None,
+        if_not_exists: bool = False,
+        *,
+        index: Mapping[str, Any] | None = None,
     ) -> CollectionInfo:
         """Create a collection (default dim: the embedding model's, 384). Raises `Exists` unless
-        `if_not_exists`, in which case the existing collection is returned."""
-        args = compact(name=name, dim=dim, metric=getattr(metric, "value", metric))
+        `if_not_exists`, in which case the existing collection is returned. `index`: the index
+        kind and its parameters, e.g. `{"kind": "ivf", "quantization": "int8"}`."""
+        args = compact(name=name, dim=dim, metric=getattr(metric, "value", metric), index=index)
         if if_not_exists:
             args["if_not_exists"] = True
         reply = await self.request("create_collection", **args)
@@ -218,8 +225,10 @@ class ShoalOps(abc.ABC):
         rrf_k: int | None = None,
         vector_candidates: int | None = None,
         keyword_candidates: int | None = None,
+        nprobe: int | None = None,
     ) -> QueryResult:
-        """The `k` best hits for `vector` or `text` (`mode`: vector | keyword | hybrid).
+        """The `k` best hits for `vector` or `text` (`mode`: vector | keyword | hybrid). `ef`
+        applies to hnsw collections, `nprobe` to ivf ones.
 
         Hybrid takes `text` (and optionally `vector` for its vector side), `fusion` (`rrf` with
         `rrf_k`, or `weighted` with `alpha`, the vector side's weight) and each side's candidate
@@ -235,6 +244,7 @@ class ShoalOps(abc.ABC):
                 rrf_k=rrf_k,
                 vector_candidates=vector_candidates,
                 keyword_candidates=keyword_candidates,
+                nprobe=nprobe,
             )
         )
         reply = await self.request("query", collection=collection, k=k, **args)

@@ -250,11 +250,17 @@ class _SyncOps(Generic[OpsT]):
         self._portal.run(self._async.ping())
 
     def create_collection(
-        self, name: str, dim: int | None = None, metric: str | None = None, if_not_exists: bool = False
+        self,
+        name: str,
+        dim: int | None = None,
+        metric: str | None = None,
+        if_not_exists: bool = False,
+        *,
+        index: Mapping[str, Any] | None = None,
     ) -> CollectionInfo:
         """Create a collection (default dim: the embedding model's). Raises `Exists` unless
         `if_not_exists`, in which case the existing collection is returned."""
-        return self._portal.run(self._async.create_collection(name, dim, metric, if_not_exists))
+        return self._portal.run(self._async.create_collection(name, dim, metric, if_not_exists, index=index))
 
     def list_collections(self) -> list[CollectionInfo]:
         return self._portal.run(self._async.list_collections())
@@ -294,6 +300,7 @@ class _SyncOps(Generic[OpsT]):
         mode: str | None = None,
         fusion: str | None = None,
         alpha: float | None = None,
+        nprobe: int | None = None,
     ) -> QueryResult:
         """The `k` best hits for `vector` or `text`."""
         return self._portal.run(
@@ -309,6 +316,7 @@ class _SyncOps(Generic[OpsT]):
                 mode=mode,
                 fusion=fusion,
                 alpha=alpha,
+                nprobe=nprobe,
             )
         )
 

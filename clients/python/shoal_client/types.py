@@ -27,6 +27,9 @@ class CollectionInfo:
     dim: int
     metric: str
     count: int = 0
+    # The index kind and its parameters, e.g. {"kind": "ivf", "quantization": "int8"} (None:
+    # a server that does not report it).
+    index: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +176,13 @@ def parse_collection(body: Any) -> CollectionInfo:
     if not isinstance(body, Mapping):
         raise ProtocolError(f"collection is not a map: {body!r}")
     count = body.get("count", 0)
+    index = body.get("index")
     return CollectionInfo(
         name=_field(body, "name", str),
         dim=_field(body, "dim", int),
         metric=_field(body, "metric", str),
         count=count if isinstance(count, int) else 0,
+        index=dict(index) if isinstance(index, Mapping) else None,
     )
 
 
