@@ -283,6 +283,18 @@ class ShardState:
             top = exact.search(self.vectors, self.norms, query, k, self.metric, mask=mask)[0]
             return self._hits(top.labels, top.scores, top.distances, include)
 
+    def search_exact(
+        self, query: Vector, k: int, where: Filter | None, where_text: TextFilter | None
+    ) -> tuple[list[Hit], int, int]:
+        """(hits, live, matching): the exact best-first hits among the documents passing the
+        filters (min(k, matches), ids and scores only), whatever plan a query would take, and
+        the counts that plan is chosen from. The reference recall samples are measured against."""
+        with self.occupancy.reading():
+            mask = self._mask(where, where_text)
+            top = exact.search(self.vectors, self.norms, query, k, self.metric, mask=mask)[0]
+            hits = self._hits(top.labels, top.scores, top.distances, frozenset())
+            return hits, self.n_live, int(np.count_nonzero(mask))
+
     def search_keyword(
         self,
         terms: Sequence[str],
