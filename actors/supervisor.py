@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +41,7 @@ from actors.follower import Follower
 from actors.ingest import Ingest
 from actors.matching import StandingQuery
 from actors.persistence import CatalogRow, Persistence
+from actors.recall_sampler import RecallSampler, RecallStats
 from actors.results_cache import EmbeddingCache, ResultsCache
 from actors.snapshotter import Snapshotter
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
@@ -106,6 +107,7 @@ class Engine:
         )
         self.results = ResultsCache(config.results_cache_bytes)
         self.embeddings = EmbeddingCache(config.embedding_cache_bytes)
+        self.recall = RecallSampler(config, self.catalog)
         self.ready = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -134,6 +136,7 @@ class Engine:
                 if engine.snapshotter is not None:  # stops after ingest, before the shards
                     started.append((engine.snapshotter, await _start(tg, engine.snapshotter)))
                 started.append((engine.subscriptions, await _start(tg, engine.subscriptions)))
+                started.append((engine.recall, await _start(tg, engine.recall)))
                 # Started once caught up with what other nodes committed while this one was down.
                 started.append((engine.follower, await _start(tg, engine.follower)))
                 started.append((engine.ingest, await _start(tg, engine.ingest)))
@@ -232,6 +235,7 @@ class Engine:
         self.catalog.get(req.name)
         await self.ingest.drop_collection(req.name)
         self.results.forget(req.name)
+        self.recall.forget(req.name)
         self.subscriptions.collection_dropped(req.name)
 
     async def upsert(self, req: rq.Upsert) -> tuple[int, int]:
@@ -338,15 +342,21 @@ class Engine:
         # A query by example asks for one hit more and leaves the liked document out, so it
         # still answers min(k, other matching documents).
         run = req if req.like is None else _one_more(req)
+        asked: list[Vector] = []
 
-        def vector_of() -> Awaitable[Vector]:
-            return self.query_vector(collection, run.vector, run.text)
+        async def vector_of() -> Vector:
+            vector = await self.query_vector(collection, run.vector, run.text)
+            asked.append(vector)
+            return vector
 
         async def compute() -> list[Hit]:
+            seq = collection.last_seq
             try:
                 hits = await planner.execute(collection, run, vector_of, self.config)
             except Unavailable as exc:
                 raise self._read_failed(collection, exc) from None
+            if run.mode == "vector" and asked:
+                self.recall.offer(collection, asked[0], run.k, run.where, run.where_text, hits, seq)
             if req.like is not None:
                 hits = [hit for hit in hits if hit.id != req.like][: req.k]
             check_rows_fit(hits, req.include, collection.dim, self.limits)
@@ -423,6 +433,10 @@ class Engine:
         if exclude is None:
             return events
         return [e for e in events if not (isinstance(e, MatchEvent) and e.upserted.doc.id == exclude)]
+
+    def recall_stats(self, name: str) -> RecallStats:
+        """Collection `name`'s recall estimate for its index (see actors/recall_sampler.py)."""
+        return self.recall.stats(name)
 
     def subscription_stats(self) -> SubscriptionStats:
         return self.subscriptions.stats()

@@ -146,3 +146,9 @@ class EngineConfig:
     log_retention_changes: int = field(default=100_000, metadata=bounds(0, 10**12))
     node_expiry_s: float = field(default=300.0, metadata=bounds(1, 1_000_000))
     compact_batch: int = field(default=10_000, metadata=bounds(1, 10_000_000))
+    # recall sampling (actors/recall_sampler.py): the fraction of fresh vector queries re-run by
+    # exact search off the hot path (0: off), the samples waiting at most (more are dropped and
+    # counted), and the samples each collection's recall estimate is the mean of.
+    recall_sample_rate: float = field(default=0.01, metadata=bounds(0.0, 1.0))
+    recall_sample_queue: int = field(default=64, metadata=bounds(1, 100_000))
+    recall_window: int = field(default=200, metadata=bounds(1, 1_000_000))

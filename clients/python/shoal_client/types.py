@@ -27,6 +27,8 @@ class CollectionInfo:
     dim: int
     metric: str
     count: int = 0
+    # The server's recall estimate of the collection's index, as listed (None elsewhere).
+    recall: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +180,7 @@ def parse_collection(body: Any) -> CollectionInfo:
         dim=_field(body, "dim", int),
         metric=_field(body, "metric", str),
         count=count if isinstance(count, int) else 0,
+        recall=recall if isinstance(recall := body.get("recall"), Mapping) else None,
     )
 
 
