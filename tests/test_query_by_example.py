@@ -4,7 +4,9 @@ out of the hits; over WebSocket, HTTP, SSE and the blocking clients, through a r
 from __future__ import annotations
 
 import asyncio
+import shutil
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,7 +15,7 @@ import pytest
 
 from shoal_client import BadRequest, MatchEvent, NotFound, ShoalClient, ShoalHTTP, subscribe_sse
 from shoal_client.sync import SyncShoalClient, SyncShoalHTTP
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, temp_data_dir
 
 pytestmark = pytest.mark.timeout(120)
 DIM = 8
@@ -235,3 +237,26 @@ async def test_sse_subscribe_by_example(server: ServerProcess, client: ShoalClie
         assert event.event == "match" and event.data["hit"]["id"] == "again" and event.seq == ack.seq
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def sharded() -> Iterator[ServerProcess]:
+    data_dir = temp_data_dir()
+    proc = ServerProcess(data_dir, {"SHOAL_SHARDS_PER_COLLECTION": "3"})
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_like_across_shards(sharded: ServerProcess) -> None:
+    async with ShoalClient.connect(sharded.ws_url) as client:
+        name, vectors = await filled(client, n=60, seed=11)
+        ids = [f"d{i}" for i in range(60)]
+        for liked in ("d0", "d17", "d42"):  # wherever each one lives, it is found and left out
+            reply = await client.request("query", collection=name, like=liked, k=7)
+            assert [h["id"] for h in reply["hits"]] == exact_ids(vectors, ids, vectors[int(liked[1:])], 7, liked)
+        with pytest.raises(NotFound):
+            await client.query(name, like="d60")
