@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from actors.exact import distance_of, l1_scores, row_norms
 from models.filters import Filter, MetadataColumns, TextFilter, text_mask
-from models.records import Metadata, Metric, Vector
+from models.records import DocId, Metadata, Metric, Vector
 
 F32 = NDArray[np.float32]
 Ints = NDArray[np.intp]
@@ -53,6 +53,8 @@ class StandingQuery:
     threshold: float
     where: Filter | None
     where_text: TextFilter | None
+    # A query by example: the liked document, which never matches its own subscription.
+    exclude: DocId | None = None
 
 
 @dataclass(frozen=True, slots=True)

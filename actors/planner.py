@@ -66,6 +66,11 @@ def plan_counts() -> dict[Plan, int]:
         return dict(_counts)
 
 
+def would_plan(n_live: int, n_match: int, k: int, config: EngineConfig, index_usable: bool = True) -> Plan:
+    """The plan `choose_plan` picks for these counts, without counting it."""
+    return _plan(n_live, n_match, k, config) if index_usable else "exact"
+
+
 def _plan(n_live: int, n_match: int, k: int, config: EngineConfig) -> Plan:
     if n_match <= 0 or n_match <= config.exact_max_rows or k >= n_match:
         return "exact"

@@ -133,7 +133,9 @@ def _hits_bytes(hits: Sequence[Hit]) -> int:
 
 def query_key(req: rq.Query, scope: frozenset[str] | None) -> Hashable:
     """Everything an answer depends on besides the collection's version. Filters by `repr`: it
-    tells 1, 1.0 and True apart, which equality (and so a hash key) does not."""
+    tells 1, 1.0 and True apart, which equality (and so a hash key) does not. A query by example
+    (`like`) is keyed by the liked id and by the stored vector and text it was resolved to
+    (`Engine.query` fills them in), so an answer never outlives the document it was made from."""
     vector = None if req.vector is None else req.vector.tobytes()
     return (
         req.mode,
@@ -151,6 +153,7 @@ def query_key(req: rq.Query, scope: frozenset[str] | None) -> Hashable:
         req.vector_candidates,
         req.keyword_candidates,
         None if scope is None else tuple(sorted(scope)),
+        req.like,
     )
 
 

@@ -94,6 +94,15 @@ class _Direct:
 
 
 @dataclass(frozen=True, slots=True)
+class _ExactSearch:
+    query: Vector
+    k: int
+    where: Filter | None
+    where_text: TextFilter | None
+    reply: Reply[tuple[list[Hit], bool]]
+
+
+@dataclass(frozen=True, slots=True)
 class _Get:
     ids: tuple[DocId, ...]
     reply: Reply[list[StoredDoc]]
@@ -142,7 +151,19 @@ class _LoadFiles:
     reply: Reply[int]
 
 
-_Message = _Upsert | _Delete | _Search | _Get | _Count | _IdsMatching | _KeywordSearch | _SaveFiles | _LoadFiles | _Scan
+_Message = (
+    _Upsert
+    | _Delete
+    | _Search
+    | _Get
+    | _Count
+    | _IdsMatching
+    | _KeywordSearch
+    | _SaveFiles
+    | _LoadFiles
+    | _Scan
+    | _ExactSearch
+)
 # Each shard object's number, unique in the process: part of a results-cache version, so a
 # collection dropped and made again never matches the results of its former self.
 _shard_numbers = itertools.count()
@@ -317,6 +338,17 @@ class Shard:
         for search in orphans:
             search.reply.fail(error)
 
+    async def search_exact(
+        self, query: Vector, k: int, where: Filter | None, where_text: TextFilter | None
+    ) -> tuple[list[Hit], bool]:
+        """(hits, by_index) of an exact search on a search thread (see
+        `ShardState.search_exact`). Raises `Overloaded` when the mailbox is full, `Unavailable`
+        once the shard is shutting down."""
+        reply: Reply[tuple[list[Hit], bool]] = Reply()
+        vec = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
+        self._mailbox.offer(_ExactSearch(vec, k, where, where_text, reply))
+        return await reply.wait()
+
     async def search_keyword(
         self,
         terms: Sequence[str],
@@ -445,6 +477,10 @@ class Shard:
                 await self._readers_at_most(self._max_reads - 1)
                 fn = _bind(self._state.ids_matching, msg.where, msg.where_text)
                 self._start_read(fn, msg.reply.set, msg.reply.fail)
+            elif isinstance(msg, _ExactSearch):
+                await self._readers_at_most(self._max_reads - 1)
+                exact = _bind(self._state.search_exact, msg.query, msg.k, msg.where, msg.where_text)
+                self._start_read(exact, msg.reply.set, msg.reply.fail)
             elif isinstance(msg, _Scan):
                 await self._readers_at_most(self._max_reads - 1)
                 scan = _bind(self._state.scan, msg.after, msg.limit, msg.where, msg.where_text)

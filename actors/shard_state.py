@@ -23,7 +23,7 @@ from actors import exact
 from actors.indexes import make_index
 from actors.indexes.base import NO_PARAMS, QueryParams, VectorIndex, VectorStore
 from actors.keyword_index import KeywordIndex, term_counts
-from actors.planner import choose_plan
+from actors.planner import choose_plan, would_plan
 from actors.status import ShardSizes
 from models.config import EngineConfig
 from models.errors import DimensionMismatch
@@ -320,6 +320,20 @@ class ShardState:
                     return self._hits(found.labels[0], found.scores[0], found.distances[0], include)
             top = exact.search(self.vectors, self.norms, query, k, self.metric, mask=mask)[0]
             return self._hits(top.labels, top.scores, top.distances, include)
+
+    def search_exact(
+        self, query: Vector, k: int, where: Filter | None, where_text: TextFilter | None
+    ) -> tuple[list[Hit], bool]:
+        """(hits, by_index): the exact best-first hits among the documents passing the filters
+        (min(k, matches), ids and scores only), and whether a query would have been planned on
+        the index rather than answered exactly. The reference recall samples are measured against."""
+        with self.occupancy.reading():
+            mask = self._mask(where, where_text)
+            top = exact.search(self.vectors, self.norms, query, k, self.metric, mask=mask)[0]
+            hits = self._hits(top.labels, top.scores, top.distances, frozenset())
+            n_match = int(np.count_nonzero(mask))
+            plan = would_plan(self.n_live, n_match, k, self.config, _usable(self.index))
+            return hits, plan != "exact"
 
     def search_keyword(
         self,

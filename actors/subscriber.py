@@ -215,6 +215,8 @@ class Subscriber:
         precede the subscription) and are skipped."""
         if self.closed or event.seq <= self.live_from:
             return
+        if isinstance(event, MatchEvent) and self.query is not None and event.upserted.doc.id == self.query.exclude:
+            return  # a query by example never matches the document it was made from
         if isinstance(event, ChangeEvent) and event.first_seq <= self.live_from:
             skip = self.live_from - event.first_seq + 1
             event = ChangeEvent(event.op, self.live_from + 1, event.ids[skip:])

@@ -21,9 +21,10 @@ stopping.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,16 +41,17 @@ from actors.follower import Follower
 from actors.ingest import Ingest
 from actors.matching import StandingQuery
 from actors.persistence import CatalogRow, Persistence
+from actors.recall_sampler import RecallSampler, RecallStats
 from actors.results_cache import EmbeddingCache, ResultsCache
 from actors.snapshotter import Snapshotter
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
-from actors.subscriber import Event, Subscriber
+from actors.subscriber import Event, MatchEvent, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
 from models import requests as rq
 from models.config import EngineConfig, Limits
-from models.errors import DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable
+from models.errors import BadRequest, DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable, echo
 from models.index_spec import check_query_params
-from models.records import MODEL_DIM, CollectionInfo, Hit, Metric, StoredDoc, Vector
+from models.records import MODEL_DIM, CollectionInfo, DocId, Hit, Metric, StoredDoc, Vector
 from models.reply_size import check_rows_fit
 
 log = logging.getLogger("shoal.engine")
@@ -111,6 +113,7 @@ class Engine:
         )
         self.results = ResultsCache(config.results_cache_bytes)
         self.embeddings = EmbeddingCache(config.embedding_cache_bytes)
+        self.recall = RecallSampler(config, self.catalog)
         self.ready = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -144,6 +147,7 @@ class Engine:
                 if engine.snapshotter is not None:  # stops after ingest, before the shards
                     started.append((engine.snapshotter, await _start(tg, engine.snapshotter)))
                 started.append((engine.subscriptions, await _start(tg, engine.subscriptions)))
+                started.append((engine.recall, await _start(tg, engine.recall)))
                 # Started once caught up with what other nodes committed while this one was down.
                 started.append((engine.follower, await _start(tg, engine.follower)))
                 started.append((engine.ingest, await _start(tg, engine.ingest)))
@@ -243,6 +247,7 @@ class Engine:
         self.catalog.get(req.name)
         await self.ingest.drop_collection(req.name)
         self.results.forget(req.name)
+        self.recall.forget(req.name)
         self.subscriptions.collection_dropped(req.name)
 
     async def upsert(self, req: rq.Upsert) -> tuple[int, int]:
@@ -345,19 +350,55 @@ class Engine:
         the hits' texts and vectors alone would not fit in one frame."""
         collection = await self._read_target(req.collection, req.min_seq)
         check_query_params(collection.index, collection.name, req.ef, req.nprobe)
+        if req.like is not None:
+            req = await self._resolve_like(collection, req)
+        # A query by example asks for one hit more and leaves the liked document out, so it
+        # still answers min(k, other matching documents).
+        run = req if req.like is None else _one_more(req)
+        asked: list[Vector] = []
 
-        def vector_of() -> Awaitable[Vector]:
-            return self.query_vector(collection, req.vector, req.text)
+        async def vector_of() -> Vector:
+            vector = await self.query_vector(collection, run.vector, run.text)
+            asked.append(vector)
+            return vector
 
         async def compute() -> list[Hit]:
+            seq = collection.last_seq
             try:
-                hits = await planner.execute(collection, req, vector_of, self.config)
+                hits = await planner.execute(collection, run, vector_of, self.config)
             except Unavailable as exc:
                 raise self._read_failed(collection, exc) from None
+            if run.mode == "vector" and asked:
+                self.recall.offer(collection, asked[0], run.k, run.where, run.where_text, hits, seq)
+            if req.like is not None:
+                hits = [hit for hit in hits if hit.id != req.like][: req.k]
             check_rows_fit(hits, req.include, collection.dim, self.limits)
             return hits
 
         return await self.results.answer(collection, req, scope, compute)
+
+    async def _liked(self, collection: Collection, doc_id: DocId) -> StoredDoc:
+        """The stored document a query by example names. Raises NotFound (no such document, or
+        the collection was dropped meanwhile), Unavailable."""
+        try:
+            found = await collection.shards[collection.shard_index(doc_id)].get([doc_id])
+        except Unavailable as exc:
+            raise self._read_failed(collection, exc) from None
+        if not found:
+            raise NotFound(f"no document {echo(doc_id)} in collection {collection.name!r}")
+        return found[0]
+
+    async def _resolve_like(self, collection: Collection, req: rq.Query) -> rq.Query:
+        """`req` with the liked document's vector as its query vector and, for the keyword and
+        hybrid modes, its text as the query text. Raises NotFound, BadRequest (a keyword or
+        hybrid query by example of a document without text)."""
+        assert req.like is not None
+        liked = await self._liked(collection, req.like)
+        if req.mode == "vector":
+            return dataclasses.replace(req, vector=liked.vector, text=None)
+        if liked.text is None:
+            raise BadRequest(f"mode {req.mode!r} needs text, and document {echo(req.like)} has none")
+        return dataclasses.replace(req, vector=liked.vector if req.mode == "hybrid" else None, text=liked.text)
 
     # -- standing queries -----------------------------------------------------------------------
 
@@ -365,10 +406,13 @@ class Engine:
         """A registered match subscriber (see `Subscriptions.register`); a text query is embedded
         once, here. Raises NotFound, DimensionMismatch, InvalidVector, Overloaded, Unavailable."""
         collection = self.catalog.get(req.collection)
-        vector = await self.query_vector(collection, req.vector, req.text)
+        if req.like is not None:
+            vector = (await self._liked(collection, req.like)).vector
+        else:
+            vector = await self.query_vector(collection, req.vector, req.text)
         if self.catalog.get(req.collection) is not collection:  # dropped while embedding
             raise NotFound(f"no collection named {req.collection!r}")
-        query = StandingQuery(vector, req.threshold, req.where, req.where_text)
+        query = StandingQuery(vector, req.threshold, req.where, req.where_text, exclude=req.like)
         await self.persistence.check_resumable(req.collection, req.after_seq)
         return self.subscriptions.register(
             collection,
@@ -397,7 +441,15 @@ class Engine:
     async def replay_page(self, sub: Subscriber) -> list[Event]:
         """The next page of `sub`'s replay from the durable log (see `Subscriptions.replay_page`).
         Raises NotFound if the collection is gone, Unavailable if the database is unreachable."""
-        return await self.subscriptions.replay_page(sub)
+        events = await self.subscriptions.replay_page(sub)
+        exclude = None if sub.query is None else sub.query.exclude
+        if exclude is None:
+            return events
+        return [e for e in events if not (isinstance(e, MatchEvent) and e.upserted.doc.id == exclude)]
+
+    def recall_stats(self, name: str) -> RecallStats:
+        """Collection `name`'s recall estimate for its index (see actors/recall_sampler.py)."""
+        return self.recall.stats(name)
 
     def subscription_stats(self) -> SubscriptionStats:
         return self.subscriptions.stats()
@@ -436,6 +488,16 @@ class Engine:
         return EngineStatus(
             self.ready, collections, queues, database, read_pool.threads, read_pool.queued, self.embedder.stats
         )
+
+
+def _one_more(req: rq.Query) -> rq.Query:
+    """`req` asking for one hit (and one candidate per side) more: room for the liked document."""
+    return dataclasses.replace(
+        req,
+        k=req.k + 1,
+        vector_candidates=None if req.vector_candidates is None else req.vector_candidates + 1,
+        keyword_candidates=None if req.keyword_candidates is None else req.keyword_candidates + 1,
+    )
 
 
 def _check_vector(collection: Collection, vector: Vector, what: str) -> None:

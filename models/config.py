@@ -151,3 +151,9 @@ class EngineConfig:
     # path each time the shard has grown this many times since their last build (1.5..1000).
     ivf_train_min: int = field(default=4_096, metadata=bounds(1, 1_000_000_000))
     ivf_retrain_growth: float = field(default=4.0, metadata=bounds(1.5, 1_000))
+    # recall sampling (actors/recall_sampler.py): the fraction of fresh vector queries re-run by
+    # exact search off the hot path (0: off), the samples waiting at most (more are dropped and
+    # counted), and the samples each collection's recall estimate is the mean of.
+    recall_sample_rate: float = field(default=0.01, metadata=bounds(0.0, 1.0))
+    recall_sample_queue: int = field(default=64, metadata=bounds(1, 100_000))
+    recall_window: int = field(default=200, metadata=bounds(1, 1_000_000))

@@ -123,6 +123,10 @@ def op_args(limits: Limits) -> dict[str, Op]:
     min_seq = Arg({"type": "integer", "minimum": 0}, "answer once this node has applied the collection to this seq")
     vector = Arg(_vector(limits), "the query vector (or give text)")
     text = Arg({"type": "string", "minLength": 1, "maxLength": limits.max_text_chars}, "query text, embedded")
+    like = Arg(
+        {"type": "string", "minLength": 1, "maxLength": limits.max_id_chars},
+        "query by example: a stored document's id; its vector is the query and it is left out of the hits",
+    )
     v4 = [0.1, 0.2, 0.3, 0.4]
     docs: Schema = {"type": "array", "items": _document(limits)}
     collection_info = {
@@ -242,6 +246,7 @@ def op_args(limits: Limits) -> dict[str, Op]:
                 "collection": collection,
                 "vector": vector,
                 "text": text,
+                "like": like,
                 "k": Arg({"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": 10}, "hits wanted"),
                 "where": where,
                 "where_text": where_text,
@@ -278,6 +283,7 @@ def op_args(limits: Limits) -> dict[str, Op]:
                     "keyword_candidates": 30,
                 },
                 {"collection": "c", "text": "hello", "mode": "keyword", "k": 3, "min_seq": 5},
+                {"collection": "c", "like": "doc-1", "k": 5, "where": {"lang": "en"}},
             ],
             {
                 "type": "object",
@@ -290,6 +296,7 @@ def op_args(limits: Limits) -> dict[str, Op]:
                 "collection": collection,
                 "vector": vector,
                 "text": text,
+                "like": like,
                 "threshold": Arg({"type": "number"}, "minimum score of a match", required=True),
                 "where": where,
                 "where_text": where_text,
@@ -299,6 +306,7 @@ def op_args(limits: Limits) -> dict[str, Op]:
             [
                 {"collection": "c", "text": "hello", "threshold": 0.5, "where": {"a": 1}, "include": ["text"]},
                 {"collection": "c", "vector": v4, "threshold": 0.1, "where_text": {"$contains": "x"}, "after_seq": 3},
+                {"collection": "c", "like": "doc-1", "threshold": 0.8},
             ],
             {"type": "object", "properties": {"sub": {"type": "string"}}},
         ),
@@ -350,6 +358,7 @@ HTTP_OPS: list[tuple[str, str, str, str | None]] = [
 _SSE_PARAMS = [
     ("text", "query text"),
     ("vector", "comma-separated floats"),
+    ("like", "a stored document's id (query by example)"),
     ("threshold", "minimum score"),
     ("where", "filter as JSON"),
     ("where_text", "text filter as JSON"),

@@ -128,6 +128,9 @@ class Query:
     min_seq: int | None = None
     # ivf's lists searched (checked against the collection's index kind by the engine, as is `ef`)
     nprobe: int | None = None
+    # Query by example: the stored document whose vector (and, for keyword / hybrid, text) is
+    # the query; it is left out of the hits.
+    like: DocId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,9 @@ class Subscribe:
     where_text: TextFilter | None
     include: frozenset[Include]
     after_seq: int | None
+    # Query by example: the stored document whose vector, read at subscribe time, is the
+    # standing query; that document itself never matches.
+    like: DocId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +287,11 @@ class Args:
     def vector(self, key: str = "vector") -> Vector | None:
         value = self._get(key)
         return None if value is None else parse_vector(value, self.limits)
+
+    def like(self, key: str = "like") -> DocId | None:
+        """Query by example: the id of a stored document (validated like any document id)."""
+        value = self._get(key)
+        return None if value is None else doc_id(value, self.limits)
 
     def text(self, key: str = "text") -> str | None:
         """A query's text: non-empty (nothing to embed or match otherwise), bounded in length."""
@@ -479,11 +490,22 @@ def _get(a: Args) -> Get:
     return Get(name, None, include, a.where(), a.where_text(), limit, after, min_seq)
 
 
-def _query_target(a: Args) -> tuple[Vector | None, str | None]:
-    vector, text = a.vector(), a.text()
-    if (vector is None) == (text is None):
-        raise BadRequest("give exactly one of 'vector' or 'text'")
-    return vector, text
+def _query_target(a: Args) -> tuple[Vector | None, str | None, DocId | None]:
+    """(vector, text, like): exactly one of the three given."""
+    vector, text, like = a.vector(), a.text(), a.like()
+    if sum(x is not None for x in (vector, text, like)) != 1:
+        raise BadRequest("give exactly one of 'vector', 'text' or 'like'")
+    return vector, text, like
+
+
+def _keyword_target(a: Args, mode: str) -> tuple[str | None, DocId | None]:
+    """(text, like) of a keyword or hybrid query: exactly one of the two given."""
+    text, like = a.text(), a.like()
+    if (text is None) == (like is None):
+        raise BadRequest(f"mode {echo(mode)} needs 'text' or 'like' (exactly one)")
+    if like is not None and a.has("vector"):
+        raise BadRequest("'like' takes the stored document's vector; give no 'vector' with it")
+    return text, like
 
 
 def _query(a: Args) -> Query:
@@ -498,7 +520,7 @@ def _query(a: Args) -> Query:
     assert k is not None
     min_seq = a.integer("min_seq", low=0)  # every mode: read-your-writes across nodes
     if mode == "vector":
-        vector, text = _query_target(a)
+        vector, text, like = _query_target(a)
         given = [key for key in HYBRID_ARGS if a.has(key)]
         if given:
             raise BadRequest(f"{echo(given[0])} applies to mode 'hybrid' only")
@@ -516,10 +538,9 @@ def _query(a: Args) -> Query:
             alpha=0.5,
             min_seq=min_seq,
             nprobe=a.integer("nprobe", low=1, high=MAX_NPROBE),
+            like=like,
         )
-    text = a.text()
-    if text is None:
-        raise BadRequest(f"mode {echo(mode)} needs 'text'")
+    text, like = _keyword_target(a, mode)
     if mode == "keyword":
         if a.has("vector"):
             raise BadRequest("mode 'keyword' takes 'text' only, not 'vector'")
@@ -539,6 +560,7 @@ def _query(a: Args) -> Query:
             fusion="rrf",
             alpha=0.5,
             min_seq=min_seq,
+            like=like,
         )
     fusion = a.string("fusion") or "rrf"
     if fusion not in ("rrf", "weighted"):
@@ -576,12 +598,13 @@ def _query(a: Args) -> Query:
         keyword_candidates=depths[1],
         min_seq=min_seq,
         nprobe=a.integer("nprobe", low=1, high=MAX_NPROBE),
+        like=like,
     )
 
 
 def _subscribe(a: Args) -> Subscribe:
     name = a.collection_name()
-    vector, text = _query_target(a)
+    vector, text, like = _query_target(a)
     threshold = a.number("threshold", required=True)
     assert threshold is not None
     return Subscribe(
@@ -593,6 +616,7 @@ def _subscribe(a: Args) -> Subscribe:
         where_text=a.where_text(),
         include=a.include(),
         after_seq=a.integer("after_seq", low=0),
+        like=like,
     )
 
 

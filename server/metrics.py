@@ -188,6 +188,7 @@ class EngineCollector(Collector):
         yield from _snapshot_metrics()
         yield from _cache_metrics(engine)
         yield from _follower_metrics(engine.follower.stats())
+        yield from _recall_metrics(engine)
 
         if status.database is not None:
             pool = status.database
@@ -328,3 +329,41 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
     yield mapped
     yield ready
     yield builds
+
+
+def _recall_metrics(engine: Engine) -> Iterator[Metric]:
+    """Recall sampling (actors/recall_sampler.py): the windowed estimate per collection and index
+    kind, samples measured, skipped by reason and dropped, the queue and the sample rate."""
+    labels = ["collection", "index"]
+    estimate = GaugeMetricFamily(
+        "shoal_recall_estimate",
+        "Mean recall@k of the last sampled vector queries against exact search (absent before the first)",
+        labels=labels,
+    )
+    window = GaugeMetricFamily("shoal_recall_window", "Samples shoal_recall_estimate is the mean of", labels=labels)
+    samples = CounterMetricFamily(
+        "shoal_recall_samples", "Sampled queries measured against exact search", labels=labels
+    )
+    skipped = CounterMetricFamily(
+        "shoal_recall_samples_skipped",
+        "Sampled queries not measured, by reason (exact_plan: answered exactly; changed: the collection "
+        "changed before the exact re-run; failed: the re-run was not served)",
+        labels=[*labels, "reason"],
+    )
+    dropped = CounterMetricFamily(
+        "shoal_recall_samples_dropped", "Sampled queries dropped because the sample queue was full", labels=labels
+    )
+    sampler = engine.recall
+    for stats in sampler.all_stats():
+        key = [stats.collection, stats.index]
+        if stats.estimate is not None:
+            estimate.add_metric(key, stats.estimate)
+        window.add_metric(key, stats.window)
+        samples.add_metric(key, stats.samples)
+        for reason, count in stats.skipped.items():
+            skipped.add_metric([*key, reason], count)
+        dropped.add_metric(key, stats.dropped)
+    yield from (estimate, window, samples, skipped, dropped)
+    yield _gauge("shoal_recall_sample_rate", "Fraction of fresh vector queries sampled for recall", sampler.rate)
+    yield _gauge("shoal_recall_queue", "Sampled queries waiting for their exact re-run", sampler.queued)
+    yield _gauge("shoal_recall_queue_limit", "Bound of shoal_recall_queue", sampler.queue_limit)

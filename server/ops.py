@@ -19,7 +19,7 @@ from models.codec import Frame, decode_frame
 from models.config import Limits
 from models.cursor import encode_cursor
 from models.errors import BadRequest
-from models.records import DocId, Hit, Include, StoredDoc
+from models.records import CollectionInfo, DocId, Hit, Include, StoredDoc
 from server.lifecycle import writes_in_flight
 
 # Counted while served, so that a stopping server waits for their acks (server.lifecycle).
@@ -118,6 +118,11 @@ def match_hit(event: MatchEvent, include: frozenset[Include], compact: bool) -> 
     return hit.to_wire(include, compact)
 
 
+def _listed(engine: Engine, info: CollectionInfo) -> dict[str, Any]:
+    """A collection's shape as listed: with the recall estimate of its index."""
+    return {**info.to_wire(), "recall": engine.recall_stats(info.name).to_wire()}
+
+
 async def execute(
     engine: Engine, request: rq.Request, *, compact: bool, visible: frozenset[str] | None = None
 ) -> dict[str, Any]:
@@ -160,7 +165,7 @@ async def _dispatch(
         return {"collection": (await engine.create_collection(request)).to_wire()}
     if isinstance(request, rq.ListCollections):
         infos = await engine.list_collections()
-        return {"collections": [i.to_wire() for i in infos if visible is None or i.name in visible]}
+        return {"collections": [_listed(engine, i) for i in infos if visible is None or i.name in visible]}
     if isinstance(request, rq.DropCollection):
         await engine.drop_collection(request)
         return {}

@@ -62,7 +62,9 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # tell proxies not to buffer the stream
 ]
-SUBSCRIBE_PARAMS = frozenset({"text", "vector", "threshold", "where", "where_text", "include", "last_event_id", "key"})
+SUBSCRIBE_PARAMS = frozenset(
+    {"text", "vector", "like", "threshold", "where", "where_text", "include", "last_event_id", "key"}
+)
 CHANGES_PARAMS = frozenset({"last_event_id", "key"})
 
 
@@ -138,8 +140,9 @@ def parse_subscribe(name: str, request: Request, state: AppState) -> rq.Subscrib
     TooLarge, InvalidVector."""
     params = _single(request.query_params, SUBSCRIBE_PARAMS)
     args: dict[str, Any] = {"collection": name}
-    if "text" in params:
-        args["text"] = params["text"]
+    for key in ("text", "like"):
+        if key in params:
+            args[key] = params[key]
     if "vector" in params:
         # NaN / inf are left to the vector check, which answers invalid_vector on every transport.
         args["vector"] = [_number(x, "vector", finite=False) for x in params["vector"].split(",") if x.strip()]

@@ -77,10 +77,12 @@ def search_args(
     where: Mapping[str, Any] | None,
     where_text: Mapping[str, Any] | None,
     include: Iterable[str] | str | None,
+    like: str | None = None,
 ) -> dict[str, Any]:
     return compact(
         vector=vector,
         text=text,
+        like=like,
         where=dict(where) if where is not None else None,
         where_text=dict(where_text) if where_text is not None else None,
         include=include_list(include),
@@ -226,15 +228,21 @@ class ShoalOps(abc.ABC):
         vector_candidates: int | None = None,
         keyword_candidates: int | None = None,
         nprobe: int | None = None,
+        like: str | None = None,
     ) -> QueryResult:
-        """The `k` best hits for `vector` or `text` (`mode`: vector | keyword | hybrid). `ef`
-        applies to hnsw collections, `nprobe` to ivf ones.
+        """The `k` best hits for `vector`, `text` or `like` (`mode`: vector | keyword | hybrid).
+        `ef` applies to hnsw collections, `nprobe` to ivf ones.
+
+        `like` (query by example) is a stored document's id: its vector is the query (its text
+        too, for keyword and hybrid) and the document itself is left out of the hits.
 
         Hybrid takes `text` (and optionally `vector` for its vector side), `fusion` (`rrf` with
         `rrf_k`, or `weighted` with `alpha`, the vector side's weight) and each side's candidate
         depth (>= k). Keyword and hybrid hits carry `scores`; `cached` says whether the server
         answered from its results cache."""
-        args = search_args(vector=vector, text=text, where=where, where_text=where_text, include=include)
+        args = search_args(
+            vector=vector, text=text, where=where, where_text=where_text, include=include, like=like
+        )
         args.update(
             compact(
                 ef=ef,

@@ -36,11 +36,14 @@ def subscribe_params(
     where: Mapping[str, Any] | None,
     where_text: Mapping[str, Any] | None,
     include: Iterable[str] | str | None,
+    like: str | None = None,
 ) -> dict[str, str]:
     """The query parameters of `GET /v1/collections/{name}/subscribe`."""
     params: dict[str, str] = {"threshold": repr(float(threshold))}
     if text is not None:
         params["text"] = text
+    if like is not None:
+        params["like"] = like
     if vector is not None:
         params["vector"] = vector_to_query_param(vector)
     if where is not None:
@@ -68,15 +71,17 @@ async def subscribe_sse(
     client: httpx.AsyncClient | None = None,
     reconnect: bool = False,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    like: str | None = None,
 ) -> AsyncIterator[SSEEvent]:
-    """Match events (`event == "match"`, `data == {"seq", "op", "hit"}`) of a standing query.
+    """Match events (`event == "match"`, `data == {"seq", "op", "hit"}`) of a standing query
+    for `text`, `vector` or `like` (a stored document's id: query by example).
 
     Raises the `ShoalError` of the server's 400/404 answer (e.g. `BadRequest` for a bad filter)
     before any event, `ConnectionClosed` on a transport failure unless `reconnect`, and
     `ProtocolError` if the response is not an event stream.
     """
     params = subscribe_params(
-        text=text, vector=vector, threshold=threshold, where=where, where_text=where_text, include=include
+        text=text, vector=vector, threshold=threshold, where=where, where_text=where_text, include=include, like=like
     )
     url = f"{http_base(base_url)}/v1/collections/{quote(collection, safe='')}/subscribe"
     async for event in _stream(url, params, last_event_id, key, client, reconnect, read_timeout):

@@ -301,8 +301,10 @@ class _SyncOps(Generic[OpsT]):
         fusion: str | None = None,
         alpha: float | None = None,
         nprobe: int | None = None,
+        like: str | None = None,
     ) -> QueryResult:
-        """The `k` best hits for `vector` or `text`."""
+        """The `k` best hits for `vector`, `text` or `like` (a stored document's id, left out
+        of the hits)."""
         return self._portal.run(
             self._async.query(
                 collection,
@@ -317,6 +319,7 @@ class _SyncOps(Generic[OpsT]):
                 fusion=fusion,
                 alpha=alpha,
                 nprobe=nprobe,
+                like=like,
             )
         )
 
@@ -368,6 +371,7 @@ class SyncShoalClient(_SyncOps[AsyncShoalClient]):
         where_text: Mapping[str, Any] | None = None,
         include: Iterable[str] | str | None = None,
         after_seq: int | None = None,
+        like: str | None = None,
     ) -> SyncSubscription:
         """Start a standing query; iterate the result to block for its events."""
         subscription = self._portal.run(
@@ -380,6 +384,7 @@ class SyncShoalClient(_SyncOps[AsyncShoalClient]):
                 where_text=where_text,
                 include=include,
                 after_seq=after_seq,
+                like=like,
             )
         )
         return SyncSubscription(self._portal, subscription)
@@ -442,6 +447,7 @@ class SyncShoalHTTP(_SyncOps[ShoalHTTP]):
         last_event_id: str | int | None = None,
         reconnect: bool = False,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
+        like: str | None = None,
     ) -> SyncIterator[SSEEvent]:
         """A standing query over Server-Sent Events, as a blocking iterator (see
         `shoal_client.subscribe_sse`); `close()` it, or use it with `with`."""
@@ -458,6 +464,7 @@ class SyncShoalHTTP(_SyncOps[ShoalHTTP]):
             key=self._key,
             reconnect=reconnect,
             read_timeout=read_timeout,
+            like=like,
         )
         return SyncIterator(self._portal, stream)
 

@@ -30,6 +30,8 @@ class CollectionInfo:
     # The index kind and its parameters, e.g. {"kind": "ivf", "quantization": "int8"} (None:
     # a server that does not report it).
     index: dict[str, Any] | None = None
+    # The server's recall estimate of the collection's index, as listed (None elsewhere).
+    recall: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,7 @@ def parse_collection(body: Any) -> CollectionInfo:
         metric=_field(body, "metric", str),
         count=count if isinstance(count, int) else 0,
         index=dict(index) if isinstance(index, Mapping) else None,
+        recall=recall if isinstance(recall := body.get("recall"), Mapping) else None,
     )
 
 

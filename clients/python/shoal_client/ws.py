@@ -251,11 +251,15 @@ class ShoalClient(ShoalOps):
         where_text: Mapping[str, Any] | None = None,
         include: Iterable[str] | str | None = None,
         after_seq: int | None = None,
+        like: str | None = None,
     ) -> Subscription:
         """Start a standing query: every document upserted from now on (after `after_seq` first,
         replayed from the durable log, when given) whose score is >= `threshold` and that passes
-        the filters. Pushes that arrive before this returns are kept, not lost."""
-        args = search_args(vector=vector, text=text, where=where, where_text=where_text, include=include)
+        the filters. Pushes that arrive before this returns are kept, not lost. `like` (a stored
+        document's id) takes that document's vector now as the query; it never matches itself."""
+        args = search_args(
+            vector=vector, text=text, where=where, where_text=where_text, include=include, like=like
+        )
         args.update(collection=collection, threshold=threshold)
         if after_seq is not None:
             args["after_seq"] = after_seq
