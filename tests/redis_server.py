@@ -58,9 +58,7 @@ class RedisServer:
             "--daemonize", "no",
             "--protected-mode", "yes",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            args, stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT
-        )
+        self.proc = subprocess.Popen(args, stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
             try:

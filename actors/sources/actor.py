@@ -268,9 +268,7 @@ class SourceActor:
         config = self._config
         self._state = SourceState.STARTING
         await self.transport.connect()
-        position = await self._engine.persistence.source_position(
-            self.transport.key, self.transport.initial_position
-        )
+        position = await self._engine.persistence.source_position(self.transport.key, self.transport.initial_position)
         self._position = position
         self._state = SourceState.CLAIMING
         deadline = time.monotonic() + 2 * config.claim_idle_ms / 1000
@@ -364,12 +362,14 @@ class SourceActor:
         done = _Unit([])
         for entry in entries:
             key = order(entry.id)
+            error = entry.error if entry.error is not None else self._check(entry)
             if key <= committed:
+                # Done before a crash: its event is sent again, rejected if it still is.
+                status = Status.INDEXED if error is None else Status.REJECTED
                 done.completions.append(
-                    Completion(entry.id, entry.collection, entry.doc_id, Status.INDEXED, skipped=True)
+                    Completion(entry.id, entry.collection, entry.doc_id, status, error=error, skipped=True)
                 )
                 continue
-            error = entry.error if entry.error is not None else self._check(entry)
             if error is not None:
                 done.completions.append(
                     Completion(entry.id, entry.collection, entry.doc_id, Status.REJECTED, error=error)
@@ -470,10 +470,10 @@ class SourceActor:
 
     def _count(self, completions: Sequence[Completion]) -> None:
         for completion in completions:
-            if completion.status is Status.REJECTED:
-                self._rejected += 1
-            elif completion.skipped:
+            if completion.skipped:
                 self._skipped += 1
+            elif completion.status is Status.REJECTED:
+                self._rejected += 1
             else:
                 self._processed += 1
         last = completions[-1].entry if completions else None
@@ -511,7 +511,7 @@ class SourceActor:
         re-sent event; rejected entries are returned as they are."""
         out: list[Completion] = []
         for c in completions:
-            if c.skipped:
+            if c.skipped and c.status is Status.INDEXED:
                 seq = await self._seq_now(c)
                 out.append(Completion(c.entry, c.collection, c.doc_id, Status.INDEXED, seq, skipped=True))
             else:
