@@ -267,7 +267,11 @@ async def test_sigkill_mid_stream_applies_every_good_entry_exactly_once(rig: Rig
         proc.kill()  # SIGKILL: entries in flight, some committed and not acknowledged
         at_kill = await log_figures(dsn, "crash")
         assert 0 < at_kill.last_seq < good, "the kill must land in the middle of the stream"
-        proc = ServerProcess(data_dir, env=proc.env)
+        assert group_info(r, "crash")["pending"] > 0
+        # Restarted under another consumer name (a replaced node): the killed consumer's pending
+        # entries are taken over with XAUTOCLAIM once idle for SHOAL_SOURCE_CLAIM_IDLE_MS.
+        pending_of_dead = group_info(r, "crash")["pending"]
+        proc = ServerProcess(data_dir, env={**proc.env, "SHOAL_SOURCES": url + "&consumer=second"})
         proc.start()
         async with httpx.AsyncClient(base_url=proc.url, timeout=30) as http:
             await wait_for(
@@ -277,6 +281,8 @@ async def test_sigkill_mid_stream_applies_every_good_entry_exactly_once(rig: Rig
                 every=0.2,
             )
             after = await source(http, "crash")
+            consumers = {c["name"].decode(): c["pending"] for c in r.xinfo_consumers("crash", "shoal")}
+            assert consumers == {"shoal": 0, "second": 0}
         figures = await log_figures(dsn, "crash")
         events = by_entry(r, "crash.indexed")
         rejected = [e for e in events.values() if e["status"] == "rejected"]
@@ -285,7 +291,7 @@ async def test_sigkill_mid_stream_applies_every_good_entry_exactly_once(rig: Rig
         print(
             f"sigkill: written {total}, good {good}, committed at kill {at_kill.last_seq}, indexed"
             f" {figures.distinct_ids}, rejected {len(rejected)}, applied twice {len(figures.twice)},"
-            f" lost {lost}, skipped after restart {after['skipped']}"
+            f" lost {lost}, pending at kill {pending_of_dead}, skipped after restart {after['skipped']}"
         )
         assert figures.twice == []
         assert lost == 0
