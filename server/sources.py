@@ -22,6 +22,53 @@ from models.errors import ShoalError
 from server.auth import bearer
 from server.state import AppState
 
+_INT = {"type": "integer", "minimum": 0}
+_TEXT = {"type": "string"}
+SOURCE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "url": {"type": "string", "description": "the source URL without credentials"},
+        "stream": _TEXT,
+        "group": _TEXT,
+        "consumer": _TEXT,
+        "notify": {"type": "string", "description": "the stream completion events go to"},
+        "state": {"enum": [state.value for state in SourceState]},
+        "processed": {**_INT, "description": "entries committed and indexed since start"},
+        "rejected": {**_INT, "description": "entries rejected with an error code since start"},
+        "skipped": {**_INT, "description": "entries delivered again after their commit, skipped"},
+        "retries": {**_INT, "description": "sessions that failed (broker or database outage)"},
+        "lag": {"type": ["integer", "null"], "description": "entries the group has not read yet"},
+        "in_flight": _INT,
+        "max_in_flight": _INT,
+        "position": {"type": "string", "description": "the last entry committed (or rejected)"},
+        "last_error": {"type": ["string", "null"]},
+        "last_error_at": {"type": ["number", "null"], "description": "Unix time"},
+    },
+}
+OPENAPI_PATH: dict[str, Any] = {
+    "get": {
+        "operationId": "list_sources",
+        "summary": "broker sources: state, entries processed / rejected, lag, last error",
+        "responses": {
+            "200": {
+                "description": "one object per --source, in the order given",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"sources": {"type": "array", "items": SOURCE_SCHEMA}},
+                        }
+                    }
+                },
+            },
+            "default": {
+                "description": "error",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+    }
+}
+
 
 def status_to_wire(status: SourceStatus) -> dict[str, Any]:
     return {

@@ -172,6 +172,8 @@ async def test_sources_endpoint_and_metrics_report_each_source(rig: Rig) -> None
     processed = next(line for line in metrics.splitlines() if line.startswith(wanted))
     assert float(processed.rsplit(" ", 1)[1]) == main["processed"]
     assert (await rig.http.post("/v1/sources")).status_code == 405
+    documented = (await rig.http.get("/openapi.json")).json()["paths"]["/v1/sources"]["get"]
+    assert documented["operationId"] == "list_sources"
 
 
 async def _retried(http: httpx.AsyncClient, stream: str) -> dict[str, Any] | None:
