@@ -9,9 +9,10 @@ Unknown fields are rejected, as unknown arguments are, so a misspelt field never
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 from actors.sources.base import Entry, RawEntry
 from models.config import Limits
@@ -73,7 +74,9 @@ def _request(fields: Mapping[str, str], collection: str, limits: Limits) -> tupl
         if text is None:
             raise BadRequest("an upsert entry needs 'doc' (a document as JSON text)")
         try:
-            doc = json.loads(text)
+            # orjson: a document with a 384-d vector parses several times faster than with json;
+            # it refuses NaN / Infinity, deeper nesting than 1024 and lone surrogates outright.
+            doc = orjson.loads(text)
         except (ValueError, RecursionError) as exc:
             raise BadRequest(f"'doc' is not valid JSON ({type(exc).__name__})") from None
         args["docs"] = [doc]
