@@ -311,35 +311,51 @@ class SourceActor:
     # -- reading --------------------------------------------------------------------------------
 
     async def _feed(self, out: ObjectSendStream[_Unit], position: str) -> None:
-        config, transport = self._config, self.transport
+        """Turn parsed batches into units and queue their jobs to ingest, in entry order; the
+        next batch is read and parsed meanwhile (`_read`)."""
+        key = self.transport.key
         chain = position
-        committed = transport.order(position)
-        pending_after: str | None = "0-0"
-        async with out:
-            while True:
-                room = await self._window.wait_room()
-                count = min(config.read_batch, room)
-                if pending_after is not None:
-                    raws = await transport.read_pending(pending_after, count)
-                    if not raws:
-                        pending_after = None
-                        continue
-                    pending_after = raws[-1].id
-                else:
-                    raws = await transport.read_new(count, config.block_ms)
-                    if not raws:
-                        continue
-                self._window.take(len(raws))
-                entries = await self._parse(raws)
-                for unit in self._plan(entries, committed):
-                    if unit.entries and unit.position is None:  # a job: chain its position
-                        unit.position = SourcePosition(transport.key, chain, unit.entries[-1].id)
-                        chain = unit.entries[-1].id
-                        with anyio.CancelScope(shield=True):
-                            unit.reply = await self._submit(unit)
+        committed = self.transport.order(position)
+        batches, parsed = anyio.create_memory_object_stream[list[Entry]](1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._read, batches)
+            async with out, parsed:
+                async for entries in parsed:
+                    for unit in self._plan(entries, committed):
+                        if unit.entries and unit.position is None:  # a job: chain its position
+                            unit.position = SourcePosition(key, chain, unit.entries[-1].id)
+                            chain = unit.entries[-1].id
+                            # Shielded: once queued, its reply must reach the completer.
+                            with anyio.CancelScope(shield=True):
+                                unit.reply = await self._submit(unit)
+                                await out.send(unit)
+                        else:
                             await out.send(unit)
+
+    async def _read(self, batches: ObjectSendStream[list[Entry]]) -> None:
+        """Read (this consumer's pending entries first, then new ones) as far as the in-flight
+        window has room, and parse. A failure ends the session (`_fail_session`)."""
+        config, transport = self._config, self.transport
+        pending_after: str | None = "0-0"
+        async with batches:
+            try:
+                while True:
+                    room = await self._window.wait_room()
+                    count = min(config.read_batch, room)
+                    if pending_after is not None:
+                        raws = await transport.read_pending(pending_after, count)
+                        if not raws:
+                            pending_after = None
+                            continue
+                        pending_after = raws[-1].id
                     else:
-                        await out.send(unit)
+                        raws = await transport.read_new(count, config.block_ms)
+                        if not raws:
+                            continue
+                    self._window.take(len(raws))
+                    await batches.send(await self._parse(raws))
+            except Exception as exc:
+                self._fail_session(exc)
 
     async def _parse(self, raws: Sequence[RawEntry]) -> list[Entry]:
         default = self.transport.info.default_collection
