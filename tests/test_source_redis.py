@@ -209,6 +209,34 @@ async def test_a_burst_is_consumed_with_bounded_entries_in_flight(rig: Rig) -> N
     print(f"burst {BURST}: peak in flight {peak_in_flight}, peak lag {peak_lag}, rss +{peak_rss - rss_before} KiB")
 
 
+async def test_a_collection_dropped_under_a_stream_rejects_its_entries_and_nothing_stalls(rig: Rig) -> None:
+    """Jobs that fail at commit for a reason of their own (their collection is gone) are retried
+    entry by entry; each is rejected `not_found` with its position committed, and the entries
+    after them still commit."""
+    r = rig.main.client()
+    await rig.ws.create_collection("doomed", dim=DIM, metric="l2")
+    entries = [{"collection": "doomed", "doc": vector_doc(f"d{i}", i, DIM)} for i in range(3000)]
+    written = await anyio.to_thread.run_sync(xadd_all, r, "main", entries)
+    await wait_for(lambda: rig.ws.count("doomed"), 30, "the first entries")
+    await rig.ws.drop_collection("doomed")
+    after = xadd_all(r, "main", [{"doc": vector_doc(f"after{i}", i, DIM)} for i in range(50)])
+    seen = await wait_for(
+        lambda: (found := by_entry(r, "main.indexed")) and all(i in found for i in written + after) and found,
+        60,
+        "an event for every entry",
+    )
+    statuses = [seen[i]["status"] for i in written]
+    first_rejected = statuses.index("rejected")
+    assert 0 < first_rejected < len(written)
+    assert set(statuses[first_rejected:]) == {"rejected"}  # in stream order: indexed, then rejected
+    assert {seen[i]["code"] for i in written[first_rejected:]} == {"not_found"}
+    assert all(seen[i]["status"] == "indexed" for i in after)
+    # Jobs were in flight when the collection went: they were retried entry by entry.
+    assert "retrying its entries one by one" in rig.proc.log_path.read_text()
+    assert await committed_position(rig.dsn, "main") == after[-1]
+    assert group_info(r, "main")["pending"] == 0
+
+
 async def test_a_redis_restart_mid_stream_is_retried_and_resumed(rig: Rig) -> None:
     r = rig.flaky.client()
     first = [{"doc": vector_doc(f"f{i}", i, DIM)} for i in range(1500)]
