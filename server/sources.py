@@ -123,6 +123,9 @@ class SourcesCollector(Collector):
             ),
         }
         up = GaugeMetricFamily("shoal_source_up", "1 while the source consumes its stream", labels=labels)
+        state = GaugeMetricFamily(
+            "shoal_source_state", "1 for the state the source is in, 0 for the others", labels=[*labels, "state"]
+        )
         lag = GaugeMetricFamily("shoal_source_lag", "Entries of the stream not read by the group yet", labels=labels)
         in_flight = GaugeMetricFamily("shoal_source_in_flight", "Entries read and not acknowledged yet", labels=labels)
         limit = GaugeMetricFamily("shoal_source_in_flight_limit", "Bound of shoal_source_in_flight", labels=labels)
@@ -132,9 +135,11 @@ class SourcesCollector(Collector):
             for field, family in counters.items():
                 family.add_metric(values, getattr(status, field))
             up.add_metric(values, 1 if status.state is SourceState.RUNNING else 0)
+            for each in SourceState:
+                state.add_metric([*values, each.value], 1 if status.state is each else 0)
             if status.lag is not None:
                 lag.add_metric(values, status.lag)
             in_flight.add_metric(values, status.in_flight)
             limit.add_metric(values, status.max_in_flight)
         yield from counters.values()
-        yield from (up, lag, in_flight, limit)
+        yield from (up, state, lag, in_flight, limit)

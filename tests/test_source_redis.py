@@ -166,6 +166,7 @@ async def test_sources_endpoint_and_metrics_report_each_source(rig: Rig) -> None
     metrics = (await rig.http.get("/metrics")).text
     assert 'shoal_source_up{group="shoal",stream="main"} 1.0' in metrics
     assert 'shoal_source_up{group="shoal",stream="nowhere"} 0.0' in metrics
+    assert 'shoal_source_state{group="shoal",state="retrying",stream="nowhere"} 1.0' in metrics
     assert 'shoal_source_lag{group="shoal",stream="main"} 0.0' in metrics
     assert 'shoal_source_in_flight_limit{group="shoal",stream="main"} 1000.0' in metrics
     wanted = 'shoal_source_processed_total{group="shoal",stream="main"}'

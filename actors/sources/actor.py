@@ -173,6 +173,8 @@ class SourceActor:
         self._limits = limits
         self._stop = anyio.Event()
         self._feed_scope: anyio.CancelScope | None = None
+        self._setup_scope: anyio.CancelScope | None = None
+        self._failures_in_row = 0
         self._window = _Window(config.max_in_flight)
         self._parse_limiter = anyio.CapacityLimiter(1)
         self._isolate_through: tuple[int, ...] | None = None
@@ -214,6 +216,8 @@ class SourceActor:
 
     def close(self) -> None:
         self._stop.set()
+        if self._setup_scope is not None:
+            self._setup_scope.cancel()
         if self._feed_scope is not None:
             self._feed_scope.cancel()
 
@@ -258,26 +262,43 @@ class SourceActor:
         message = exc.message if isinstance(exc, ShoalError) else str(exc) or type(exc).__name__
         self._last_error = f"{type(exc).__name__}: {message}"[:500]
         self._last_error_at = time.time()
+        self._failures_in_row += 1
         if isinstance(exc, ShoalError) or self.transport.is_outage(exc):
-            log.warning("source %s: %s; retrying in %.1fs", name, self._last_error, delay)
+            # The first failure of an outage, then every tenth: one line per attempt would flood
+            # the log while a broker stays down.
+            level = logging.WARNING if self._failures_in_row % 10 == 1 else logging.INFO
+            log.log(
+                level,
+                "source %s: %s (failure %d in a row); retrying in %.1fs",
+                name,
+                self._last_error,
+                self._failures_in_row,
+                delay,
+            )
         else:
             log.error("source %s failed; retrying in %.1fs", name, delay, exc_info=exc)
         return delay
 
     async def _session(self) -> None:
         config = self._config
-        self._state = SourceState.STARTING
-        await self.transport.connect()
-        position = await self._engine.persistence.source_position(self.transport.key, self.transport.initial_position)
-        self._position = position
-        self._state = SourceState.CLAIMING
-        deadline = time.monotonic() + 2 * config.claim_idle_ms / 1000
-        while await self.transport.claim(config.claim_idle_ms) and time.monotonic() < deadline:
-            with anyio.move_on_after(min(1.0, config.claim_idle_ms / 4000)):
-                await self._stop.wait()
+        # Connecting and claiming hold nothing in flight: `close()` may cut them short.
+        with anyio.CancelScope() as self._setup_scope:
             if self._stop.is_set():
-                return
+                self._setup_scope.cancel()
+            self._state = SourceState.STARTING
+            await self.transport.connect()
+            key, initial = self.transport.key, self.transport.initial_position
+            position = await self._engine.persistence.source_position(key, initial)
+            self._position = position
+            self._state = SourceState.CLAIMING
+            deadline = time.monotonic() + 2 * config.claim_idle_ms / 1000
+            while await self.transport.claim(config.claim_idle_ms) and time.monotonic() < deadline:
+                await anyio.sleep(min(1.0, config.claim_idle_ms / 4000))
+        self._setup_scope = None
+        if self._stop.is_set():
+            return
         self._state = SourceState.RUNNING
+        self._failures_in_row = 0
         log.info("source %s: consuming from position %s", self.transport.info.url, position)
         send, receive = anyio.create_memory_object_stream[_Unit](config.max_in_flight)
         self._window = _Window(config.max_in_flight)
