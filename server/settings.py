@@ -82,10 +82,9 @@ def _check_api_keys(value: str) -> None:
 
 
 def _check_sources(urls: tuple[str, ...]) -> None:
-    for url in urls:
-        check_source_url(url)
-    if len(set(urls)) != len(urls):
-        raise ValueError("the same source is given twice")
+    keys = [check_source_url(url) for url in urls]
+    if len(set(keys)) != len(keys):  # their positions would be one row
+        raise ValueError("two sources name the same stream and group")
 
 
 @dataclass(frozen=True, slots=True)

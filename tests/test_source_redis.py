@@ -397,9 +397,11 @@ def test_bad_source_urls_stop_the_start_with_one_line(tmp_path: Path) -> None:
         ("redis://127.0.0.1:1/0", "needs stream=NAME"),
         ("redis://127.0.0.1:1/0?stream=a&colection=x", "unknown parameter(s) colection"),
         ("redis://u:sekret@127.0.0.1:1/x?stream=a", "database number"),
+        ("redis://127.0.0.1:1/0?stream=a redis://127.0.0.1:2/0?stream=a", "same stream and group"),
     ]:
+        flags = [arg for one in url.split() for arg in ("--source", one)]
         done = subprocess.run(
-            [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--data-dir", str(tmp_path), "--source", url],
+            [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--data-dir", str(tmp_path), *flags],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -341,17 +341,20 @@ class SourceActor:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._read, batches)
             async with out, parsed:
-                async for entries in parsed:
-                    for unit in self._plan(entries, committed):
-                        if unit.entries and unit.position is None:  # a job: chain its position
-                            unit.position = SourcePosition(key, chain, unit.entries[-1].id)
-                            chain = unit.entries[-1].id
-                            # Shielded: once queued, its reply must reach the completer.
-                            with anyio.CancelScope(shield=True):
-                                unit.reply = await self._submit(unit)
+                try:
+                    async for entries in parsed:
+                        for unit in self._plan(entries, committed):
+                            if unit.entries and unit.position is None:  # a job: chain its position
+                                unit.position = SourcePosition(key, chain, unit.entries[-1].id)
+                                chain = unit.entries[-1].id
+                                # Shielded: once queued, its reply must reach the completer.
+                                with anyio.CancelScope(shield=True):
+                                    unit.reply = await self._submit(unit)
+                                    await out.send(unit)
+                            else:
                                 await out.send(unit)
-                        else:
-                            await out.send(unit)
+                except Exception as exc:  # ingest refused the job (stopping): end the session
+                    self._fail_session(exc)
 
     async def _read(self, batches: ObjectSendStream[list[Entry]]) -> None:
         """Read (this consumer's pending entries first, then new ones) as far as the in-flight

@@ -118,12 +118,14 @@ def parse_url(url: str) -> RedisSourceUrl:
     )
 
 
-def check_source_url(url: str) -> None:
-    """Raises ValueError (for the settings' check) unless `url` is a valid source URL."""
+def check_source_url(url: str) -> tuple[str, str]:
+    """The (stream, group) `url` consumes. Raises ValueError (for the settings' check) unless it
+    is a valid source URL."""
     try:
-        parse_url(url)
+        parts = parse_url(url)
     except StartupError as exc:
         raise ValueError(str(exc)) from None
+    return parts.stream, parts.group
 
 
 def _order(entry_id: str) -> tuple[int, ...]:
