@@ -1,7 +1,7 @@
 """Broker-source throughput: entries/s from XADD to committed and indexed, against the WebSocket.
 
     python -m load.source [--docs 10000] [--text-docs 2000] [--batch 500] [--in-flight 2]
-                          [--repeats 1] [--json PATH]
+                          [--repeats 1] [--vectors array|base64] [--json PATH]
 
 Starts a `redis-server` on a free loopback port and a local `shoal serve --source ...` reading
 it (`SHOAL_SOURCE_READ_BATCH` = `--batch`), then measures in the same run, on corpus passages
@@ -10,7 +10,7 @@ it (`SHOAL_SOURCE_READ_BATCH` = `--batch`), then measures in the same run, on co
   `--in-flight` upserts outstanding, into a fresh collection: docs/s from the first send to
   the last ack;
 - vectors, source: the same documents as entries (`doc` = the document as JSON text, the vector's
-  values at float32 precision), XADDed in
+  values at float32 precision, or with `--vectors base64` base64 of their float32 bytes), XADDed in
   pipelined chunks from a thread while the clock runs: entries/s from the first XADD to the moment
   the collection counts them all (a count is answered after the commit and the indexing);
 - text, source: `--text-docs` passages with text only (the server embeds them), timed the same;
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import time
 from pathlib import Path
@@ -47,11 +48,15 @@ STREAM = "load"
 XADD_CHUNK = 1000
 
 
-def _entries(collection: str, ids: list[str], texts: list[str], vectors: np.ndarray | None) -> list[dict[str, str]]:
+def _entries(
+    collection: str, ids: list[str], texts: list[str], vectors: np.ndarray | None, encoding: str = "array"
+) -> list[dict[str, str]]:
     out = []
     for i, doc_id in enumerate(ids):
         doc: dict[str, Any] = {"id": doc_id, "text": texts[i]}
-        if vectors is not None:
+        if vectors is not None and encoding == "base64":
+            doc["vector"] = base64.b64encode(vectors[i].astype("<f4").tobytes()).decode("ascii")
+        elif vectors is not None:
             # At float32 precision (9 significant digits round-trip a float32 exactly): half the
             # bytes of float64's repr, which the vector's values do not need.
             doc["vector"] = [float(f"{x:.9g}") for x in vectors[i].tolist()]
@@ -83,7 +88,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     n, m = args.docs, args.text_docs
     texts, vectors = corpus.texts[:n], corpus.vectors[:n]
     text_only = corpus.texts[n : n + m]
-    result: dict[str, Any] = {"machine": machine_info(), "docs": n, "text_docs": m, "batch": args.batch}
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "docs": n,
+        "text_docs": m,
+        "batch": args.batch,
+        "vectors": args.vectors,
+    }
     runs: dict[str, list[float]] = {"ws_vector": [], "source_vector": [], "source_text": [], "raw_text": []}
 
     model = MiniLM(intra_threads=1)
@@ -113,7 +124,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     assert ingest.docs == n, ingest.errors
                     runs["ws_vector"].append(n / ingest.seconds)
 
-                    entries = _entries(src_name, [f"s{i}" for i in range(n)], texts, vectors)
+                    entries = _entries(src_name, [f"s{i}" for i in range(n)], texts, vectors, args.vectors)
                     runs["source_vector"].append(n / await _through_source(ws, redis_server.port, src_name, entries))
 
                     # Raw onnxruntime right before the source's text run (the server idle), so
@@ -146,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=500, help="WebSocket batch = source read batch")
     parser.add_argument("--in-flight", type=int, default=2, help="WebSocket upserts outstanding")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--vectors", choices=["array", "base64"], default="array", help="how the entries' documents carry vectors"
+    )
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
     result = anyio.run(bench, args)

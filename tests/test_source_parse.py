@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
+import numpy as np
 import pytest
 
 from actors.sources.base import Completion, RawEntry, Status
@@ -29,6 +31,18 @@ def test_an_upsert_entry_is_the_websocket_upsert_of_one_document() -> None:
     (document,) = parsed.request.docs
     assert document.vector is not None and document.vector.tolist() == [1.0, 2.0]
     assert document.metadata == {"k": 1}
+
+
+def test_a_vector_may_be_base64_of_float32() -> None:
+    vector = np.asarray([0.5, -1.25, 3.0], dtype="<f4")
+    doc = {"id": "a", "vector": base64.b64encode(vector.tobytes()).decode()}
+    parsed = parse_entry(entry(doc=json.dumps(doc)), "docs", LIMITS)
+    assert isinstance(parsed.request, Upsert)
+    assert parsed.request.docs[0].vector is not None
+    assert parsed.request.docs[0].vector.tolist() == [0.5, -1.25, 3.0]
+    for bad in ("not base64!", base64.b64encode(b"abc").decode()):
+        refused = parse_entry(entry(doc=json.dumps({"id": "a", "vector": bad})), "docs", LIMITS)
+        assert refused.error is not None and refused.error.code == "bad_request", bad
 
 
 def test_a_delete_entry_names_its_id_and_the_collection_field_wins() -> None:

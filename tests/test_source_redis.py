@@ -13,6 +13,7 @@ servers of its own, the database-outage test its own PostgreSQL too.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 
 import anyio
 import httpx
+import numpy as np
 import pytest
 
 from actors.pg_server import _restart
@@ -49,6 +51,7 @@ from tests.source_helpers import (
 BURST = int(os.environ.get("SHOAL_SOURCE_BURST", "20000"))
 pytestmark = pytest.mark.timeout(240 + BURST // 200)
 DIM = 8
+B64_VECTOR = np.arange(1, DIM + 1, dtype="<f4") / 4
 
 
 @dataclass
@@ -116,6 +119,11 @@ async def test_upserts_deletes_and_rejections_with_their_codes(rig: Rig) -> None
         ({"doc": vector_doc("v3", 3, DIM), "colection": "vec"}, "rejected", "bad_request"),
         ({"doc": json.dumps({"id": "nothing"})}, "rejected", "bad_request"),
         ({"collection": "vec", "doc": vector_doc("v4", 4, DIM)}, "indexed", None),
+        (
+            {"doc": json.dumps({"id": "b64", "vector": base64.b64encode(B64_VECTOR.tobytes()).decode()})},
+            "indexed",
+            None,
+        ),
     ]
     ids = xadd_all(r, "main", [fields for fields, _, _ in entries])
     seen = await wait_for(
@@ -133,9 +141,11 @@ async def test_upserts_deletes_and_rejections_with_their_codes(rig: Rig) -> None
             assert event["message"]
     assert seen[ids[0]]["id"] == "v1" and seen[ids[0]]["collection"] == "vec"
     assert seen[ids[6]]["collection"] == "missing" and seen[ids[6]]["id"] == "m1"
-    # vec: v1, v2, delete v2, v4 -> seqs 1..4, two live documents.
-    assert [int(seen[ids[i]]["seq"]) for i in (0, 1, 4, 13)] == [1, 2, 3, 4]
-    assert await rig.ws.count("vec") == 2
+    # vec: v1, v2, delete v2, v4, b64 -> seqs 1..5, three live documents.
+    assert [int(seen[ids[i]]["seq"]) for i in (0, 1, 4, 13, 14)] == [1, 2, 3, 4, 5]
+    assert await rig.ws.count("vec") == 3
+    (stored,) = await rig.ws.get("vec", ["b64"], include=["vector"])
+    assert stored["vector"].tolist() == B64_VECTOR.tolist()
     assert await rig.ws.count("text") == 2
     hits = (await rig.ws.query("text", text="birds by the water", k=1)).hits
     assert hits[0].id == "t1"
@@ -143,7 +153,7 @@ async def test_upserts_deletes_and_rejections_with_their_codes(rig: Rig) -> None
     assert await committed_position(rig.dsn, "main") == ids[-1]
     assert group_info(r, "main")["pending"] == 0
     figures = await source(rig.http, "main")
-    assert (figures["processed"], figures["rejected"]) == (6, 8)
+    assert (figures["processed"], figures["rejected"]) == (7, 8)
 
 
 async def test_sources_endpoint_and_metrics_report_each_source(rig: Rig) -> None:

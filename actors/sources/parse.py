@@ -5,10 +5,14 @@ Fields (PROTOCOL.md, "Broker sources"): `op` (`upsert`, the default, or `delete`
 The entry becomes the op map a WebSocket client would send (`{"collection", "docs": [doc]}` or
 `{"collection", "ids": [id]}`) and goes through `parse_request`: one validation for every edge.
 Unknown fields are rejected, as unknown arguments are, so a misspelt field never passes silently.
+A document's `vector` is a number array, or (as in `shoal import`'s JSON lines) a string holding
+standard base64 of its little-endian float32 values, a third the size and much faster to parse.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,12 +83,23 @@ def _request(fields: Mapping[str, str], collection: str, limits: Limits) -> tupl
             doc = orjson.loads(text)
         except (ValueError, RecursionError) as exc:
             raise BadRequest(f"'doc' is not valid JSON ({type(exc).__name__})") from None
+        if isinstance(doc, dict) and isinstance(doc.get("vector"), str):
+            doc["vector"] = _base64_vector(doc["vector"])
         args["docs"] = [doc]
         named = doc.get("id") if isinstance(doc, dict) else None
         doc_id = named if isinstance(named, str) else ""
     request = parse_request(op, args, limits)
     assert isinstance(request, Upsert | Delete)
     return request, doc_id
+
+
+def _base64_vector(text: str) -> bytes:
+    """A vector given as a string, as in `shoal import`'s lines: standard base64 of its
+    little-endian float32 values, handed on as the bytes a msgpack `bin` vector would be."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("a 'vector' string must be standard base64 of little-endian float32 values") from None
 
 
 def _guess_id(raw: Mapping[bytes, bytes]) -> str:
