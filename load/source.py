@@ -17,7 +17,8 @@ it (`SHOAL_SOURCE_READ_BATCH` = `--batch`), then measures in the same run, on co
 - text, raw onnxruntime: the same texts embedded by `MiniLM` in this process, cut into batches as
   the embedder does, on one worker thread per CPU (`load.embed_bench.raw_run`), right before the
   source's text run of the same repeat - the ceiling.
-Ratios: source / WebSocket with vectors (target >= 0.8) and source / raw with text (>= 0.9).
+Ratios: source / WebSocket with vectors (target >= 0.8) and source / raw with text (>= 0.9), of
+the best rates and, per repeat, with their median.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import base64
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     result["best_per_s"] = best
     result["source_vs_ws_vectors"] = round(best["source_vector"] / best["ws_vector"], 3)
     result["source_vs_raw_text"] = round(best["source_text"] / best["raw_text"], 3)
+    # Each repeat runs its pair back to back: the median of the per-repeat ratios is the figure
+    # least moved by whatever else the machine is doing.
+    pairs = {"vectors": ("source_vector", "ws_vector"), "text": ("source_text", "raw_text")}
+    for name, (num, den) in pairs.items():
+        ratios = [a / b for a, b in zip(runs[num], runs[den], strict=True)]
+        result[f"ratio_{name}_per_repeat"] = [round(r, 3) for r in ratios]
+        result[f"ratio_{name}_median"] = round(statistics.median(ratios), 3)
     return result
 
 
