@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from actors.sources.actor import SourceState, SourceStatus
+from actors.sources.status import SourceState, SourceStatus
 from actors.supervisor import Engine
 from models.errors import ShoalError
 from server.auth import bearer

@@ -26,12 +26,9 @@ is acknowledged and skipped, and its event sent again, with the document's curre
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import anyio
@@ -41,8 +38,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from actors.mailbox import Reply
 from actors.sources.base import Completion, Entry, PositionMoved, RawEntry, SourcePosition, Status, Transport
 from actors.sources.parse import parse_entry
+from actors.sources.status import SourceConfig, SourceState, SourceStatus
+from actors.sources.units import Isolate, Unit, Window, fits, settle, unit_size
 from models import requests as rq
-from models.config import EngineConfig, Limits
+from models.config import Limits
 from models.errors import Overloaded, ShoalError, Unavailable
 from models.records import DocId
 
@@ -58,103 +57,6 @@ HEALTHY_SESSION_S = 5.0
 STOP_FLUSH_S = 5.0
 # Delay before starting over after a job lost the position race (no outage: no back-off).
 RESTART_S = 0.02
-
-
-class SourceState(StrEnum):
-    STARTING = "starting"
-    CLAIMING = "claiming"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True, slots=True)
-class SourceConfig:
-    read_batch: int
-    max_in_flight: int
-    block_ms: int
-    claim_idle_ms: int
-    notify_maxlen: int
-    retry_initial_s: float
-    retry_max_s: float
-    timeout_s: float
-
-    @classmethod
-    def of(cls, config: EngineConfig) -> SourceConfig:
-        return cls(
-            read_batch=config.source_read_batch,
-            max_in_flight=config.source_max_in_flight,
-            block_ms=config.source_block_ms,
-            claim_idle_ms=config.source_claim_idle_ms,
-            notify_maxlen=config.source_notify_maxlen,
-            retry_initial_s=config.source_retry_initial_s,
-            retry_max_s=config.source_retry_max_s,
-            timeout_s=config.source_timeout_s,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SourceStatus:
-    """One source as operators see it (GET /v1/sources, /metrics)."""
-
-    url: str
-    stream: str
-    group: str
-    consumer: str
-    notify: str
-    state: SourceState
-    processed: int
-    rejected: int
-    skipped: int
-    retries: int
-    lag: int | None
-    in_flight: int
-    max_in_flight: int
-    position: str
-    last_error: str | None
-    last_error_at: float | None
-
-
-@dataclass(slots=True)
-class _Unit:
-    """Entries committed as one ingest job (same op and collection), or, with no `position`,
-    entries already done (rejected or skipped) whose completions only need publishing."""
-
-    entries: list[Entry]
-    completions: list[Completion] = field(default_factory=list)
-    position: SourcePosition | None = None
-    reply: Reply[tuple[int, int]] | None = None
-
-
-class _Isolate(Exception):
-    """A job failed for a reason of its own: retry its entries one by one up to `through`."""
-
-    def __init__(self, through: str, cause: ShoalError) -> None:
-        super().__init__(cause.message)
-        self.through = through
-        self.cause = cause
-
-
-class _Window:
-    """Entries between their read and their acknowledgement, bounded."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._freed = anyio.Event()
-
-    async def wait_room(self) -> int:
-        while self.used >= self.limit:
-            await self._freed.wait()
-        return self.limit - self.used
-
-    def take(self, n: int) -> None:
-        self.used += n
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        self._freed.set()
-        self._freed = anyio.Event()
 
 
 def _transient(exc: BaseException) -> bool:
@@ -175,7 +77,7 @@ class SourceActor:
         self._feed_scope: anyio.CancelScope | None = None
         self._setup_scope: anyio.CancelScope | None = None
         self._failures_in_row = 0
-        self._window = _Window(config.max_in_flight)
+        self._window = Window(config.max_in_flight)
         self._parse_limiter = anyio.CapacityLimiter(1)
         self._isolate_through: tuple[int, ...] | None = None
         self._failure: Exception | None = None
@@ -250,7 +152,7 @@ class SourceActor:
     def _failed(self, exc: Exception, delay: float) -> float:
         """Record a failed session; returns how long to wait before the next one."""
         name = self.transport.info.stream
-        if isinstance(exc, _Isolate):
+        if isinstance(exc, Isolate):
             self._isolate_through = self.transport.order(exc.through)
             log.info("source %s: a job failed (%s); retrying its entries one by one", name, exc.cause.code)
             return RESTART_S
@@ -300,8 +202,8 @@ class SourceActor:
         self._state = SourceState.RUNNING
         self._failures_in_row = 0
         log.info("source %s: consuming from position %s", self.transport.info.url, position)
-        send, receive = anyio.create_memory_object_stream[_Unit](config.max_in_flight)
-        self._window = _Window(config.max_in_flight)
+        send, receive = anyio.create_memory_object_stream[Unit](config.max_in_flight)
+        self._window = Window(config.max_in_flight)
         self._failure = None
         self._feed_scope = anyio.CancelScope()
         if self._stop.is_set():
@@ -331,7 +233,7 @@ class SourceActor:
 
     # -- reading --------------------------------------------------------------------------------
 
-    async def _feed(self, out: ObjectSendStream[_Unit], position: str) -> None:
+    async def _feed(self, out: ObjectSendStream[Unit], position: str) -> None:
         """Turn parsed batches into units and queue their jobs to ingest, in entry order; the
         next batch is read and parsed meanwhile (`_read`)."""
         key = self.transport.key
@@ -393,13 +295,13 @@ class SourceActor:
             return parse_all()
         return await anyio.to_thread.run_sync(parse_all, limiter=self._parse_limiter)
 
-    def _plan(self, entries: list[Entry], committed: tuple[int, ...]) -> list[_Unit]:
+    def _plan(self, entries: list[Entry], committed: tuple[int, ...]) -> list[Unit]:
         """The entries as units in entry order: runs of the same op and collection become one
         job each; skipped and rejected entries come as done units."""
         order = self.transport.order
-        units: list[_Unit] = []
-        job: _Unit | None = None
-        done = _Unit([])
+        units: list[Unit] = []
+        job: Unit | None = None
+        done = Unit([])
         for entry in entries:
             key = order(entry.id)
             error = entry.error if entry.error is not None else self._check(entry)
@@ -416,13 +318,13 @@ class SourceActor:
                 )
                 continue
             alone = self._isolate_through is not None and key <= self._isolate_through
-            if job is not None and not alone and _fits(job, entry, self._config.read_batch):
+            if job is not None and not alone and fits(job, entry, self._config.read_batch):
                 job.entries.append(entry)
                 continue
-            job = _Unit([entry])
+            job = Unit([entry])
             if done.completions:
                 units.append(done)
-                done = _Unit([])
+                done = Unit([])
             units.append(job)
             if alone:
                 job = None  # nothing joins an isolated entry
@@ -444,7 +346,7 @@ class SourceActor:
             return exc
         return None
 
-    async def _submit(self, unit: _Unit) -> Reply[tuple[int, int]]:
+    async def _submit(self, unit: Unit) -> Reply[tuple[int, int]]:
         ingest, first, position = self._engine.ingest, unit.entries[0].request, unit.position
         assert position is not None
         if isinstance(first, rq.Upsert):
@@ -456,12 +358,12 @@ class SourceActor:
 
     # -- completing -----------------------------------------------------------------------------
 
-    async def _complete(self, units: MemoryObjectReceiveStream[_Unit]) -> None:
+    async def _complete(self, units: MemoryObjectReceiveStream[Unit]) -> None:
         """Await each unit's commit in order; publish and acknowledge the outcomes in batches
         (as long as the next unit is already done). On a failure, stop the feeder, drain what
         is in flight (acknowledging nothing more) and leave the failure in `_failure`."""
         completions: list[Completion] = []
-        carried: _Unit | None = None
+        carried: Unit | None = None
         taken = 0
         async with units:
             while True:
@@ -472,9 +374,9 @@ class SourceActor:
                         break
                 else:
                     unit, carried = carried, None
-                taken += _size(unit)
+                taken += unit_size(unit)
                 if self._failure is not None:
-                    await _settle(unit)
+                    await settle(unit)
                 else:
                     try:
                         completions.extend(await self._outcome(unit))
@@ -520,9 +422,9 @@ class SourceActor:
         if last is not None and self.transport.order(last) > self.transport.order(self._position):
             self._position = last
 
-    async def _outcome(self, unit: _Unit) -> list[Completion]:
+    async def _outcome(self, unit: Unit) -> list[Completion]:
         """The completions of a unit once its job committed. Raises what calls for a new
-        session (see `_transient`, `_Isolate`)."""
+        session (see `_transient`, `Isolate`)."""
         if unit.position is None:
             return await self._redelivered(unit.completions)
         assert unit.reply is not None
@@ -533,7 +435,7 @@ class SourceActor:
                 raise
             assert isinstance(exc, ShoalError)
             if len(unit.entries) > 1:
-                raise _Isolate(unit.position.new, exc) from exc
+                raise Isolate(unit.position.new, exc) from exc
             # One entry refused for a reason of its own: reject it, and move the position past it
             # (a later job's `prev` is this one's `new`).
             await self._engine.persistence.commit_source_position(unit.position)
@@ -566,30 +468,6 @@ class SourceActor:
             return self._engine.catalog.get(completion.collection).last_seq
         except ShoalError:
             return None
-
-
-def _size(unit: _Unit) -> int:
-    """The entries a unit accounts for in the in-flight window."""
-    return len(unit.entries) if unit.position is not None else len(unit.completions)
-
-
-def _fits(job: _Unit, entry: Entry, most: int) -> bool:
-    first = job.entries[0].request
-    request = entry.request
-    if len(job.entries) >= most or first is None or request is None:
-        return False
-    if type(first) is not type(request) or first.collection != request.collection:
-        return False
-    if isinstance(request, rq.Delete):
-        return all(e.doc_id != entry.doc_id for e in job.entries)  # one seq per deleted id
-    return True
-
-
-async def _settle(unit: _Unit) -> None:
-    """Wait for a unit's job to finish without acting on it (a session is ending)."""
-    if unit.reply is not None:
-        with contextlib.suppress(Exception):  # the next session starts from the committed position
-            await unit.reply.wait()
 
 
 def build_source(url: str, engine: Engine) -> SourceActor:
