@@ -37,6 +37,7 @@ from actors.catalog import Catalog
 from actors.embedder import Embedder
 from actors.mailbox import Mailbox, Reply, unknown_message
 from actors.persistence import Persistence
+from actors.sources.base import SourcePosition
 from models.config import EngineConfig
 from models.errors import Exists, Overloaded, ShoalError, Unavailable
 from models.filters import Filter, TextFilter
@@ -51,6 +52,7 @@ class UpsertJob:
     collection: str
     docs: tuple[Document, ...]
     reply: Reply[tuple[int, int]]  # (count, seq)
+    position: SourcePosition | None = None  # a broker source's, committed with the job
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class DeleteJob:
     where: Filter | None
     where_text: TextFilter | None
     reply: Reply[tuple[int, int]]  # (deleted, seq)
+    position: SourcePosition | None = None  # a broker source's, committed with the job
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,23 @@ class Ingest:
         reply: Reply[None] = Reply()
         await self._mailbox.send(DropJob(name, reply))
         await reply.wait()
+
+    async def enqueue_upsert(
+        self, collection: str, docs: Sequence[Document], position: SourcePosition
+    ) -> Reply[tuple[int, int]]:
+        """Queue a broker source's upsert whose position commits with it; returns the reply to
+        await, so that a source keeps several jobs in flight in order (actors/sources/actor.py)."""
+        reply: Reply[tuple[int, int]] = Reply()
+        await self._mailbox.send(UpsertJob(collection, tuple(docs), reply, position))
+        return reply
+
+    async def enqueue_delete(
+        self, collection: str, ids: Sequence[DocId], position: SourcePosition
+    ) -> Reply[tuple[int, int]]:
+        """`enqueue_upsert` for a delete by ids."""
+        reply: Reply[tuple[int, int]] = Reply()
+        await self._mailbox.send(DeleteJob(collection, tuple(ids), None, None, reply, position))
+        return reply
 
     def close(self) -> None:
         """Stop taking jobs; what is queued is still committed and acked."""
@@ -271,7 +291,10 @@ class Ingest:
         Raises what committing a single job raised."""
         collection = self._catalog.get(batch.collection)
         try:
-            first, _ = await self._persistence.commit_upserts(batch.collection, batch.docs)
+            # The sources' positions of exactly the jobs in this transaction (a half after a
+            # split carries its own jobs' only).
+            positions = tuple(job.position for job in batch.jobs if job.position is not None)
+            first, _ = await self._persistence.commit_upserts(batch.collection, batch.docs, positions)
         except Unavailable:
             raise
         except Exception as exc:
@@ -314,7 +337,8 @@ class Ingest:
     async def _commit_delete(self, job: DeleteJob) -> None:
         collection = self._catalog.get(job.collection)
         if job.ids is not None:
-            deleted, last = await self._persistence.commit_delete_ids(job.collection, job.ids)
+            positions = () if job.position is None else (job.position,)
+            deleted, last = await self._persistence.commit_delete_ids(job.collection, job.ids, positions)
         else:
             deleted, last = await self._persistence.commit_delete_where(
                 job.collection, job.where, job.where_text

@@ -64,7 +64,15 @@ from actors.pg_codecs import (
     stored_spec,
 )
 from actors.pg_pool import DatabasePool, PoolTimeouts, redact
-from actors.schema import CHANGES_CHANNEL, LOG_COLUMNS, Tables
+from actors.schema import (
+    CHANGES_CHANNEL,
+    LOG_COLUMNS,
+    SOURCE_POSITION_ADVANCE,
+    SOURCE_POSITION_INIT,
+    SOURCE_POSITION_READ,
+    Tables,
+)
+from actors.sources.base import PositionMoved, SourcePosition
 from models.errors import BadRequest, DimensionMismatch, Exists, Gone, NotFound
 from models.filters import Filter, TextFilter, text_to_sql, to_sql
 from models.index_spec import IndexSpec, default_spec
@@ -298,12 +306,15 @@ class Persistence:
 
     # --- writes --------------------------------------------------------------------------------
 
-    async def commit_upserts(self, name: str, docs: Sequence[Document]) -> tuple[int, int]:
+    async def commit_upserts(
+        self, name: str, docs: Sequence[Document], positions: Sequence[SourcePosition] = ()
+    ) -> tuple[int, int]:
         """Commit a batch in one transaction; doc i gets seq first + i. Returns (first, last).
 
         Every document must carry a vector of the collection's dim (else DimensionMismatch). An
         empty batch changes nothing and returns the empty range (last_seq + 1, last_seq).
-        Raises NotFound, DimensionMismatch, BadRequest, Unavailable.
+        `positions` (broker sources' positions) advance in the same transaction.
+        Raises NotFound, DimensionMismatch, BadRequest, Unavailable, PositionMoved.
         """
         n = len(docs)
         if n == 0:
@@ -326,6 +337,7 @@ class Persistence:
             records = [(first + i, "upsert", doc.id, doc.text, vectors[i], metas[i]) for i, doc in enumerate(docs)]
             await conn.copy_records_to_table(tables.log, records=records, columns=LOG_COLUMNS)
             await conn.execute(tables.upsert_docs_from_log(), first, last, row["id"])
+            await _advance(conn, positions)
             return first, last
 
         try:
@@ -333,11 +345,14 @@ class Persistence:
         except asyncpg.exceptions.DataError as exc:
             raise _bad_data(exc) from exc
 
-    async def commit_delete_ids(self, name: str, ids: Sequence[str]) -> tuple[list[str], int]:
-        """Delete the given ids that exist, one logged change each (in the order given).
+    async def commit_delete_ids(
+        self, name: str, ids: Sequence[str], positions: Sequence[SourcePosition] = ()
+    ) -> tuple[list[str], int]:
+        """Delete the given ids that exist, one logged change each (in the order given);
+        `positions` advance in the same transaction.
 
         Returns (deleted ids, last seq); nothing deleted -> ([], the current last_seq).
-        Raises NotFound, Unavailable.
+        Raises NotFound, Unavailable, PositionMoved.
         """
         wanted = list(dict.fromkeys(ids))
 
@@ -349,7 +364,9 @@ class Persistence:
             rows = await conn.fetch(f"DELETE FROM {tables.docs} WHERE id = ANY($1::text[]) RETURNING id", wanted)
             gone = {r["id"] for r in rows}
             deleted = [i for i in wanted if i in gone]
-            return deleted, await self._log_deletes(conn, row, deleted)
+            last = await self._log_deletes(conn, row, deleted)
+            await _advance(conn, positions)
+            return deleted, last
 
         return await self._db.write(body)
 
@@ -387,6 +404,27 @@ class Persistence:
             return await self._db.write(body)
         except asyncpg.exceptions.DataError as exc:
             raise _bad_data(exc) from exc
+
+    # --- broker sources' positions (actors/sources/base.py) -------------------------------------
+
+    async def source_position(self, key: str, initial: str) -> str:
+        """The committed position of source `key` (its row is created at `initial` if missing).
+        Raises Unavailable."""
+
+        async def body(conn: Any) -> str:
+            await conn.execute(SOURCE_POSITION_INIT, key, initial)
+            return str(await conn.fetchval(SOURCE_POSITION_READ, key))
+
+        return await self._db.write(body)
+
+    async def commit_source_position(self, position: SourcePosition) -> None:
+        """Advance a source's position alone (entries rejected at commit: no change of theirs to
+        commit). Raises PositionMoved, Unavailable."""
+
+        async def body(conn: Any) -> None:
+            await _advance(conn, (position,))
+
+        await self._db.write(body)
 
     @staticmethod
     async def _log_deletes(conn: Any, row: Any, deleted: list[str]) -> int:
@@ -555,6 +593,18 @@ class Persistence:
                 if not rows:
                     return
                 yield [row_to_stored(r) for r in rows]
+
+
+async def _advance(conn: Any, positions: Sequence[SourcePosition]) -> None:
+    """Advance each position in order, inside the caller's transaction. Raises PositionMoved
+    (rolling the whole transaction back) when a stored position is not the job's `prev`."""
+    for position in positions:
+        status = await conn.execute(SOURCE_POSITION_ADVANCE, position.key, position.prev, position.new)
+        if status != "UPDATE 1":
+            raise PositionMoved(
+                f"source {position.key}: the committed position is not {position.prev} (an earlier"
+                " entry did not commit); starting over from the committed position"
+            )
 
 
 class _Batches(Generic[B]):

@@ -95,6 +95,27 @@ CATALOG_DDL: tuple[str, ...] = (
         PRIMARY KEY (node, collection_id)
     )
     """,
+    # broker sources (actors/sources): each source's position, the last entry whose change (or
+    # rejection) is committed, written in the same transaction as the changes it produced.
+    """
+    CREATE TABLE IF NOT EXISTS shoal_source_positions (
+        source_key text PRIMARY KEY,
+        last_entry text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+)
+
+# Broker sources: create a position row if missing; advance it only from the position the
+# writer last saw (a chain: a job whose predecessor did not commit cannot commit either).
+SOURCE_POSITION_INIT = (
+    "INSERT INTO shoal_source_positions (source_key, last_entry) VALUES ($1, $2) "
+    "ON CONFLICT (source_key) DO NOTHING"
+)
+SOURCE_POSITION_READ = "SELECT last_entry FROM shoal_source_positions WHERE source_key = $1"
+SOURCE_POSITION_ADVANCE = (
+    "UPDATE shoal_source_positions SET last_entry = $3, updated_at = now() "
+    "WHERE source_key = $1 AND last_entry = $2"
 )
 
 

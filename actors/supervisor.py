@@ -3,7 +3,9 @@
     start:  persistence -> embedder (its model loads meanwhile) -> catalog (+ shards) -> load
             collections (snapshot + log tail, or a rebuild) -> model loaded -> snapshotter ->
             subscriptions -> follower (first sync: caught up with the log) -> ingest -> ready
-    stop:   ingest (drains acked work) -> follower -> subscriptions -> snapshotter (last
+            -> broker sources (actors/sources)
+    stop:   broker sources (commit and acknowledge what they read)
+            -> ingest (drains acked work) -> follower -> subscriptions -> snapshotter (last
             snapshots) -> catalog -> embedder -> persistence
 
 Several nodes on one database form a cluster: each collection's applier takes this node's commits
@@ -24,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +46,7 @@ from actors.persistence import CatalogRow, Persistence
 from actors.recall_sampler import RecallSampler, RecallStats
 from actors.results_cache import EmbeddingCache, ResultsCache
 from actors.snapshotter import Snapshotter
+from actors.sources.actor import build_source
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
 from actors.subscriber import Event, MatchEvent, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
@@ -74,6 +77,7 @@ class Engine:
         subscriptions: SubscriptionConfig | None = None,
         snapshot_dir: Path | None = None,
         vectors_dir: Path | None = None,
+        sources: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.limits = limits
@@ -97,6 +101,7 @@ class Engine:
             vectors_dir=vectors_dir,
         )
         self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog)
+        self.sources = [build_source(url, self) for url in sources]
         self.follower = Follower(
             dsn,
             self.persistence,
@@ -128,8 +133,9 @@ class Engine:
         subscriptions: SubscriptionConfig | None = None,
         snapshot_dir: Path | None = None,
         vectors_dir: Path | None = None,
+        sources: Sequence[str] = (),
     ) -> AsyncIterator[Engine]:
-        engine = cls(dsn, config, limits, subscriptions, snapshot_dir, vectors_dir)
+        engine = cls(dsn, config, limits, subscriptions, snapshot_dir, vectors_dir, sources)
         # Opened before the task group, so that a StartupError (unreachable database, no
         # pgvector) reaches the caller as itself, not inside an exception group.
         await engine.persistence.open()
@@ -152,6 +158,8 @@ class Engine:
                 started.append((engine.follower, await _start(tg, engine.follower)))
                 started.append((engine.ingest, await _start(tg, engine.ingest)))
                 started.append((engine.compactor, await _start(tg, engine.compactor)))
+                for source in engine.sources:  # after ingest, stopped before it
+                    started.append((source, await _start(tg, source)))
                 engine.ready = True
                 log.info("engine ready: %d collection(s)", len(engine.catalog.names()))
                 yield engine
@@ -251,6 +259,12 @@ class Engine:
         self.subscriptions.collection_dropped(req.name)
 
     async def upsert(self, req: rq.Upsert) -> tuple[int, int]:
+        self.check_upsert(req)
+        return await self.ingest.upsert(req.collection, req.docs)
+
+    def check_upsert(self, req: rq.Upsert) -> None:
+        """What an upsert is refused for before it is queued (the edges and the broker sources
+        alike). Raises NotFound, DimensionMismatch, InvalidVector."""
         collection = self.catalog.get(req.collection)
         for doc in req.docs:
             if doc.vector is None:
@@ -261,7 +275,6 @@ class Engine:
                     )
             else:
                 _check_vector(collection, doc.vector, f"document {doc.id!r}")
-        return await self.ingest.upsert(req.collection, req.docs)
 
     async def delete(self, req: rq.Delete) -> tuple[int, int]:
         self.catalog.get(req.collection)

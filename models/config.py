@@ -157,3 +157,17 @@ class EngineConfig:
     recall_sample_rate: float = field(default=0.01, metadata=bounds(0.0, 1.0))
     recall_sample_queue: int = field(default=64, metadata=bounds(1, 100_000))
     recall_window: int = field(default=200, metadata=bounds(1, 1_000_000))
+    # broker sources (actors/sources): entries per read (1..100,000); entries between read and
+    # acknowledgement at most (1..10**7); how long a read waits for new entries (1..60,000 ms);
+    # idle time after which a dead consumer's pending entries are taken over (1..86,400,000 ms);
+    # completion events kept in the notify stream, approximately (1..10**9); the back-off
+    # between attempts after an outage, first and longest (0.01..600 s); a broker command's
+    # timeout (0.1..600 s).
+    source_read_batch: int = field(default=500, metadata=bounds(1, 100_000))
+    source_max_in_flight: int = field(default=5_000, metadata=bounds(1, 10_000_000))
+    source_block_ms: int = field(default=1_000, metadata=bounds(1, 60_000))
+    source_claim_idle_ms: int = field(default=30_000, metadata=bounds(1, 86_400_000))
+    source_notify_maxlen: int = field(default=100_000, metadata=bounds(1, 1_000_000_000))
+    source_retry_initial_s: float = field(default=0.1, metadata=bounds(0.01, 600))
+    source_retry_max_s: float = field(default=5.0, metadata=bounds(0.01, 600))
+    source_timeout_s: float = field(default=5.0, metadata=bounds(0.1, 600))

@@ -319,6 +319,9 @@ MAX_ECHOED_NAMES = 5
 VECTOR_NORM_CEILING = 4e18
 
 
+_NUMBER_TYPES = frozenset({int, float})
+
+
 def _finite_float(value: object) -> float | None:
     """`value` as a finite float; None for a non-number, a bool, NaN / inf or an integer too big
     for a float (a JSON body may carry one of any length)."""
@@ -355,7 +358,11 @@ def parse_vector(value: object, limits: Limits) -> Vector:
     elif isinstance(value, list):
         if len(value) > limits.max_dim:
             raise TooLarge(f"a vector has at most {limits.max_dim} values")
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        # The exact types first (what JSON and msgpack decode to): a set of types is built several
+        # times faster than the isinstance walk, which then only runs for anything else.
+        if not set(map(type, value)) <= _NUMBER_TYPES and not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in value
+        ):
             raise BadRequest("a vector must be a list of numbers")
         try:
             vector = np.asarray(value, dtype=np.float64)  # checked wide: 1e39 must not become inf

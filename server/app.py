@@ -43,7 +43,7 @@ from models.errors import (
     Unauthorized,
     Unavailable,
 )
-from server import apidocs, http_api, sse, ws
+from server import apidocs, http_api, sources, sse, ws
 from server.auth import Authenticator, AuthFailures, parse_api_keys
 from server.edge import Edge
 from server.guard import guard_policy
@@ -142,12 +142,14 @@ def create_app(settings: Settings) -> Edge:
                 settings.subscriptions,
                 snapshot_dir(settings),
                 settings.data_dir / "vectors",  # quantised collections' mapped vectors
+                sources=settings.sources,
             ) as engine,
             anyio.create_task_group() as tasks,
         ):
             metrics = Metrics()
             metrics.watch(engine, ws.connection_caps(settings.limits))
             metrics.registry.register(sse.SubscriptionCollector(engine, app.state.sse))
+            metrics.registry.register(sources.SourcesCollector(engine))
             app.state.shoal = AppState(settings, metrics, engine, authenticator)
             tasks.start_soon(app.state.sse.heartbeats)
             yield
@@ -166,6 +168,8 @@ def create_app(settings: Settings) -> Edge:
         Route("/v1/collections/{name}/changes", sse.changes, methods=["GET"]),
         Route("/v1/collections/{name}/{op}", http_api.collection_op, methods=["POST"]),
         Route("/v1/collections/{name}/{op}", http_api.WrongMethod("POST")),
+        Route("/v1/sources", sources.list_sources, methods=["GET"]),
+        Route("/v1/sources", http_api.WrongMethod("GET, HEAD")),
         Route("/healthz", http_api.healthz, methods=["GET"]),
         Route("/readyz", http_api.readyz, methods=["GET"]),
         Route("/metrics", http_api.metrics, methods=["GET"]),

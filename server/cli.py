@@ -187,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", help="debug, info, warning, error (SHOAL_LOG_LEVEL, default info)")
     run.add_argument("--log-format", help="text or json, one object per line (SHOAL_LOG_FORMAT, default text)")
+    run.add_argument(
+        "--source",
+        action="append",
+        help="consume a Redis stream, repeatable (SHOAL_SOURCES, space-separated): "
+        "redis://HOST:PORT/DB?stream=NAME&group=GROUP&collection=DEFAULT",
+    )
     pg = sub.add_parser(
         "postgres",
         help="run the embedded PostgreSQL alone on 127.0.0.1, for several `shoal serve` on one machine",
@@ -296,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     database_url=args.database_url,
                     log_level=args.log_level,
                     log_format=args.log_format,
+                    sources=tuple(args.source) if args.source else None,
                 )
             )
         elif args.command == "postgres":

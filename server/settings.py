@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from actors.sources.redis_stream import check_source_url
 from actors.subscriptions import SubscriptionConfig
 from models.config import EngineConfig, Limits, bounds
 from models.errors import StartupError
@@ -80,6 +81,12 @@ def _check_api_keys(value: str) -> None:
         raise ValueError(f"must be comma-separated keys or a JSON list of key entries ({exc})") from None
 
 
+def _check_sources(urls: tuple[str, ...]) -> None:
+    keys = [check_source_url(url) for url in urls]
+    if len(set(keys)) != len(keys):  # their positions would be one row
+        raise ValueError("two sources name the same stream and group")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     host: str = field(default="127.0.0.1", metadata={"check": check_host})
@@ -118,6 +125,9 @@ class Settings:
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses; "*" = any). Empty:
     # none, so no local process can borrow another client address (auth-failure limits, logs).
     forwarded_allow_ips: tuple[str, ...] = ()
+    # broker sources: one consumer per URL (`--source`, repeatable; SHOAL_SOURCES space-separated),
+    # redis://HOST:PORT/DB?stream=NAME&group=GROUP&collection=DEFAULT&notify=NAME
+    sources: tuple[str, ...] = field(default=(), metadata={"check": _check_sources, "secret": True})
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from models.op_schema import openapi
+from server import sources
 from server.state import AppState
 
 PAGE = Path(__file__).resolve().parent / "docs.html"
@@ -26,7 +27,9 @@ def _version() -> str:
 async def openapi_json(request: Request) -> Response:
     """The OpenAPI 3.1 document; its bounds are this server's configured limits."""
     state: AppState = request.app.state.shoal
-    body = json.dumps(openapi(state.settings.limits, _version()), separators=(",", ":"))
+    document = openapi(state.settings.limits, _version())
+    document["paths"]["/v1/sources"] = sources.OPENAPI_PATH
+    body = json.dumps(document, separators=(",", ":"))
     return Response(body, media_type="application/json", headers={"cache-control": "no-cache"})
 
 

@@ -1,0 +1,181 @@
+"""Broker-source throughput: entries/s from XADD to committed and indexed, against the WebSocket.
+
+    python -m load.source [--docs 10000] [--text-docs 2000] [--batch 500] [--in-flight 2]
+                          [--repeats 1] [--vectors array|base64] [--json PATH]
+
+Starts a `redis-server` on a free loopback port and a local `shoal serve --source ...` reading
+it (`SHOAL_SOURCE_READ_BATCH` = `--batch`), then measures in the same run, on corpus passages
+(`load.corpus`) with their vectors:
+- vectors, WebSocket: `--docs` documents (vector + text) upserted in batches of `--batch`, with
+  `--in-flight` upserts outstanding, into a fresh collection: docs/s from the first send to
+  the last ack;
+- vectors, source: the same documents as entries (`doc` = the document as JSON text, the vector's
+  values at float32 precision, or with `--vectors base64` base64 of their float32 bytes), XADDed in
+  pipelined chunks from a thread while the clock runs: entries/s from the first XADD to the moment
+  the collection counts them all (a count is answered after the commit and the indexing);
+- text, source: `--text-docs` passages with text only (the server embeds them), timed the same;
+- text, raw onnxruntime: the same texts embedded by `MiniLM` in this process, cut into batches as
+  the embedder does, on one worker thread per CPU (`load.embed_bench.raw_run`), right before the
+  source's text run of the same repeat - the ceiling.
+Ratios: source / WebSocket with vectors (target >= 0.8) and source / raw with text (>= 0.9), of
+the best rates and, per repeat, with their median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import redis
+
+from actors.onnx_model import MiniLM
+from load.common import log, machine_info, unique_name, write_json
+from load.corpus import load_corpus
+from load.embed_bench import raw_run
+from load.ingest import run_ingest
+from load.redis_server import RedisServer
+from load.server import local_server
+from models.config import EngineConfig
+from shoal_client import ShoalClient
+
+STREAM = "load"
+XADD_CHUNK = 1000
+
+
+def _entries(
+    collection: str, ids: list[str], texts: list[str], vectors: np.ndarray | None, encoding: str = "array"
+) -> list[dict[str, str]]:
+    out = []
+    for i, doc_id in enumerate(ids):
+        doc: dict[str, Any] = {"id": doc_id, "text": texts[i]}
+        if vectors is not None and encoding == "base64":
+            doc["vector"] = base64.b64encode(vectors[i].astype("<f4").tobytes()).decode("ascii")
+        elif vectors is not None:
+            # At float32 precision (9 significant digits round-trip a float32 exactly): half the
+            # bytes of float64's repr, which the vector's values do not need.
+            doc["vector"] = [float(f"{x:.9g}") for x in vectors[i].tolist()]
+        out.append({"collection": collection, "doc": json.dumps(doc)})
+    return out
+
+
+def _xadd(port: int, entries: list[dict[str, str]]) -> None:
+    with redis.Redis(host="127.0.0.1", port=port) as r:
+        for start in range(0, len(entries), XADD_CHUNK):
+            pipe = r.pipeline(transaction=False)
+            for fields in entries[start : start + XADD_CHUNK]:
+                pipe.xadd(STREAM, fields)
+            pipe.execute()
+
+
+async def _through_source(ws: ShoalClient, port: int, collection: str, entries: list[dict[str, str]]) -> float:
+    """Seconds from the first XADD until `collection` counts every entry."""
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, _xadd, port, entries)
+        while await ws.count(collection) < len(entries):
+            await asyncio.sleep(0.01)
+    return time.perf_counter() - started
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    corpus = load_corpus(max(20_000, args.docs + args.text_docs), 1_000)
+    n, m = args.docs, args.text_docs
+    texts, vectors = corpus.texts[:n], corpus.vectors[:n]
+    text_only = corpus.texts[n : n + m]
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "docs": n,
+        "text_docs": m,
+        "batch": args.batch,
+        "vectors": args.vectors,
+    }
+    runs: dict[str, list[float]] = {"ws_vector": [], "source_vector": [], "source_text": [], "raw_text": []}
+
+    model = MiniLM(intra_threads=1)
+    model.encode(text_only[:16])  # warm up before anything is timed
+    config = EngineConfig()
+
+    with RedisServer() as redis_server:
+        env = {
+            "SHOAL_SOURCES": redis_server.url(STREAM),
+            "SHOAL_SOURCE_READ_BATCH": str(args.batch),
+            "SHOAL_LOG_LEVEL": "warning",
+        }
+        with local_server(env) as proc:
+            async with ShoalClient.connect(proc.ws_url) as ws:
+                for repeat in range(args.repeats):
+                    ws_name, src_name, txt_name = (unique_name(p) for p in ("ws", "src", "txt"))
+                    for name in (ws_name, src_name, txt_name):
+                        await ws.create_collection(name)
+                    batches = [
+                        [
+                            {"id": f"w{i}", "text": texts[i], "vector": vectors[i].astype("<f4").tobytes()}
+                            for i in range(start, min(start + args.batch, n))
+                        ]
+                        for start in range(0, n, args.batch)
+                    ]
+                    ingest = await run_ingest([ws], ws_name, batches, in_flight=args.in_flight)
+                    assert ingest.docs == n, ingest.errors
+                    runs["ws_vector"].append(n / ingest.seconds)
+
+                    entries = _entries(src_name, [f"s{i}" for i in range(n)], texts, vectors, args.vectors)
+                    runs["source_vector"].append(n / await _through_source(ws, redis_server.port, src_name, entries))
+
+                    # Raw onnxruntime right before the source's text run (the server idle), so
+                    # both see the same machine.
+                    wall, _cpu = await anyio.to_thread.run_sync(
+                        raw_run, model, text_only, config.embed_batch, config.embed_batch_tokens, config.embed_workers
+                    )
+                    runs["raw_text"].append(m / wall)
+                    entries = _entries(txt_name, [f"t{i}" for i in range(m)], text_only, None)
+                    runs["source_text"].append(m / await _through_source(ws, redis_server.port, txt_name, entries))
+                    log(
+                        f"source: repeat {repeat + 1}: ws {runs['ws_vector'][-1]:.0f}/s, source vectors"
+                        f" {runs['source_vector'][-1]:.0f}/s, source text {runs['source_text'][-1]:.0f}/s,"
+                        f" raw text {runs['raw_text'][-1]:.0f}/s"
+                    )
+                    for name in (ws_name, src_name, txt_name):
+                        await ws.drop_collection(name)
+    best = {key: round(max(values), 1) for key, values in runs.items()}
+    result["per_s"] = {key: [round(v, 1) for v in values] for key, values in runs.items()}
+    result["best_per_s"] = best
+    result["source_vs_ws_vectors"] = round(best["source_vector"] / best["ws_vector"], 3)
+    result["source_vs_raw_text"] = round(best["source_text"] / best["raw_text"], 3)
+    # Each repeat runs its pair back to back: the median of the per-repeat ratios is the figure
+    # least moved by whatever else the machine is doing.
+    pairs = {"vectors": ("source_vector", "ws_vector"), "text": ("source_text", "raw_text")}
+    for name, (num, den) in pairs.items():
+        ratios = [a / b for a, b in zip(runs[num], runs[den], strict=True)]
+        result[f"ratio_{name}_per_repeat"] = [round(r, 3) for r in ratios]
+        result[f"ratio_{name}_median"] = round(statistics.median(ratios), 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m load.source", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=10_000, help="documents with vectors per side")
+    parser.add_argument("--text-docs", type=int, default=2_000, help="text-only documents")
+    parser.add_argument("--batch", type=int, default=500, help="WebSocket batch = source read batch")
+    parser.add_argument("--in-flight", type=int, default=2, help="WebSocket upserts outstanding")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--vectors", choices=["array", "base64"], default="array", help="how the entries' documents carry vectors"
+    )
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args(argv)
+    result = anyio.run(bench, args)
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    if args.json:
+        write_json(Path(args.json), result)
+
+
+if __name__ == "__main__":
+    main()
