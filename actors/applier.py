@@ -24,7 +24,8 @@ between (subscriptions rely on that; see `actors/subscriptions.py`).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -46,6 +47,10 @@ class Applied:
     collection: str
     upserted: tuple[StoredDoc, ...]
     deleted: tuple[tuple[DocId, int], ...]  # (id, seq)
+    # The version each change replaced, aligned with `upserted` (or `deleted`): None where the id
+    # did not exist. Read from the shards before the run was applied, when some listener wants
+    # it (`Applier.wants_previous`); None (the field) when not read.
+    previous: tuple[StoredDoc | None, ...] | None = None
 
 
 Publisher = Callable[[Applied], Awaitable[None]]
@@ -123,6 +128,9 @@ class Applier:
         self._page = max(1, page)
         self._lock = anyio.Lock()
         self._advanced = anyio.Event()
+        # Asked before each run: whether a listener needs the versions the run replaces (read
+        # from the shards, so it costs one `get` per run). None: never.
+        self.wants_previous: Callable[[str], bool] | None = None
         self.from_log = 0  # changes applied from the log rather than from the local committer
 
     @property
@@ -166,6 +174,14 @@ class Applier:
             return
         async with self._lock:
             await self._fill(until)
+
+    @asynccontextmanager
+    async def consistent(self) -> AsyncIterator[int]:
+        """Hold the applier still: inside, the shards are exactly at the yielded applied seq and
+        no change is applied until the block ends (a read there sees the state as of that seq).
+        Keep the block short: writes wait for it."""
+        async with self._lock:
+            yield self.applied_seq
 
     async def wait_applied(self, seq: int, timeout: float) -> bool:
         """True once the applied seq is >= `seq`; False if `timeout` seconds pass first."""
@@ -211,17 +227,45 @@ class Applier:
             self.from_log += len(changes)
 
     async def _apply_run(self, run: _Run) -> None:
+        wants = self.wants_previous
+        if self._publish is not None and wants is not None and wants(self._collection.name):
+            previous: tuple[StoredDoc | None, ...] | None = await self._previous(run)
+        else:
+            previous = None
         if isinstance(run, _Upserts):
             await self._upsert_shards(run.docs)
             self._set(_last(run))
-            applied = Applied(self._collection.name, run.docs, ())
+            applied = Applied(self._collection.name, run.docs, (), previous)
         else:
             await self._delete_shards([doc_id for doc_id, _ in run.pairs])
             self._set(_last(run))
-            applied = Applied(self._collection.name, (), run.pairs)
+            applied = Applied(self._collection.name, (), run.pairs, previous)
         if self._publish is not None:
             # No await before this call since `_set`: listeners read last_seq in step with it.
             await self._publish(applied)
+
+    async def _previous(self, run: _Run) -> tuple[StoredDoc | None, ...]:
+        """The version each change of `run` replaces (lock held, before the run is applied): the
+        shards' current one, or the run's own earlier change of the same id."""
+        ids = [d.id for d in run.docs] if isinstance(run, _Upserts) else [i for i, _ in run.pairs]
+        collection = self._collection
+        by_shard: dict[int, list[DocId]] = {}
+        for doc_id in dict.fromkeys(ids):
+            by_shard.setdefault(collection.shard_index(doc_id), []).append(doc_id)
+        current: dict[DocId, StoredDoc | None] = {}
+        for index, part in by_shard.items():
+            for doc in await collection.shards[index].get(part):
+                current[doc.id] = doc
+        out: list[StoredDoc | None] = []
+        if isinstance(run, _Upserts):
+            for doc in run.docs:
+                out.append(current.get(doc.id))
+                current[doc.id] = doc
+        else:
+            for doc_id, _ in run.pairs:
+                out.append(current.get(doc_id))
+                current[doc_id] = None
+        return tuple(out)
 
     def _set(self, seq: int) -> None:
         self._collection.last_seq = seq

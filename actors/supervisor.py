@@ -45,6 +45,7 @@ from actors.snapshotter import Snapshotter
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
 from actors.subscriber import Event, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
+from actors.topk import TopkQuery
 from models import requests as rq
 from models.config import EngineConfig, Limits
 from models.errors import DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable
@@ -355,8 +356,13 @@ class Engine:
         vector = await self.query_vector(collection, req.vector, req.text)
         if self.catalog.get(req.collection) is not collection:  # dropped while embedding
             raise NotFound(f"no collection named {req.collection!r}")
-        query = StandingQuery(vector, req.threshold, req.where, req.where_text)
-        await self.persistence.check_resumable(req.collection, req.after_seq)
+        query: StandingQuery | TopkQuery
+        if req.k is not None:  # a top-k list starts from the current state, whatever after_seq says
+            query = TopkQuery(vector, req.k, req.threshold, req.where, req.where_text)
+        else:
+            assert req.threshold is not None, "a threshold subscription has a threshold"
+            query = StandingQuery(vector, req.threshold, req.where, req.where_text)
+            await self.persistence.check_resumable(req.collection, req.after_seq)
         return self.subscriptions.register(
             collection,
             query,

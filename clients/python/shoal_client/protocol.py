@@ -221,7 +221,8 @@ class ClientProtocol:
             message = decode_frame(data)
         except ProtocolError as exc:
             return [Unrouted(exc)]
-        if "id" not in message and "event" in message:
+        # A push has `event` and no `ok` (a `leave` push carries the document's `id`).
+        if "event" in message and "ok" not in message:
             return self._push(message)
         return self._reply(message)
 
