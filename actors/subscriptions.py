@@ -447,10 +447,7 @@ class Subscriptions:
             rows = [(s, i, None) for i, s in applied.deleted]
         previous = applied.previous
         if previous is not None:
-            out = [
-                LiveChange(seq, doc_id, new, old)
-                for (seq, doc_id, new), old in zip(rows, previous, strict=True)
-            ]
+            out = [LiveChange(seq, doc_id, new, old) for (seq, doc_id, new), old in zip(rows, previous, strict=True)]
             return [c for c in out if c.seq > floor]
         rows = [r for r in rows if r[0] > floor]
         if not rows:

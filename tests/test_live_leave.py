@@ -27,7 +27,8 @@ def unique(prefix: str) -> str:
 
 
 def unit(v: np.ndarray) -> np.ndarray:
-    return (v / np.linalg.norm(v)).astype(np.float32)
+    out: np.ndarray = (v / np.linalg.norm(v)).astype(np.float32)
+    return out
 
 
 Q = unit(np.ones(DIM, np.float32))
