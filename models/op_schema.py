@@ -257,12 +257,14 @@ def op_args(limits: Limits) -> dict[str, Op]:
             },
         ),
         "subscribe": Op(
-            "a standing query: pushes every later match (WebSocket; SSE: GET .../subscribe)",
+            "a standing query: pushes every later match and leave, or with k a live top-k list "
+            "(WebSocket; SSE: GET .../subscribe)",
             {
                 "collection": collection,
                 "vector": vector,
                 "text": text,
-                "threshold": Arg({"type": "number"}, "minimum score of a match", required=True),
+                "threshold": Arg({"type": "number"}, "minimum score of a match (required unless k is given)"),
+                "k": Arg({"type": "integer", "minimum": 1, "maximum": 100}, "a live top-k list of this many hits"),
                 "where": where,
                 "where_text": where_text,
                 "include": include,
@@ -271,6 +273,7 @@ def op_args(limits: Limits) -> dict[str, Op]:
             [
                 {"collection": "c", "text": "hello", "threshold": 0.5, "where": {"a": 1}, "include": ["text"]},
                 {"collection": "c", "vector": v4, "threshold": 0.1, "where_text": {"$contains": "x"}, "after_seq": 3},
+                {"collection": "c", "text": "hello", "k": 10, "where": {"a": 1}},
             ],
             {"type": "object", "properties": {"sub": {"type": "string"}}},
         ),
@@ -323,6 +326,7 @@ _SSE_PARAMS = [
     ("text", "query text"),
     ("vector", "comma-separated floats"),
     ("threshold", "minimum score"),
+    ("k", "a live top-k list of this many hits (1..100)"),
     ("where", "filter as JSON"),
     ("where_text", "text filter as JSON"),
     ("include", "comma-separated fields"),

@@ -380,6 +380,7 @@ class SubscriptionCollector(Collector):
         subs = GaugeMetricFamily("shoal_subscriptions", "Registered subscribers, by kind", labels=["kind"])
         subs.add_metric(["match"], stats.subscriptions)
         subs.add_metric(["changes"], stats.feeds)
+        subs.add_metric(["topk"], stats.topk)
         yield subs
         yield GaugeMetricFamily("shoal_sse_streams", "Open Server-Sent Events streams", value=self.sse.open_streams)
         yield GaugeMetricFamily(
@@ -396,6 +397,9 @@ class SubscriptionCollector(Collector):
                 stats.mailbox_overflows,
             ),
             "shoal_subscription_catch_ups": ("Reads of the durable log to fill a gap", stats.catch_ups),
+            "shoal_subscription_leaves": ("Leave events handed to subscriber buffers", stats.leaves),
+            "shoal_subscription_topk_pushes": ("Top-k lists handed to subscriber buffers", stats.topk_pushes),
+            "shoal_subscription_topk_refills": ("Top-k lists made or refilled by a query", stats.topk_refills),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
