@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
+from models.errors import ShoalError
 from models.records import Change, DocId, StoredDoc
 
 if TYPE_CHECKING:
@@ -228,10 +229,12 @@ class Applier:
 
     async def _apply_run(self, run: _Run) -> None:
         wants = self.wants_previous
+        previous: tuple[StoredDoc | None, ...] | None = None
         if self._publish is not None and wants is not None and wants(self._collection.name):
-            previous: tuple[StoredDoc | None, ...] | None = await self._previous(run)
-        else:
-            previous = None
+            try:
+                previous = await self._previous(run)
+            except ShoalError as exc:  # a shard's queue is full: the listeners read the log instead
+                log.debug("versions before seq %d not read from the shards: %s", _first(run), exc)
         if isinstance(run, _Upserts):
             await self._upsert_shards(run.docs)
             self._set(_last(run))

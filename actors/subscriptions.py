@@ -410,7 +410,9 @@ class Subscriptions:
             raise NotFound(f"no collection {sub.collection!r}")
         collection = room.collection
         async with collection.applier.consistent() as seq:
-            hits = await topk_lists.refill(collection, lst)
+            [hits] = await topk_lists.refill_many(collection, [lst])
+            if isinstance(hits, ShoalError):
+                raise hits
             room.set_list(sub, hits, seq)
         self._stats["topk_refills"] += 1
         return TopkEvent(seq, tuple(hits))

@@ -29,7 +29,7 @@ import numpy as np
 
 from actors import planner
 from actors.matching import QuerySet, StandingQuery, doc_batch, exact_pair_scores, score_matrix
-from models.errors import ShoalError
+from models.errors import Overloaded, ShoalError
 from models.filters import Filter, TextFilter
 from models.records import DocId, Hit, Include, Metric, StoredDoc, Vector
 from models.requests import Query
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 SCORE_SLACK = 1e-5
 # Refill queries of one step run at most this many at a time (each is one query per shard).
 REFILL_CONCURRENCY = 8
+# A refill a full shard queue refused is tried again after these pauses (seconds), then fails.
+OVERLOADED_RETRIES = (0.005, 0.02, 0.05)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +181,18 @@ async def refill_many(collection: Collection, lists: Sequence[TopkList]) -> list
 
     async def one(i: int) -> None:
         async with limiter:
-            try:
-                out[i] = await refill(collection, lists[i])
-            except ShoalError as exc:
-                out[i] = exc
+            for pause in (*OVERLOADED_RETRIES, None):
+                try:
+                    out[i] = await refill(collection, lists[i])
+                    return
+                except Overloaded as exc:  # a shard's queue is full for a moment
+                    if pause is None:
+                        out[i] = exc
+                        return
+                    await anyio.sleep(pause)
+                except ShoalError as exc:
+                    out[i] = exc
+                    return
 
     async with anyio.create_task_group() as tg:
         for i in range(len(lists)):
