@@ -232,8 +232,8 @@ class Applier:
         previous: tuple[StoredDoc | None, ...] | None = None
         if self._publish is not None and wants is not None and wants(self._collection.name):
             try:
-                previous = await self._previous(run)
-            except ShoalError as exc:  # a shard's queue is full: the listeners read the log instead
+                previous = self._previous(run)
+            except ShoalError as exc:  # a shard is busy: the listeners read the log instead
                 log.debug("versions before seq %d not read from the shards: %s", _first(run), exc)
         if isinstance(run, _Upserts):
             await self._upsert_shards(run.docs)
@@ -247,7 +247,7 @@ class Applier:
             # No await before this call since `_set`: listeners read last_seq in step with it.
             await self._publish(applied)
 
-    async def _previous(self, run: _Run) -> tuple[StoredDoc | None, ...]:
+    def _previous(self, run: _Run) -> tuple[StoredDoc | None, ...]:
         """The version each change of `run` replaces (lock held, before the run is applied): the
         shards' current one, or the run's own earlier change of the same id."""
         ids = [d.id for d in run.docs] if isinstance(run, _Upserts) else [i for i, _ in run.pairs]
@@ -257,7 +257,8 @@ class Applier:
             by_shard.setdefault(collection.shard_index(doc_id), []).append(doc_id)
         current: dict[DocId, StoredDoc | None] = {}
         for index, part in by_shard.items():
-            for doc in await collection.shards[index].get(part):
+            # No message: the shards are between this applier's writes (the lock is held).
+            for doc in collection.shards[index].peek(part):
                 current[doc.id] = doc
         out: list[StoredDoc | None] = []
         if isinstance(run, _Upserts):
