@@ -118,7 +118,18 @@ class SubscriptionStats:
 class _Room:
     """The subscribers of one collection and how far the actor has handled its changes."""
 
-    __slots__ = ("_compiled", "_compiled_topk", "behind", "collection", "done_seq", "feeds", "members", "subs", "topks")
+    __slots__ = (
+        "_compiled",
+        "_compiled_topk",
+        "_positions",
+        "behind",
+        "collection",
+        "done_seq",
+        "feeds",
+        "members",
+        "subs",
+        "topks",
+    )
 
     def __init__(self, collection: Collection) -> None:
         self.collection = collection
@@ -131,6 +142,7 @@ class _Room:
         self.members: dict[DocId, set[Subscriber]] = {}
         self._compiled: tuple[QuerySet, tuple[Subscriber, ...]] | None = None
         self._compiled_topk: tuple[QuerySet, tuple[Subscriber, ...]] | None = None
+        self._positions: dict[Subscriber, int] | None = None
 
     @property
     def name(self) -> str:
@@ -190,9 +202,17 @@ class _Room:
             self._compiled = (compile_queries(queries, self.collection.metric, self.collection.dim), subs)
         return self._compiled
 
+    def topk_positions(self) -> dict[Subscriber, int]:
+        """Each top-k subscriber's row in `compiled_topk`."""
+        if self._positions is None or self._compiled_topk is None:
+            _, subs = self.compiled_topk()
+            self._positions = {sub: i for i, sub in enumerate(subs)}
+        return self._positions
+
     def compiled_topk(self) -> tuple[QuerySet, tuple[Subscriber, ...]]:
         """The top-k queries as matrices (thresholds -inf where none); rebuilt after a change."""
         if self._compiled_topk is None:
+            self._positions = None
             subs = tuple(self.topks.values())
             queries = [s.topk.query.standing() for s in subs if s.topk is not None]
             self._compiled_topk = (compile_queries(queries, self.collection.metric, self.collection.dim), subs)
@@ -583,7 +603,9 @@ class Subscriptions:
             final[change.id] = change.new
         changed_ids = frozenset(final)
         alive = [d for d in final.values() if d is not None]
-        position = {subs[i]: j for j, i in enumerate(ready)}
+        # The common case: every list moves with this batch, and the rows are the positions.
+        every = len(ready) == len(subs)
+        position = room.topk_positions() if every else {subs[i]: j for j, i in enumerate(ready)}
         touched: set[int] = set()
         for doc_id in changed_ids:
             for holder in room.members.get(doc_id, ()):

@@ -66,21 +66,32 @@ class TopkQuery:
 class TopkList:
     """One subscription's current list (best first), exact as of `as_of` (None: not made yet)."""
 
-    __slots__ = ("as_of", "hits", "include", "query")
+    __slots__ = ("_hits", "_kth", "as_of", "include", "query")
 
     def __init__(self, query: TopkQuery, include: frozenset[Include]) -> None:
         self.query = query
         self.include = include
-        self.hits: list[Hit] = []
+        self._hits: list[Hit] = []
+        self._kth = -math.inf
         self.as_of: int | None = None
 
     @property
+    def hits(self) -> list[Hit]:
+        return self._hits
+
+    @hits.setter
+    def hits(self, hits: list[Hit]) -> None:
+        self._hits = hits
+        # Kept with the list: every batch reads the k-th score of every list of the collection.
+        self._kth = hits[-1].score if len(hits) >= self.query.k else -math.inf
+
+    @property
     def full(self) -> bool:
-        return len(self.hits) >= self.query.k
+        return len(self._hits) >= self.query.k
 
     def kth(self) -> float:
         """The score a document must beat to enter (-inf while fewer than k match)."""
-        return self.hits[-1].score if self.full else -math.inf
+        return self._kth
 
     def ids(self) -> tuple[DocId, ...]:
         return tuple(h.id for h in self.hits)
@@ -118,7 +129,7 @@ def step(
     the batch leaves alive for the ids it upserted, `changed_ids` every id it changed, `touched`
     the lists holding one of them. Pure; see the module docstring."""
     n = len(lists)
-    kth = np.array([lst.kth() for lst in lists], dtype=np.float64)
+    kth = np.fromiter((lst._kth for lst in lists), dtype=np.float64, count=n)
     if final and n:
         batch = doc_batch([d.vector for d in final], [d.text for d in final], [d.metadata for d in final])
         scores, allowed = score_matrix(queries, batch)
