@@ -27,6 +27,9 @@ class LiveChange:
     id: DocId
     new: StoredDoc | None
     old: StoredDoc | None
+    # False when the replaced version was compacted out of the log: `old` is then None, and
+    # whether the document matched before is unknown.
+    old_known: bool = True
 
 
 class VersionReader(Protocol):
@@ -41,20 +44,28 @@ def as_doc(change: Change) -> StoredDoc | None:
 
 
 def pair_up(
-    changes: Sequence[tuple[int, DocId, StoredDoc | None]], before: dict[DocId, StoredDoc | None]
+    changes: Sequence[tuple[int, DocId, StoredDoc | None]],
+    before: dict[DocId, StoredDoc | None],
+    unknown: frozenset[DocId] = frozenset(),
 ) -> list[LiveChange]:
-    """(seq, id, new) in seq order as LiveChanges, given each id's version before the first."""
+    """(seq, id, new) in seq order as LiveChanges, given each id's version before the first
+    (`unknown`: ids whose version before the first is not known)."""
     current = dict(before)
+    seen: set[DocId] = set()
     out: list[LiveChange] = []
     for seq, doc_id, new in changes:
-        out.append(LiveChange(seq, doc_id, new, current.get(doc_id)))
+        known = doc_id in seen or doc_id not in unknown
+        out.append(LiveChange(seq, doc_id, new, current.get(doc_id), known))
         current[doc_id] = new
+        seen.add(doc_id)
     return out
 
 
 async def with_previous(reader: VersionReader, name: str, changes: Sequence[Change], after: int) -> list[LiveChange]:
-    """A log page (seqs > `after`, in order) as LiveChanges. Raises Gone when the version some id
-    had at `after` was compacted away, NotFound and Unavailable."""
+    """A log page (seqs > `after`, in order) as LiveChanges. An id with no logged change at or
+    below `after` above a raised log floor may have last changed before the floor: its first
+    change here has `old_known` False (the caller decides whether that matters). Raises Gone
+    when the page itself starts before the floor, NotFound and Unavailable."""
     if not changes:
         return []
     ids = list(dict.fromkeys(c.doc_id for c in changes))
@@ -64,12 +75,18 @@ async def with_previous(reader: VersionReader, name: str, changes: Sequence[Chan
             f"collection {name!r}: the changes after seq {after} were compacted (the log starts after seq {floor})"
         )
     before: dict[DocId, StoredDoc | None] = {}
+    unknown: set[DocId] = set()
     for doc_id in ids:
         last = found.get(doc_id)
         if last is None and floor > 0:
-            raise Gone(
-                f"collection {name!r}: the version of {doc_id!r} before seq {after + 1} was compacted away; "
-                "subscribe again without after_seq / Last-Event-ID and reload what you need"
-            )
+            unknown.add(DocId(doc_id))
         before[DocId(doc_id)] = None if last is None else as_doc(last)
-    return pair_up([(int(c.seq), c.doc_id, as_doc(c)) for c in changes], before)
+    return pair_up([(int(c.seq), c.doc_id, as_doc(c)) for c in changes], before, frozenset(unknown))
+
+
+def compacted_history(name: str, change: LiveChange) -> Gone:
+    """The error of a replay whose leave at `change` depends on a compacted version."""
+    return Gone(
+        f"collection {name!r}: whether {change.id!r} matched before seq {change.seq} is in the compacted "
+        "part of the log; subscribe again without after_seq / Last-Event-ID and reload what you need"
+    )

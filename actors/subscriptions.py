@@ -47,7 +47,7 @@ from anyio.abc import TaskStatus
 
 from actors import topk as topk_lists
 from actors.catalog import Collection
-from actors.history import LiveChange, as_doc, pair_up, with_previous
+from actors.history import LiveChange, as_doc, compacted_history, pair_up, with_previous
 from actors.ingest import Applied
 from actors.matching import Matches, QuerySet, StandingQuery, compile_queries, doc_batch, match
 from actors.persistence import Persistence
@@ -418,7 +418,10 @@ class Subscriptions:
         if not live:
             return []
         queries = compile_queries([sub.query], sub.metric, int(np.asarray(sub.query.vector).shape[0]))
-        return [event for _, event in await self._threshold_events(queries, live)]
+        found, unknowable = await self._threshold_events(queries, live)
+        if unknowable:
+            raise compacted_history(sub.collection, live[unknowable[0][1]])
+        return [event for _, event in found]
 
     async def _first_list(self, sub: Subscriber) -> TopkEvent:
         """Make a top-k subscriber's first list with the applier held still, so the list is the
@@ -536,7 +539,9 @@ class Subscriptions:
                     feed.offer(change_event)
         if room.subs:
             queries, subs = room.compiled()
-            found = await self._threshold_events(queries, live)
+            found, unknowable = await self._threshold_events(queries, live)
+            for q in {q for q, _ in unknowable}:  # a leave may be missing: told as one gap
+                subs[q].lag(1)
             self._stats["batches"] += 1
             self._stats["pairs_scored"] += len(queries) * len(live)
             for q, event in found:
@@ -544,8 +549,12 @@ class Subscriptions:
         if room.topks:
             await self._step_lists(room, live)
 
-    async def _threshold_events(self, queries: QuerySet, live: Sequence[LiveChange]) -> list[tuple[int, Event]]:
-        """(query index, event) of every match and leave of `live`, ordered by query and then seq.
+    async def _threshold_events(
+        self, queries: QuerySet, live: Sequence[LiveChange]
+    ) -> tuple[list[tuple[int, Event]], list[tuple[int, int]]]:
+        """(query index, event) of every match and leave of `live`, ordered by query and then seq;
+        and the (query index, change index) pairs whose leave cannot be known (the replaced
+        version was compacted away and the new one does not match).
 
         A match: the new version passes the query. A leave: the old version passed and the new
         one does not (or the change is a delete). Both sides are matched in one vectorised step."""
@@ -580,7 +589,12 @@ class Subscriptions:
         self._stats["leaves"] += int(lq.shape[0])
         if lq.shape[0]:
             pairs.sort(key=lambda p: (p[0], p[1]))
-        return [(q, event) for q, _, event in pairs]
+        unknowable: list[tuple[int, int]] = []
+        blind = [i for i, c in enumerate(live) if not c.old_known]
+        if blind:
+            matched = set(zip(mq.tolist(), md.tolist(), strict=True))
+            unknowable = [(q, i) for i in blind for q in range(len(queries)) if (q, i) not in matched]
+        return [(q, event) for q, _, event in pairs], unknowable
 
     async def _step_lists(self, room: _Room, live: Sequence[LiveChange]) -> None:
         """Move every top-k list of the room past one batch (see `actors.topk`)."""
