@@ -24,12 +24,14 @@ between (subscriptions rely on that; see `actors/subscriptions.py`).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
+from models.errors import ShoalError
 from models.records import Change, DocId, StoredDoc
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ class Applied:
     collection: str
     upserted: tuple[StoredDoc, ...]
     deleted: tuple[tuple[DocId, int], ...]  # (id, seq)
+    # The version each change replaced, aligned with `upserted` (or `deleted`): None where the id
+    # did not exist. Read from the shards before the run was applied, when some listener wants
+    # it (`Applier.wants_previous`); None (the field) when not read.
+    previous: tuple[StoredDoc | None, ...] | None = None
 
 
 Publisher = Callable[[Applied], Awaitable[None]]
@@ -123,6 +129,9 @@ class Applier:
         self._page = max(1, page)
         self._lock = anyio.Lock()
         self._advanced = anyio.Event()
+        # Asked before each run: whether a listener needs the versions the run replaces (read
+        # from the shards, so it costs one `get` per run). None: never.
+        self.wants_previous: Callable[[str], bool] | None = None
         self.from_log = 0  # changes applied from the log rather than from the local committer
 
     @property
@@ -166,6 +175,14 @@ class Applier:
             return
         async with self._lock:
             await self._fill(until)
+
+    @asynccontextmanager
+    async def consistent(self) -> AsyncIterator[int]:
+        """Hold the applier still: inside, the shards are exactly at the yielded applied seq and
+        no change is applied until the block ends (a read there sees the state as of that seq).
+        Keep the block short: writes wait for it."""
+        async with self._lock:
+            yield self.applied_seq
 
     async def wait_applied(self, seq: int, timeout: float) -> bool:
         """True once the applied seq is >= `seq`; False if `timeout` seconds pass first."""
@@ -211,17 +228,48 @@ class Applier:
             self.from_log += len(changes)
 
     async def _apply_run(self, run: _Run) -> None:
+        wants = self.wants_previous
+        previous: tuple[StoredDoc | None, ...] | None = None
+        if self._publish is not None and wants is not None and wants(self._collection.name):
+            try:
+                previous = self._previous(run)
+            except ShoalError as exc:  # a shard is busy: the listeners read the log instead
+                log.debug("versions before seq %d not read from the shards: %s", _first(run), exc)
         if isinstance(run, _Upserts):
             await self._upsert_shards(run.docs)
             self._set(_last(run))
-            applied = Applied(self._collection.name, run.docs, ())
+            applied = Applied(self._collection.name, run.docs, (), previous)
         else:
             await self._delete_shards([doc_id for doc_id, _ in run.pairs])
             self._set(_last(run))
-            applied = Applied(self._collection.name, (), run.pairs)
+            applied = Applied(self._collection.name, (), run.pairs, previous)
         if self._publish is not None:
             # No await before this call since `_set`: listeners read last_seq in step with it.
             await self._publish(applied)
+
+    def _previous(self, run: _Run) -> tuple[StoredDoc | None, ...]:
+        """The version each change of `run` replaces (lock held, before the run is applied): the
+        shards' current one, or the run's own earlier change of the same id."""
+        ids = [d.id for d in run.docs] if isinstance(run, _Upserts) else [i for i, _ in run.pairs]
+        collection = self._collection
+        by_shard: dict[int, list[DocId]] = {}
+        for doc_id in dict.fromkeys(ids):
+            by_shard.setdefault(collection.shard_index(doc_id), []).append(doc_id)
+        current: dict[DocId, StoredDoc | None] = {}
+        for index, part in by_shard.items():
+            # No message: the shards are between this applier's writes (the lock is held).
+            for doc in collection.shards[index].peek(part):
+                current[doc.id] = doc
+        out: list[StoredDoc | None] = []
+        if isinstance(run, _Upserts):
+            for doc in run.docs:
+                out.append(current.get(doc.id))
+                current[doc.id] = doc
+        else:
+            for doc_id, _ in run.pairs:
+                out.append(current.get(doc_id))
+                current[doc_id] = None
+        return tuple(out)
 
     def _set(self, seq: int) -> None:
         self._collection.last_seq = seq

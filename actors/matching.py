@@ -236,3 +236,44 @@ def _match_l1(queries: QuerySet, vectors: F32, allowed: NDArray[np.bool_] | None
     qi, di = np.nonzero(hits)
     chosen = scores[qi, di].astype(np.float32)
     return Matches(qi, di, chosen, distance_of(chosen, queries.metric))
+
+
+def score_matrix(queries: QuerySet, docs: DocBatch) -> tuple[F32, NDArray[np.bool_]]:
+    """(scores, allowed), both (S, B): every query's score of every document, and whether the
+    document passes the query's filters and reaches its threshold. The one matrix product of a
+    top-k step; under l2 the scores come from the expansion (see `exact_pair_scores`)."""
+    s, b = len(queries), len(docs)
+    if s == 0 or b == 0:
+        return np.zeros((s, b), np.float32), np.zeros((s, b), np.bool_)
+    dots: F32 = queries.vectors @ docs.vectors.T
+    norms = row_norms(docs.vectors)
+    if queries.metric is Metric.COSINE:
+        scores: F32 = (dots / np.maximum(norms, _TINY)[None, :]).astype(np.float32, copy=False)
+        np.clip(scores, -1.0, 1.0, out=scores)
+    elif queries.metric is Metric.IP:
+        scores = dots
+    else:
+        sq = np.maximum(queries.sq_norms[:, None] + (norms * norms)[None, :] - 2.0 * dots, 0.0)
+        scores = (-np.sqrt(sq)).astype(np.float32, copy=False)
+    allowed: NDArray[np.bool_] = scores.astype(np.float64) >= queries.thresholds[:, None]
+    masks = filter_masks(queries, docs)
+    if masks is not None:
+        allowed &= masks[queries.groups]
+    return scores, allowed
+
+
+def exact_pair_scores(queries: QuerySet, qi: Ints, vectors: F32, di: Ints) -> F32:
+    """Scores of the pairs (queries qi[j], vectors di[j]) computed directly: under l2 the
+    distance itself, not the expansion (what the query path reports for its hits)."""
+    if queries.metric is not Metric.L2:
+        q = queries.vectors[qi]
+        v = vectors[di]
+        dots: F32 = np.einsum("ij,ij->i", q, v, dtype=np.float32)
+        if queries.metric is Metric.COSINE:
+            cos: F32 = (dots / np.maximum(row_norms(v), _TINY)).astype(np.float32)
+            np.clip(cos, -1.0, 1.0, out=cos)
+            return cos
+        return dots
+    diff = queries.vectors[qi] - vectors[di]
+    dist: F32 = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float32)).astype(np.float32)
+    return (-dist).astype(np.float32)

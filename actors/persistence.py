@@ -463,6 +463,29 @@ class Persistence:
             raise _gone(name, after_seq, int(floor))
         return [row_to_change(r) for r in rows]
 
+    async def versions_at(self, name: str, ids: Sequence[str], seq: int) -> tuple[dict[str, Change], int]:
+        """(the last logged change of each of `ids` with seq <= `seq`, the log floor): what each
+        id was as of `seq` (an id left out has no change in the log at or below `seq` above the
+        floor). Read in one snapshot, so the floor tells whether rows were compacted away.
+        Raises NotFound, Unavailable."""
+        async with self._connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            row = await conn.fetchrow(_LOOKUP, name)
+            if row is None:
+                raise NotFound(f"no collection {name!r}")
+            try:
+                rows = await conn.fetch(
+                    f"SELECT DISTINCT ON (doc_id) seq, op, doc_id, text, vector, metadata "
+                    f"FROM {Tables(row['id']).log} WHERE doc_id = ANY($1::text[]) AND seq <= $2 "
+                    "ORDER BY doc_id, seq DESC",
+                    list(ids),
+                    seq,
+                )
+            except asyncpg.exceptions.UndefinedTableError as exc:  # dropped meanwhile
+                raise NotFound(f"no collection {name!r}") from exc
+            floor = await conn.fetchval(_FLOOR, row["id"])
+        changes = (row_to_change(r) for r in rows)
+        return {c.doc_id: c for c in changes}, int(floor or 0)
+
     async def log_floor(self, name: str) -> int:
         """The highest seq compacted away from the collection's log (0: none); a resume must start
         at or after it. Raises NotFound."""

@@ -411,6 +411,14 @@ class Shard:
         finally:
             self.writes_done += 1
 
+    def peek(self, ids: Sequence[DocId]) -> list[StoredDoc]:
+        """`get` on the caller's thread, with no message: for the collection's applier, between
+        its own writes (the only writes), so no write is in progress. Raises Unavailable if one
+        is (then ask with `get`)."""
+        if self.writes_sent != self.writes_done:
+            raise Unavailable("a write to this shard is in progress")
+        return self._state.get(ids)
+
     def version(self) -> tuple[int, int, int] | None:
         """(shard number, writes sent, writes done) while no write is in flight, else None: two
         equal versions bracket a read that saw one state of this shard."""

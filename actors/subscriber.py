@@ -21,13 +21,14 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Literal
 
 from actors.matching import StandingQuery
+from actors.topk import TopkList
 from models.errors import Forbidden, Internal, NotFound, Overloaded, ShoalError, Unavailable
-from models.records import DocId, Include, Metric, StoredDoc
+from models.records import DocId, Hit, Include, Metric, StoredDoc
 
 if TYPE_CHECKING:
     from actors.catalog import Collection
 
-Kind = Literal["match", "changes"]
+Kind = Literal["match", "changes", "topk"]
 
 
 # --- why a subscription ended ----------------------------------------------------------------
@@ -96,6 +97,23 @@ class MatchEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaveEvent:
+    """A document that matched before change `seq` no longer does after it (deleted, or
+    re-upserted out of the score or the filters)."""
+
+    seq: int
+    id: DocId
+
+
+@dataclass(frozen=True, slots=True)
+class TopkEvent:
+    """A top-k subscription's whole list, best first, as a query would answer it at `seq`."""
+
+    seq: int
+    hits: tuple[Hit, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ChangeEvent:
     """Consecutive changes of one kind: `ids[i]` took seq `first_seq + i`."""
 
@@ -115,8 +133,8 @@ class Lagged:
     dropped: int
 
 
-Event = MatchEvent | ChangeEvent
-Item = MatchEvent | ChangeEvent | Lagged
+Event = MatchEvent | LeaveEvent | ChangeEvent | TopkEvent
+Item = MatchEvent | LeaveEvent | ChangeEvent | TopkEvent | Lagged
 
 
 # --- one subscriber ----------------------------------------------------------------------------
@@ -153,6 +171,7 @@ class Subscriber:
         "reason",
         "replay_after",
         "replay_until",
+        "topk",
         "waker",
     )
 
@@ -165,12 +184,15 @@ class Subscriber:
         include: frozenset[Include],
         capacity: int,
         close_on_overflow: bool,
+        topk: TopkList | None = None,
     ) -> None:
         self.id = sub_id
         self.collection = collection.name
         self.metric: Metric = collection.metric
         self.kind = kind
         self.query = query
+        # A top-k subscription's list (kind "topk"); its first list is the consumer's "replay".
+        self.topk = topk
         self.include = include
         self.capacity = max(1, capacity)
         self.close_on_overflow = close_on_overflow
@@ -197,6 +219,10 @@ class Subscriber:
 
     @property
     def replaying(self) -> bool:
+        """True until the consumer has sent what precedes the live events: the log replay of a
+        resume, or a top-k subscription's first list."""
+        if self.topk is not None:
+            return self.topk.as_of is None and not self._live
         return self.replay_after is not None and self.replay_after < self.replay_until
 
     @property
@@ -210,13 +236,25 @@ class Subscriber:
 
     # -- the actor's side (synchronous, on the event loop) ----------------------------------
 
+    def excludes(self, event: Event) -> bool:
+        """True for a match or leave of the document a query by example was made from."""
+        exclude = None if self.query is None else self.query.exclude
+        if exclude is None:
+            return False
+        if isinstance(event, MatchEvent):
+            return event.upserted.doc.id == exclude
+        return isinstance(event, LeaveEvent) and event.id == exclude
+
     def offer(self, event: Event) -> None:
         """Queue a live event; never waits. Events at or before `live_from` were replayed (or
         precede the subscription) and are skipped."""
+        if isinstance(event, TopkEvent):
+            self._offer_list(event)
+            return
         if self.closed or event.seq <= self.live_from:
             return
-        if isinstance(event, MatchEvent) and self.query is not None and event.upserted.doc.id == self.query.exclude:
-            return  # a query by example never matches the document it was made from
+        if self.excludes(event):
+            return  # a query by example never matches (nor leaves) the document it was made from
         if isinstance(event, ChangeEvent) and event.first_seq <= self.live_from:
             skip = self.live_from - event.first_seq + 1
             event = ChangeEvent(event.op, self.live_from + 1, event.ids[skip:])
@@ -232,6 +270,23 @@ class Subscriber:
         if self._gap:
             self._events.append(Lagged(self._gap))
             self._gap = 0
+        self._events.append(event)
+        self._notify()
+
+    def _offer_list(self, event: TopkEvent) -> None:
+        """Lists coalesce: only the newest matters. One still unread is replaced, and the reader
+        is told `lagged` (with the lists it missed) before the newest."""
+        if self.closed:
+            return
+        if self._events:
+            missed = sum(1 for e in self._events if isinstance(e, TopkEvent))
+            missed += sum(e.dropped for e in self._events if isinstance(e, Lagged))
+            self._events.clear()
+            if self._live:  # before the first list went out, nobody was slow
+                self.dropped_total += 1
+                if self.counters is not None:
+                    self.counters["dropped"] += 1
+                self._events.append(Lagged(missed))
         self._events.append(event)
         self._notify()
 

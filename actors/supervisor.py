@@ -48,8 +48,9 @@ from actors.results_cache import EmbeddingCache, ResultsCache
 from actors.snapshotter import Snapshotter
 from actors.sources.actor import build_source
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
-from actors.subscriber import Event, MatchEvent, Subscriber
+from actors.subscriber import Event, Subscriber
 from actors.subscriptions import SubscriptionConfig, Subscriptions, SubscriptionStats
+from actors.topk import TopkQuery
 from models import requests as rq
 from models.config import EngineConfig, Limits
 from models.errors import BadRequest, DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable, echo
@@ -425,8 +426,13 @@ class Engine:
             vector = await self.query_vector(collection, req.vector, req.text)
         if self.catalog.get(req.collection) is not collection:  # dropped while embedding
             raise NotFound(f"no collection named {req.collection!r}")
-        query = StandingQuery(vector, req.threshold, req.where, req.where_text, exclude=req.like)
-        await self.persistence.check_resumable(req.collection, req.after_seq)
+        query: StandingQuery | TopkQuery
+        if req.k is not None:  # a top-k list starts from the current state, whatever after_seq says
+            query = TopkQuery(vector, req.k, req.threshold, req.where, req.where_text)
+        else:
+            assert req.threshold is not None, "a threshold subscription has a threshold"
+            query = StandingQuery(vector, req.threshold, req.where, req.where_text, exclude=req.like)
+            await self.persistence.check_resumable(req.collection, req.after_seq)
         return self.subscriptions.register(
             collection,
             query,
@@ -454,11 +460,7 @@ class Engine:
     async def replay_page(self, sub: Subscriber) -> list[Event]:
         """The next page of `sub`'s replay from the durable log (see `Subscriptions.replay_page`).
         Raises NotFound if the collection is gone, Unavailable if the database is unreachable."""
-        events = await self.subscriptions.replay_page(sub)
-        exclude = None if sub.query is None else sub.query.exclude
-        if exclude is None:
-            return events
-        return [e for e in events if not (isinstance(e, MatchEvent) and e.upserted.doc.id == exclude)]
+        return [e for e in await self.subscriptions.replay_page(sub) if not sub.excludes(e)]
 
     def recall_stats(self, name: str) -> RecallStats:
         """Collection `name`'s recall estimate for its index (see actors/recall_sampler.py)."""

@@ -18,6 +18,20 @@ Phase B — SSE fan-out: `--sse-clients` (default 10,000) concurrent `GET .../su
   connection = (server RSS with the streams open - RSS before) / streams, from /proc/<pid>/status
   (needs the server's pid: a local server, or `--server-pid` with `--url`).
 
+Phase C — live top-k lists: `--topk-subs` top-`--topk-k` subscriptions (default 1,000 top-10,
+  over `--sub-conns` connections) on a collection of `--topk-base` random documents, while a
+  writer upserts `--rate` documents per second near one list's query each (so each enters that
+  list), and one batch in ten deletes a current member of some list (a refill through the
+  planner). Latency: a batch's ack -> the `topk` push carrying its seq. A sample of the pushes
+  (`--topk-check`) is checked against an exact numpy top-k over the written state at its seq:
+  a list is exact unless a refill was answered by the HNSW index (over `SHOAL_EXACT_MAX_ROWS`
+  documents), which the recall figure then shows. Target: p99 <= 50 ms.
+
+Phase D — leave events: `--leave-subs` threshold subscriptions; the writer upserts documents near
+  one query each, and about a second later deletes or re-upserts (far away) each of them. Latency:
+  the ack of the delete / re-upsert batch -> the `leave` push of that seq; expected leaves (which
+  subscription each removed document matched) are computed with numpy. Target: p99 <= 50 ms.
+
 Without `--url` the script starts its own `shoal serve` (embedded PostgreSQL in a temp dir) and
 raises its own and the server's open-file limit first. Bounded: every phase has a deadline, and
 the whole run stops after `--max-seconds`. Prints a summary table; `--json PATH` writes it all.
@@ -47,7 +61,7 @@ from numpy.typing import NDArray
 
 from load.server import local_server
 from shoal_client import ShoalClient
-from shoal_client.types import MatchEvent
+from shoal_client.types import LeaveEvent, MatchEvent, TopkEvent
 
 T = TypeVar("T")
 
@@ -231,6 +245,295 @@ async def phase_a(url: str, args: argparse.Namespace) -> PhaseA:
             if times is not None and times[0] >= warm and (i, seq) in expected:
                 result.latencies.append(max(0.0, t - times[1]))
                 result.from_send.append(t - times[0])
+        await conns[0].drop_collection(name)
+    finally:
+        for c in conns:
+            await c.close()
+    return result
+
+
+# --- phase C: live top-k lists ---------------------------------------------------------------------
+
+
+@dataclass
+class PhaseC:
+    subs: int
+    k: int
+    rate: float
+    seconds: float
+    docs_written: int = 0
+    pushes: int = 0
+    unmapped: int = 0  # pushes whose seq is no batch's last seq
+    checked: int = 0
+    wrong: int = 0
+    lagged: int = 0
+    deletes: int = 0
+    recall: float | None = None  # of the checked lists against exact search
+    latencies: list[float] = field(default_factory=list)
+    ack_latencies: list[float] = field(default_factory=list)
+    achieved_rate: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        lat, ack = self.latencies, self.ack_latencies
+        return {
+            "subscriptions": self.subs,
+            "k": self.k,
+            "recall_vs_exact": None if self.recall is None else round(self.recall, 4),
+            "target_rate_docs_s": self.rate,
+            "achieved_rate_docs_s": round(self.achieved_rate, 1),
+            "seconds": self.seconds,
+            "docs_written": self.docs_written,
+            "member_deletes": self.deletes,
+            "topk_pushes": self.pushes,
+            "pushes_not_at_a_batch_end": self.unmapped,
+            "pushes_checked_exact": self.checked,
+            "pushes_wrong": self.wrong,
+            "lagged_events": self.lagged,
+            "ack_to_topk_ms": {k: _ms(pct(lat, q)) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))}
+            | {"max": _ms(max(lat) if lat else None)},
+            "write_ack_ms": {"p50": _ms(pct(ack, 50)), "p99": _ms(pct(ack, 99))},
+        }
+
+
+async def phase_c(url: str, args: argparse.Namespace) -> PhaseC:
+    result = PhaseC(args.topk_subs, args.topk_k, args.rate, args.seconds)
+    rng = np.random.default_rng(3)
+    name = f"topk_{uuid.uuid4().hex[:8]}"
+    queries = unit_rows(rng.normal(size=(args.topk_subs, DIM)).astype(np.float32))
+    ws = url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/ws"
+    conns = [await ShoalClient.open(ws) for _ in range(args.sub_conns)]
+    # Every acked change batch: (its last seq, upserted {id: vector} or deleted ids); the state at
+    # any seq is rebuilt from these in seq order afterwards (writes overlap, as in phase A).
+    ops: list[tuple[int, dict[str, NDArray[np.float32]] | list[str]]] = []
+    acked: dict[int, float] = {}  # batch-end seq -> ack time
+    latest: dict[int, list[str]] = {}
+    received: list[tuple[int, int, list[str], list[float], float]] = []
+    try:
+        await conns[0].create_collection(name, dim=DIM)
+        base = unit_rows(rng.normal(size=(args.topk_base, DIM)).astype(np.float32))
+        for start in range(0, args.topk_base, 1000):
+            chunk = {f"base{i}": base[i] for i in range(start, min(start + 1000, args.topk_base))}
+            seq = (await conns[0].upsert(name, [{"id": k, "vector": v} for k, v in chunk.items()])).seq
+            ops.append((seq, chunk))
+        subs = [
+            await conns[i % len(conns)].subscribe(name, vector=queries[i], k=args.topk_k, include=[])
+            for i in range(args.topk_subs)
+        ]
+
+        async def listen(i: int) -> None:
+            async for event in subs[i]:
+                if isinstance(event, TopkEvent):
+                    ids = [h.id for h in event.hits]
+                    latest[i] = ids
+                    received.append((i, event.seq, ids, [h.score for h in event.hits], time.monotonic()))
+                else:
+                    result.lagged += 1
+
+        listeners = [asyncio.create_task(listen(i)) for i in range(args.topk_subs)]
+        await asyncio.sleep(2.0)  # the first lists
+        first_lists = len(received)
+        writer = conns[-1]
+        noise = 0.75 / np.sqrt(DIM)
+        in_flight = asyncio.Semaphore(16)
+
+        async def write(batch_no: int) -> None:
+            members = latest.get(int(rng.integers(0, args.topk_subs))) if batch_no % 10 == 9 else None
+            async with in_flight:
+                sent = time.monotonic()
+                if members:
+                    victim = members[int(rng.integers(0, len(members)))]
+                    deleted = await writer.delete(name, ids=[victim])
+                    now = time.monotonic()
+                    if deleted.deleted:  # (another batch may have deleted it first)
+                        ops.append((deleted.seq, [victim]))
+                        acked[deleted.seq] = now
+                        result.deletes += 1
+                else:
+                    origins = rng.integers(0, args.topk_subs, size=args.batch)
+                    noisy = queries[origins] + rng.normal(scale=noise, size=(args.batch, DIM)).astype(np.float32)
+                    vectors = unit_rows(noisy)
+                    docs = {f"b{batch_no}_{j}": vectors[j] for j in range(args.batch)}
+                    seq = (await writer.upsert(name, [{"id": k, "vector": v} for k, v in docs.items()])).seq
+                    now = time.monotonic()
+                    ops.append((seq, docs))
+                    acked[seq] = now
+                    result.docs_written += args.batch
+            result.ack_latencies.append(now - sent)
+
+        interval = args.batch / args.rate
+        started = time.monotonic()
+        tasks = []
+        batch_no = 0
+        while time.monotonic() - started < args.seconds:
+            tasks.append(asyncio.create_task(write(batch_no)))
+            batch_no += 1
+            await asyncio.sleep(max(0.0, started + batch_no * interval - time.monotonic()))
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        result.achieved_rate = result.docs_written / (time.monotonic() - started)
+        await asyncio.sleep(2.0)
+        for task in listeners:
+            task.cancel()
+        live = received[first_lists:]
+        result.pushes = len(live)
+        warm = started + 1.0
+        for _, seq, _, _, t in live:
+            ack_at = acked.get(seq)
+            if ack_at is None:
+                result.unmapped += 1
+            elif ack_at >= warm:
+                result.latencies.append(max(0.0, t - ack_at))
+        # Check a sample of the pushes against exact search over the state at their seq.
+        sample = [live[int(j)] for j in rng.choice(len(live), size=min(args.topk_check, len(live)), replace=False)]
+        wanted = {seq for _, seq, _, _, _ in sample}
+        states: dict[int, dict[str, NDArray[np.float32]]] = {}
+        state: dict[str, NDArray[np.float32]] = {}
+        for seq, change in sorted(ops, key=lambda op: op[0]):
+            if isinstance(change, dict):
+                state.update(change)
+            else:
+                for doc_id in change:
+                    state.pop(doc_id, None)
+            if seq in wanted:
+                states[seq] = dict(state)
+        recalls = []
+        for i, seq, ids, scores, _ in sample:
+            snapshot = states.get(seq)
+            if snapshot is None:
+                continue
+            result.checked += 1
+            keys = list(snapshot)
+            exact = np.stack([snapshot[key] for key in keys]) @ queries[i]
+            order = np.argsort(-exact, kind="stable")[: args.topk_k]
+            want = [keys[j] for j in order]
+            recalls.append(len(set(ids) & set(want)) / max(1, len(want)))
+            if len(want) != len(scores) or not np.allclose([float(exact[j]) for j in order], scores, atol=1e-4):
+                result.wrong += 1
+        result.recall = float(np.mean(recalls)) if recalls else None
+        await conns[0].drop_collection(name)
+    finally:
+        for c in conns:
+            await c.close()
+    return result
+
+
+# --- phase D: leave events -------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseD:
+    subs: int
+    rate: float
+    seconds: float
+    docs_written: int = 0
+    removed: int = 0
+    expected: int = 0
+    delivered: int = 0
+    missing: int = 0
+    unexpected: int = 0
+    lagged: int = 0
+    latencies: list[float] = field(default_factory=list)
+    ack_latencies: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat, ack = self.latencies, self.ack_latencies
+        return {
+            "subscriptions": self.subs,
+            "target_rate_docs_s": self.rate,
+            "seconds": self.seconds,
+            "docs_written": self.docs_written,
+            "docs_removed": self.removed,
+            "expected_leaves": self.expected,
+            "delivered_leaves": self.delivered,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "lagged_events": self.lagged,
+            "ack_to_leave_ms": {k: _ms(pct(lat, q)) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))}
+            | {"max": _ms(max(lat) if lat else None)},
+            "write_ack_ms": {"p50": _ms(pct(ack, 50)), "p99": _ms(pct(ack, 99))},
+        }
+
+
+async def phase_d(url: str, args: argparse.Namespace) -> PhaseD:
+    result = PhaseD(args.leave_subs, args.rate, args.seconds)
+    rng = np.random.default_rng(4)
+    name = f"leave_{uuid.uuid4().hex[:8]}"
+    queries = unit_rows(rng.normal(size=(args.leave_subs, DIM)).astype(np.float32))
+    ws = url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/ws"
+    conns = [await ShoalClient.open(ws) for _ in range(args.sub_conns)]
+    leaves: list[tuple[int, int, str, float]] = []  # (sub, seq, id, time)
+    try:
+        await conns[0].create_collection(name, dim=DIM)
+        subs = [
+            await conns[i % len(conns)].subscribe(name, vector=queries[i], threshold=THRESHOLD, include=[])
+            for i in range(args.leave_subs)
+        ]
+
+        async def listen(i: int) -> None:
+            async for event in subs[i]:
+                if isinstance(event, LeaveEvent):
+                    leaves.append((i, event.seq, event.id, time.monotonic()))
+                elif not isinstance(event, MatchEvent):
+                    result.lagged += 1
+
+        listeners = [asyncio.create_task(listen(i)) for i in range(args.leave_subs)]
+        writer = conns[-1]
+        noise = 0.75 / np.sqrt(DIM)
+        alive: list[tuple[str, NDArray[np.float32], float]] = []  # (id, vector, written at)
+        removed_at: dict[int, tuple[str, NDArray[np.float32], float]] = {}  # seq -> (id, old vector, ack)
+        interval = args.batch / args.rate
+        started = time.monotonic()
+        batch_no = 0
+        while time.monotonic() - started < args.seconds:
+            now = time.monotonic()
+            if alive and now - alive[0][2] >= 1.0 and batch_no % 2 == 1:  # a removal batch
+                due = alive[: args.batch]
+                del alive[: args.batch]
+                ids = [d[0] for d in due]
+                sent = time.monotonic()
+                if batch_no % 4 == 1:
+                    last = (await writer.delete(name, ids=ids)).seq
+                else:  # re-upserted far from every query: out of the threshold
+                    last = (await writer.upsert(name, [{"id": d[0], "vector": -d[1]} for d in due])).seq
+                first = last - len(ids) + 1
+                acked = time.monotonic()
+                for j, d in enumerate(due):
+                    removed_at[first + j] = (d[0], d[1], acked)
+                result.removed += len(due)
+            else:
+                origins = rng.integers(0, args.leave_subs, size=args.batch)
+                noisy = queries[origins] + rng.normal(scale=noise, size=(args.batch, DIM)).astype(np.float32)
+                vectors = unit_rows(noisy)
+                docs = [{"id": f"b{batch_no}_{j}", "vector": vectors[j]} for j in range(args.batch)]
+                sent = time.monotonic()
+                await writer.upsert(name, docs)
+                acked = time.monotonic()
+                alive.extend((d["id"], vectors[j], acked) for j, d in enumerate(docs))
+                result.docs_written += args.batch
+            result.ack_latencies.append(acked - sent)
+            batch_no += 1
+            await asyncio.sleep(max(0.0, started + batch_no * interval - time.monotonic()))
+        seqs = sorted(removed_at)
+        expected: set[tuple[int, int]] = set()
+        if seqs:
+            old = np.stack([removed_at[s][1] for s in seqs])
+            hit = (queries @ old.T) >= THRESHOLD
+            expected = {(int(i), seqs[j]) for i, j in zip(*np.nonzero(hit), strict=True)}
+        result.expected = len(expected)
+        deadline = time.monotonic() + 30
+        while len({(i, s) for i, s, _, _ in leaves} & expected) < len(expected) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
+        for task in listeners:
+            task.cancel()
+        got = {(i, s) for i, s, _, _ in leaves}
+        result.delivered = len(leaves)
+        result.missing = len(expected - got)
+        result.unexpected = len(got - expected)
+        warm = started + 2.0
+        for i, seq, _, t in leaves:
+            removal = removed_at.get(seq)
+            if removal is not None and removal[2] >= warm and (i, seq) in expected:
+                result.latencies.append(max(0.0, t - removal[2]))
         await conns[0].drop_collection(name)
     finally:
         for c in conns:
@@ -439,6 +742,14 @@ async def run(url: str, server_pid: int | None, args: argparse.Namespace) -> dic
         print(f"[fanout] phase A: {args.subs} subscriptions, {args.rate:g} docs/s for {args.seconds:g} s", flush=True)
         a = await asyncio.wait_for(phase_a(url, args), args.seconds + 300)
         out["phase_a"] = a.summary()
+    if args.topk_subs > 0:
+        print(f"[fanout] phase C: {args.topk_subs} top-{args.topk_k} subscriptions, {args.rate:g} docs/s", flush=True)
+        c = await asyncio.wait_for(phase_c(url, args), args.seconds + 300)
+        out["phase_c"] = c.summary()
+    if args.leave_subs > 0:
+        print(f"[fanout] phase D: {args.leave_subs} threshold subscriptions, leaves", flush=True)
+        d = await asyncio.wait_for(phase_d(url, args), args.seconds + 300)
+        out["phase_d"] = d.summary()
     if args.sse_clients > 0:
         print(f"[fanout] phase B: {args.sse_clients} SSE streams over {args.sse_procs} processes", flush=True)
         b = await asyncio.wait_for(phase_b(url, server_pid, args), 900)
@@ -463,6 +774,34 @@ def report(out: dict[str, Any]) -> None:
                 f"{a['send_to_delivered_ms']['p50']} / {a['send_to_delivered_ms']['p99']} ms",
             ),
             ("A: write ack p50 / p99", f"{a['write_ack_ms']['p50']} / {a['write_ack_ms']['p99']} ms"),
+        ]
+    if "phase_c" in out:
+        c = out["phase_c"]
+        lat = c["ack_to_topk_ms"]
+        rows += [
+            ("C: top-k subscriptions", f"{c['subscriptions']} x top-{c['k']}"),
+            ("C: ingest (target / achieved)", f"{c['target_rate_docs_s']:g} / {c['achieved_rate_docs_s']:g} docs/s"),
+            ("C: topk pushes / member deletes", f"{c['topk_pushes']} / {c['member_deletes']}"),
+            (
+                "C: pushes checked / not exact / recall",
+                f"{c['pushes_checked_exact']} / {c['pushes_wrong']} / {c['recall_vs_exact']}",
+            ),
+            ("C: pushes not at a batch end / lagged", f"{c['pushes_not_at_a_batch_end']} / {c['lagged_events']}"),
+            ("C: ack->topk p50 / p99", f"{lat['p50']} / {lat['p99']} ms (target p99 <= 50)"),
+            ("C: ack->topk p90 / max", f"{lat['p90']} / {lat['max']} ms"),
+            ("C: write ack p50 / p99", f"{c['write_ack_ms']['p50']} / {c['write_ack_ms']['p99']} ms"),
+        ]
+    if "phase_d" in out:
+        d = out["phase_d"]
+        lat = d["ack_to_leave_ms"]
+        rows += [
+            ("D: threshold subscriptions", str(d["subscriptions"])),
+            ("D: docs written / removed", f"{d['docs_written']} / {d['docs_removed']}"),
+            ("D: leaves expected / delivered", f"{d['expected_leaves']} / {d['delivered_leaves']}"),
+            ("D: missing / unexpected", f"{d['missing']} / {d['unexpected']}"),
+            ("D: ack->leave p50 / p99", f"{lat['p50']} / {lat['p99']} ms (target p99 <= 50)"),
+            ("D: ack->leave p90 / max", f"{lat['p90']} / {lat['max']} ms"),
+            ("D: write ack p50 / p99", f"{d['write_ack_ms']['p50']} / {d['write_ack_ms']['p99']} ms"),
         ]
     if "phase_b" in out:
         b = out["phase_b"]
@@ -492,6 +831,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=500.0, help="documents per second written in phase A")
     parser.add_argument("--batch", type=int, default=5, help="documents per upsert in phase A")
     parser.add_argument("--seconds", type=float, default=20.0, help="phase A duration")
+    parser.add_argument("--topk-subs", type=int, default=1000, help="phase C top-k subscriptions (0 skips)")
+    parser.add_argument("--topk-k", type=int, default=10, help="phase C: k of each list")
+    parser.add_argument("--topk-base", type=int, default=2000, help="phase C: documents before the lists start")
+    parser.add_argument("--topk-check", type=int, default=200, help="phase C: pushes checked against exact search")
+    parser.add_argument("--leave-subs", type=int, default=1000, help="phase D threshold subscriptions (0 skips)")
     parser.add_argument("--sse-clients", type=int, default=10_000, help="phase B streams (0 skips phase B)")
     parser.add_argument("--sse-procs", type=int, default=4, help="client processes holding the streams")
     parser.add_argument("--sse-docs", type=int, default=5, help="matching documents sent in phase B")

@@ -291,13 +291,15 @@ def op_args(limits: Limits) -> dict[str, Op]:
             },
         ),
         "subscribe": Op(
-            "a standing query: pushes every later match (WebSocket; SSE: GET .../subscribe)",
+            "a standing query: pushes every later match and leave, or with k a live top-k list "
+            "(WebSocket; SSE: GET .../subscribe)",
             {
                 "collection": collection,
                 "vector": vector,
                 "text": text,
                 "like": like,
-                "threshold": Arg({"type": "number"}, "minimum score of a match", required=True),
+                "threshold": Arg({"type": "number"}, "minimum score of a match (required unless k is given)"),
+                "k": Arg({"type": "integer", "minimum": 1, "maximum": 100}, "a live top-k list of this many hits"),
                 "where": where,
                 "where_text": where_text,
                 "include": include,
@@ -307,6 +309,7 @@ def op_args(limits: Limits) -> dict[str, Op]:
                 {"collection": "c", "text": "hello", "threshold": 0.5, "where": {"a": 1}, "include": ["text"]},
                 {"collection": "c", "vector": v4, "threshold": 0.1, "where_text": {"$contains": "x"}, "after_seq": 3},
                 {"collection": "c", "like": "doc-1", "threshold": 0.8},
+                {"collection": "c", "text": "hello", "k": 10, "where": {"a": 1}},
             ],
             {"type": "object", "properties": {"sub": {"type": "string"}}},
         ),
@@ -360,6 +363,7 @@ _SSE_PARAMS = [
     ("vector", "comma-separated floats"),
     ("like", "a stored document's id (query by example)"),
     ("threshold", "minimum score"),
+    ("k", "a live top-k list of this many hits (1..100)"),
     ("where", "filter as JSON"),
     ("where_text", "text filter as JSON"),
     ("include", "comma-separated fields"),

@@ -31,6 +31,8 @@ from models.strings import check_string
 
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_K = 10
+# A top-k subscription keeps at most this many hits live (PROTOCOL.md: k 1..100).
+MAX_SUBSCRIBE_K = 100
 # Documents in one page of `get` without ids (the most is `Limits.max_ids`).
 DEFAULT_GET_LIMIT = 100
 DEFAULT_RRF_K = 60
@@ -138,7 +140,7 @@ class Subscribe:
     collection: str
     vector: Vector | None
     text: str | None
-    threshold: float
+    threshold: float | None  # None only with `k` (a top-k subscription without a minimum score)
     where: Filter | None
     where_text: TextFilter | None
     include: frozenset[Include]
@@ -146,6 +148,7 @@ class Subscribe:
     # Query by example: the stored document whose vector, read at subscribe time, is the
     # standing query; that document itself never matches.
     like: DocId | None = None
+    k: int | None = None  # a top-k subscription: the live list of the k best
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,8 +615,10 @@ def _query(a: Args) -> Query:
 def _subscribe(a: Args) -> Subscribe:
     name = a.collection_name()
     vector, text, like = _query_target(a)
-    threshold = a.number("threshold", required=True)
-    assert threshold is not None
+    k = a.integer("k", low=1, high=MAX_SUBSCRIBE_K)
+    threshold = a.number("threshold", required=k is None)
+    if like is not None and k is not None:
+        raise BadRequest("'like' works with threshold subscriptions, not with 'k'")
     return Subscribe(
         collection=name,
         vector=vector,
@@ -624,6 +629,7 @@ def _subscribe(a: Args) -> Subscribe:
         include=a.include(),
         after_seq=a.integer("after_seq", low=0),
         like=like,
+        k=k,
     )
 
 

@@ -43,10 +43,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, MatchEvent, Subscriber
+from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, LeaveEvent, MatchEvent, Subscriber, TopkEvent
 from actors.supervisor import Engine
 from models import requests as rq
 from models.errors import BadRequest, ShoalError, as_shoal_error
+from models.records import Hit
 from server.auth import bearer
 from server.edge import RAW_SEND
 from server.ops import match_hit
@@ -63,7 +64,7 @@ HEADERS = [
     (b"x-accel-buffering", b"no"),  # tell proxies not to buffer the stream
 ]
 SUBSCRIBE_PARAMS = frozenset(
-    {"text", "vector", "like", "threshold", "where", "where_text", "include", "last_event_id", "key"}
+    {"text", "vector", "like", "threshold", "k", "where", "where_text", "include", "last_event_id", "key"}
 )
 CHANGES_PARAMS = frozenset({"last_event_id", "key"})
 
@@ -148,6 +149,11 @@ def parse_subscribe(name: str, request: Request, state: AppState) -> rq.Subscrib
         args["vector"] = [_number(x, "vector", finite=False) for x in params["vector"].split(",") if x.strip()]
     if "threshold" in params:
         args["threshold"] = _number(params["threshold"], "threshold")
+    if "k" in params:
+        raw = params["k"].strip()
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
+            raise BadRequest("'k' must be an integer 1..100")
+        args["k"] = int(raw)
     for key in ("where", "where_text"):
         if key in params:
             args[key] = _json(params[key], key)
@@ -238,6 +244,12 @@ def encode_item(item: Item, include: frozenset[Any]) -> bytes:
             data = _dumps({"seq": item.seq, "op": "upsert", "hit": match_hit(item, include, compact=False)})
             cached = item.upserted.wire_cache[key] = f"id: {item.seq}\nevent: match\ndata: {data}\n\n".encode()
         return cached
+    if isinstance(item, LeaveEvent):
+        data = _dumps({"seq": item.seq, "id": item.id})
+        return f"id: {item.seq}\nevent: leave\ndata: {data}\n\n".encode()
+    if isinstance(item, TopkEvent):
+        data = _dumps({"seq": item.seq, "hits": Hit.many_to_wire(list(item.hits), include, False)})
+        return f"id: {item.seq}\nevent: topk\ndata: {data}\n\n".encode()
     if isinstance(item, ChangeEvent):
         data = _dumps({"op": item.op, "seq": item.seq, "first_seq": item.first_seq, "ids": list(item.ids)})
         return f"id: {item.seq}\nevent: {item.op}\ndata: {data}\n\n".encode()
@@ -333,7 +345,7 @@ class EventStream:
                     chunks.append(encode_item(item, include))
                     lagged = lagged or isinstance(item, Lagged)
                 await self._write(send, chunks[0] if len(chunks) == 1 else b"".join(chunks))
-                if lagged:
+                if lagged and sub.kind != "topk":  # a list is whole: after lagged, the newest follows
                     sub.close(EndReason.LAGGED)
                     break
                 continue
@@ -369,6 +381,7 @@ class SubscriptionCollector(Collector):
         subs = GaugeMetricFamily("shoal_subscriptions", "Registered subscribers, by kind", labels=["kind"])
         subs.add_metric(["match"], stats.subscriptions)
         subs.add_metric(["changes"], stats.feeds)
+        subs.add_metric(["topk"], stats.topk)
         yield subs
         yield GaugeMetricFamily("shoal_sse_streams", "Open Server-Sent Events streams", value=self.sse.open_streams)
         yield GaugeMetricFamily(
@@ -385,6 +398,9 @@ class SubscriptionCollector(Collector):
                 stats.mailbox_overflows,
             ),
             "shoal_subscription_catch_ups": ("Reads of the durable log to fill a gap", stats.catch_ups),
+            "shoal_subscription_leaves": ("Leave events handed to subscriber buffers", stats.leaves),
+            "shoal_subscription_topk_pushes": ("Top-k lists handed to subscriber buffers", stats.topk_pushes),
+            "shoal_subscription_topk_refills": ("Top-k lists made or refilled by a query", stats.topk_refills),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

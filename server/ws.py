@@ -51,7 +51,7 @@ from anyio.abc import TaskGroup
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, Subscriber
+from actors.subscriber import ChangeEvent, EndReason, Item, Lagged, LeaveEvent, Subscriber, TopkEvent
 from models.codec import Frame, FrameError, encode_error, encode_push, encode_reply
 from models.config import Limits
 from models.errors import (
@@ -64,6 +64,7 @@ from models.errors import (
     Unauthorized,
     as_shoal_error,
 )
+from models.records import Hit
 from models.reply_size import reply_too_large
 from models.requests import Auth, Subscribe, Unsubscribe
 from server.auth import Access, ApiKey, bearer
@@ -286,9 +287,14 @@ class Connection:
     # -- subscriptions ------------------------------------------------------------------------
 
     async def _subscribe(self, request: Subscribe) -> Subscriber:
-        limit = self.state.engine.subscription_config.max_subscriptions_per_connection
+        config = self.state.engine.subscription_config
+        limit = config.max_subscriptions_per_connection
         if len(self.subs) + self._reserved >= limit:
             raise TooLarge(f"at most {limit} subscriptions per connection")
+        if request.k is not None:
+            lists = sum(1 for s in self.subs.values() if s.kind == "topk")
+            if lists + self._reserved >= config.max_topk_per_connection:
+                raise TooLarge(f"at most {config.max_topk_per_connection} top-k subscriptions per connection")
         self._reserved += 1
         try:
             sub = await self.state.engine.subscribe(request, close_on_overflow=False)
@@ -377,6 +383,11 @@ class Connection:
         if isinstance(item, Lagged):
             return _Push(encode_push("lagged", {"sub": sub.id, "dropped": item.dropped}))
         assert not isinstance(item, ChangeEvent), "WebSocket subscriptions carry matches only"
+        if isinstance(item, LeaveEvent):
+            return _Push(encode_push("leave", {"sub": sub.id, "seq": item.seq, "id": item.id}))
+        if isinstance(item, TopkEvent):
+            hits = Hit.many_to_wire(list(item.hits), sub.include, True)
+            return _Push(encode_push("topk", {"sub": sub.id, "seq": item.seq, "hits": hits}))
         body = {"sub": sub.id, "seq": item.seq, "op": "upsert", "hit": match_hit(item, sub.include, compact=True)}
         return _Push(encode_push("match", body))
 

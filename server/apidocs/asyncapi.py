@@ -66,6 +66,8 @@ def asyncapi(limits: Limits | None = None) -> dict[str, Any]:
     sub: Schema = {"type": "string"}
     pushes = {
         "match": {"sub": sub, "seq": {"type": "integer"}, "op": {"const": "upsert"}, "hit": {"type": "object"}},
+        "leave": {"sub": sub, "seq": {"type": "integer"}, "id": {"type": "string"}},
+        "topk": {"sub": sub, "seq": {"type": "integer"}, "hits": {"type": "array", "items": {"type": "object"}}},
         "lagged": {"sub": sub, "dropped": {"type": "integer", "minimum": 1}},
         "ended": {"sub": sub, "code": {"type": "string"}, "reason": {"type": "string"}},
     }
@@ -86,7 +88,9 @@ def asyncapi(limits: Limits | None = None) -> dict[str, Any]:
     sse_messages = {
         "subscribe": {
             "match": "a match",
-            "lagged": "matches were dropped: reconnect with Last-Event-ID",
+            "leave": "a document that matched no longer does (deleted or re-upserted)",
+            "topk": "a top-k subscription's whole current list (with `k`)",
+            "lagged": "matches were dropped: reconnect with Last-Event-ID (top-k: the newest list follows)",
             "error": "the stream ends",
         },
         "changes": {

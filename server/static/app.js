@@ -242,6 +242,40 @@ function showMatch(hit, seq) {
   setTimeout(() => li.classList.remove("fresh"), 50);
 }
 
+/** A document that matched no longer does: mark it, then let it go. */
+function showLeave(id) {
+  for (const li of $("live").querySelectorAll("li")) {
+    if (li.dataset.id === id && !li.classList.contains("left")) {
+      li.classList.add("left");
+      li.title = "left the results";
+      setTimeout(() => li.remove(), 1500);
+    }
+  }
+}
+
+/** A top-k list replaces the shown one; entrants are highlighted, leavers shown leaving. */
+function showTopk(hits, seq) {
+  const list = $("live");
+  const before = new Map([...list.querySelectorAll("li:not(.left)")].map((li) => [li.dataset.id, li]));
+  const now = new Set(hits.map((h) => h.id));
+  const items = hits.map((hit, i) => {
+    const li = hitItem(hit, `#${i + 1} · seq ${seq}`);
+    li.classList.add("match");
+    if (!before.has(hit.id)) {
+      li.classList.add("fresh", "entered");
+      setTimeout(() => li.classList.remove("fresh"), 50);
+    }
+    return li;
+  });
+  const leaving = [...before].filter(([id]) => !now.has(id)).map(([, li]) => li);
+  for (const li of leaving) {
+    li.classList.add("left");
+    li.title = "left the top list";
+    setTimeout(() => li.remove(), 1500);
+  }
+  list.replaceChildren(...items, ...leaving);
+}
+
 function stopWatching(message, isError) {
   const current = live;
   live = null;
@@ -251,35 +285,43 @@ function stopWatching(message, isError) {
   }
   $("stop").disabled = true;
   $("watch").disabled = false;
+  $("watch-top").disabled = false;
   if (message) status($("live-status"), message, isError);
 }
 
-async function watch(event) {
+const TOP_K = 10;
+
+async function watch(event, top = false) {
   event.preventDefault();
   const collection = $("collection").value;
   const text = $("query").value.trim();
   const threshold = parseFloat($("threshold").value);
   const transport = $("transport").value;
-  if (!collection || !text || Number.isNaN(threshold)) {
+  if (!collection || !text || (!top && Number.isNaN(threshold))) {
     status($("live-status"), "Pick a collection, type a query and a min score first.", true);
     return;
   }
   stopWatching();
   $("live").replaceChildren();
   $("watch").disabled = true;
+  $("watch-top").disabled = true;
   $("stop").disabled = false;
   status($("live-status"), "Connecting…");
-  const banner = `Live (${transport === "ws" ? "WebSocket" : "SSE"}): "${text}" in ${collection}, score ≥ ${threshold}`;
+  const over = transport === "ws" ? "WebSocket" : "SSE";
+  const banner = top
+    ? `Live top ${TOP_K} (${over}): "${text}" in ${collection}`
+    : `Live (${over}): "${text}" in ${collection}, score ≥ ${threshold}`;
+  const ask = top ? { k: TOP_K } : { threshold };
   let stream = null;
   try {
     const where = whereFilter();
     if (transport === "ws") {
-      stream = await (await connection()).subscribe(collection, { text, threshold, where });
+      stream = await (await connection()).subscribe(collection, { text, ...ask, where });
       status($("live-status"), banner);
     } else {
       const key = $("key").value.trim();
       const onopen = () => live === stream && status($("live-status"), banner);
-      const options = { text, threshold, where, key: key || undefined, reconnect: true, onopen };
+      const options = { text, ...ask, where, key: key || undefined, reconnect: true, onopen };
       stream = subscribeSSE(location.origin, collection, options);
     }
     live = stream;
@@ -288,6 +330,9 @@ async function watch(event) {
       // A WebSocket push is {event, sub, seq, hit}; an SSE event is {id, event, data: {seq, hit}}.
       const body = transport === "ws" ? push : push.data;
       if (push.event === "match") showMatch(body.hit, body.seq);
+      else if (push.event === "leave") showLeave(body.id);
+      else if (push.event === "topk") showTopk(body.hits, body.seq);
+      else if (push.event === "lagged" && top) status($("live-status"), `${banner} (skipped ${body.dropped} older list(s))`);
       else if (push.event === "lagged") status($("live-status"), `Fell behind: ${body.dropped} match(es) skipped.`, true);
       else if (push.event === "ended") {
         stopWatching(`The server ended the subscription: ${body.reason}.`, true);
@@ -303,7 +348,8 @@ async function watch(event) {
 // --- wiring -------------------------------------------------------------------------------
 
 $("search-form").addEventListener("submit", search);
-$("watch-form").addEventListener("submit", watch);
+$("watch-form").addEventListener("submit", (event) => watch(event, false));
+$("watch-top").addEventListener("click", (event) => watch(event, true));
 $("stop").addEventListener("click", () => stopWatching("Stopped."));
 $("refresh").addEventListener("click", loadCollections);
 $("collection").addEventListener("change", followCount);

@@ -138,8 +138,23 @@ export class Subscription {
     }
   }
 
-  /** The buffer is full: count the dropped event in a client-side `lagged` marker at the tail. */
+  /** The buffer is full: count the dropped event in a client-side `lagged` marker at the tail.
+   * A top-k list is whole: the queued lists it supersedes are dropped instead, and it is kept. */
   _overflow(event) {
+    if (event.event === "topk") {
+      const kept = [];
+      let lost = 0;
+      for (let i = this._head; i < this._events.length; i++) {
+        const queued = this._events[i];
+        if (queued.event === "topk") lost += 1;
+        else if (queued.event === "lagged") lost += queued.dropped ?? 0;
+        else kept.push(queued);
+      }
+      this.dropped += lost;
+      this._events = [...kept, { event: "lagged", sub: this.sub, dropped: lost, client: true }, event];
+      this._head = 0;
+      return;
+    }
     if (event.event === "lagged") {
       this.dropped += event.dropped ?? 0;
     } else {
@@ -386,8 +401,9 @@ export class ShoalClient {
       this._unrouted(err);
       return;
     }
-    if (message.id !== undefined && message.id !== null) this._reply(message);
-    else if (typeof message.event === "string") this._pushed(message);
+    // A push has `event` and no `ok` (a `leave` push carries the document's `id`).
+    if (typeof message.event === "string" && message.ok === undefined) this._pushed(message);
+    else if (message.id !== undefined && message.id !== null) this._reply(message);
     else this._unrouted(message.ok === false ? errorFromWire(message.error) : new ProtocolError("frame with neither id nor event"));
   }
 

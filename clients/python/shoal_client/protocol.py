@@ -20,7 +20,7 @@ from typing import Any
 
 from shoal_client.codec import decode_frame, encode_request
 from shoal_client.errors import ConnectionClosed, ProtocolError, error_from_wire
-from shoal_client.types import LaggedEvent, SubscriptionEvent, parse_push
+from shoal_client.types import LaggedEvent, SubscriptionEvent, TopkEvent, parse_push
 
 DEFAULT_QUEUE_SIZE = 10_000
 
@@ -105,6 +105,19 @@ class SubscriptionBuffer:
         """Queue `event`; False if it was dropped (buffer full or closed)."""
         if self.closed:
             return False
+        if len(self._events) >= self.maxsize and isinstance(event, TopkEvent):
+            # A top-k list is whole: the queued lists it supersedes go, and it is kept.
+            lost = self._dropped_pending + sum(
+                e.dropped if isinstance(e, LaggedEvent) else 1
+                for e in self._events
+                if isinstance(e, TopkEvent | LaggedEvent)
+            )
+            kept = [e for e in self._events if not isinstance(e, TopkEvent | LaggedEvent)]
+            self._events = deque([*kept, LaggedEvent(self.sub, lost), event])
+            self._dropped_pending = 0
+            self.dropped_total += lost
+            self._wake()
+            return True
         if len(self._events) >= self.maxsize:
             lost = event.dropped if isinstance(event, LaggedEvent) else 1
             self._dropped_pending += lost
@@ -221,7 +234,8 @@ class ClientProtocol:
             message = decode_frame(data)
         except ProtocolError as exc:
             return [Unrouted(exc)]
-        if "id" not in message and "event" in message:
+        # A push has `event` and no `ok` (a `leave` push carries the document's `id`).
+        if "event" in message and "ok" not in message:
             return self._push(message)
         return self._reply(message)
 

@@ -32,14 +32,21 @@ def subscribe_params(
     *,
     text: str | None,
     vector: Any,
-    threshold: float,
+    threshold: float | None,
     where: Mapping[str, Any] | None,
     where_text: Mapping[str, Any] | None,
     include: Iterable[str] | str | None,
     like: str | None = None,
+    k: int | None = None,
 ) -> dict[str, str]:
     """The query parameters of `GET /v1/collections/{name}/subscribe`."""
-    params: dict[str, str] = {"threshold": repr(float(threshold))}
+    if threshold is None and k is None:
+        raise ValueError("subscribe needs a threshold, or k for a top-k list")
+    params: dict[str, str] = {}
+    if threshold is not None:
+        params["threshold"] = repr(float(threshold))
+    if k is not None:
+        params["k"] = str(int(k))
     if text is not None:
         params["text"] = text
     if like is not None:
@@ -62,7 +69,7 @@ async def subscribe_sse(
     *,
     text: str | None = None,
     vector: Any = None,
-    threshold: float,
+    threshold: float | None = None,
     where: Mapping[str, Any] | None = None,
     where_text: Mapping[str, Any] | None = None,
     include: Iterable[str] | str | None = None,
@@ -72,16 +79,25 @@ async def subscribe_sse(
     reconnect: bool = False,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     like: str | None = None,
+    k: int | None = None,
 ) -> AsyncIterator[SSEEvent]:
-    """Match events (`event == "match"`, `data == {"seq", "op", "hit"}`) of a standing query
-    for `text`, `vector` or `like` (a stored document's id: query by example).
+    """Events of a standing query for `text`, `vector` or `like` (a stored document's id: query
+    by example): `match` (`data == {"seq", "op", "hit"}`) and `leave` (`{"seq", "id"}`); with
+    `k`, a live top-k list: `topk` (`{"seq", "hits"}`), the current list first.
 
     Raises the `ShoalError` of the server's 400/404 answer (e.g. `BadRequest` for a bad filter)
     before any event, `ConnectionClosed` on a transport failure unless `reconnect`, and
     `ProtocolError` if the response is not an event stream.
     """
     params = subscribe_params(
-        text=text, vector=vector, threshold=threshold, where=where, where_text=where_text, include=include, like=like
+        text=text,
+        vector=vector,
+        threshold=threshold,
+        where=where,
+        where_text=where_text,
+        include=include,
+        like=like,
+        k=k,
     )
     url = f"{http_base(base_url)}/v1/collections/{quote(collection, safe='')}/subscribe"
     async for event in _stream(url, params, last_event_id, key, client, reconnect, read_timeout):

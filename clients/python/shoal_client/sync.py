@@ -366,20 +366,23 @@ class SyncShoalClient(_SyncOps[AsyncShoalClient]):
         vector: Any = None,
         text: str | None = None,
         *,
-        threshold: float,
+        threshold: float | None = None,
+        k: int | None = None,
         where: Mapping[str, Any] | None = None,
         where_text: Mapping[str, Any] | None = None,
         include: Iterable[str] | str | None = None,
         after_seq: int | None = None,
         like: str | None = None,
     ) -> SyncSubscription:
-        """Start a standing query; iterate the result to block for its events."""
+        """Start a standing query (or, with `k`, a live top-k list); iterate the result to block
+        for its events."""
         subscription = self._portal.run(
             self._async.subscribe(
                 collection,
                 vector,
                 text,
                 threshold=threshold,
+                k=k,
                 where=where,
                 where_text=where_text,
                 include=include,
@@ -440,7 +443,8 @@ class SyncShoalHTTP(_SyncOps[ShoalHTTP]):
         *,
         text: str | None = None,
         vector: Any = None,
-        threshold: float,
+        threshold: float | None = None,
+        k: int | None = None,
         where: Mapping[str, Any] | None = None,
         where_text: Mapping[str, Any] | None = None,
         include: Iterable[str] | str | None = None,
@@ -457,6 +461,7 @@ class SyncShoalHTTP(_SyncOps[ShoalHTTP]):
             text=text,
             vector=vector,
             threshold=threshold,
+            k=k,
             where=where,
             where_text=where_text,
             include=include,

@@ -104,7 +104,26 @@ class LaggedEvent:
     dropped: int
 
 
-SubscriptionEvent: TypeAlias = MatchEvent | LaggedEvent
+@dataclass(frozen=True, slots=True)
+class LeaveEvent:
+    """A document that matched before change `seq` no longer does (deleted, or re-upserted out of
+    the threshold or the filters): drop `id` from a live view."""
+
+    sub: str
+    seq: int
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TopkEvent:
+    """A top-k subscription's whole current list, best first, as a query would answer at `seq`."""
+
+    sub: str
+    seq: int
+    hits: list[Hit]
+
+
+SubscriptionEvent: TypeAlias = MatchEvent | LeaveEvent | TopkEvent | LaggedEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,4 +239,11 @@ def parse_push(msg: Mapping[str, Any]) -> SubscriptionEvent | None:
         )
     if kind == "lagged":
         return LaggedEvent(sub=sub, dropped=_field(msg, "dropped", int))
+    if kind == "leave":
+        return LeaveEvent(sub=sub, seq=_field(msg, "seq", int), id=_field(msg, "id", str))
+    if kind == "topk":
+        hits = msg.get("hits")
+        if not isinstance(hits, list):
+            raise ProtocolError(f"topk push without a hits list: {msg!r}")
+        return TopkEvent(sub=sub, seq=_field(msg, "seq", int), hits=[parse_hit(h) for h in hits])
     return None

@@ -53,7 +53,8 @@ DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 
 
 class Subscription:
-    """A standing query: an async iterator of `MatchEvent` / `LaggedEvent`, in seq order.
+    """A standing query: an async iterator of `MatchEvent` / `LeaveEvent` / `TopkEvent` /
+    `LaggedEvent`, in seq order.
 
     `close()` (or leaving `async with`) unsubscribes and ends the iteration. If the connection is
     lost, iteration raises `ConnectionClosed` after the events already received; reconnect and
@@ -246,7 +247,8 @@ class ShoalClient(ShoalOps):
         vector: Any = None,
         text: str | None = None,
         *,
-        threshold: float,
+        threshold: float | None = None,
+        k: int | None = None,
         where: Mapping[str, Any] | None = None,
         where_text: Mapping[str, Any] | None = None,
         include: Iterable[str] | str | None = None,
@@ -255,12 +257,23 @@ class ShoalClient(ShoalOps):
     ) -> Subscription:
         """Start a standing query: every document upserted from now on (after `after_seq` first,
         replayed from the durable log, when given) whose score is >= `threshold` and that passes
-        the filters. Pushes that arrive before this returns are kept, not lost. `like` (a stored
-        document's id) takes that document's vector now as the query; it never matches itself."""
+        the filters (`MatchEvent`), and every one that stops matching (`LeaveEvent`). `like` (a
+        stored document's id) takes that document's vector now as the query; it never matches
+        itself.
+
+        With `k` (1..100) it is a live top-k list instead: `TopkEvent`s, the first being the
+        current list, then the whole new list after every change that alters it (`threshold`,
+        optional, is then a minimum score). Pushes that arrive before this returns are kept."""
+        if threshold is None and k is None:
+            raise ValueError("subscribe needs a threshold, or k for a top-k list")
         args = search_args(
             vector=vector, text=text, where=where, where_text=where_text, include=include, like=like
         )
-        args.update(collection=collection, threshold=threshold)
+        args["collection"] = collection
+        if threshold is not None:
+            args["threshold"] = threshold
+        if k is not None:
+            args["k"] = k
         if after_seq is not None:
             args["after_seq"] = after_seq
         reply = await self._call("subscribe", args)
