@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from shoal_client import BadRequest, MatchEvent, NotFound, ShoalClient, ShoalHTTP, subscribe_sse
+from shoal_client import BadRequest, LeaveEvent, MatchEvent, NotFound, ShoalClient, ShoalHTTP, subscribe_sse
 from shoal_client.sync import SyncShoalClient, SyncShoalHTTP
 from tests.server_process import ServerProcess, temp_data_dir
 
@@ -208,16 +208,21 @@ async def test_subscribe_like_never_matches_itself(client: ShoalClient) -> None:
     # Replay from the log after `start`: the same matches, d3 left out there too.
     replayed = await client.subscribe(name, like="twin", threshold=0.95, after_seq=start.seq)
     seen: list[str] = []
+    left: list[str] = []
     async with asyncio.timeout(30):
         async for event in replayed:
+            if isinstance(event, LeaveEvent):
+                left.append(event.id)
+                continue
             assert isinstance(event, MatchEvent)
             seen.append(event.hit.id)
             if event.seq >= last.seq:
                 break
     await replayed.close()
-    # twin's vector now is near d3's first vector: d3 (first re-upsert) and end match, and
-    # twin itself never does.
+    # twin's vector now is near d3's first vector: d3 (first re-upsert) and end match, d3 leaves
+    # when it moves away, and twin itself never matches nor leaves.
     assert seen == ["d3", "end"]
+    assert left == ["d3"]
 
 
 async def test_sse_subscribe_by_example(server: ServerProcess, client: ShoalClient) -> None:
