@@ -28,13 +28,17 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, 
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from load.server import ROOT, ServerProcess, local_server
 from shoal_client.errors import ClientError, ConnectionClosed, ShoalError
+
+if TYPE_CHECKING:
+    from load.dataset import Dataset
+    from models.config import EngineConfig
 
 T = TypeVar("T")
 
@@ -332,6 +336,27 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def bench_header(
+    benchmark: str, t: Target, ds: Dataset, config: EngineConfig, **server_config: Any
+) -> dict[str, Any]:
+    """The opening fields of a benchmark's JSON: what ran, against what server, on what corpus;
+    `server_config` adds the settings that benchmark depends on to the HNSW and thread ones."""
+    return {
+        "benchmark": benchmark,
+        "url": t.url,
+        "machine": machine_info(),
+        "corpus": {"source": ds.source, "docs": ds.size, "queries": len(ds.query_vectors), "dim": ds.dim},
+        "server_config": {
+            "assumed_defaults": t.process is None,
+            "hnsw_m": config.hnsw_m,
+            "hnsw_ef_construction": config.hnsw_ef_construction,
+            "hnsw_ef_search": config.hnsw_ef_search,
+            "search_threads": config.search_threads,
+            **server_config,
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- target server

@@ -52,9 +52,10 @@ def node(database: Postgres, data_dir: Path | None = None) -> ServerProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def nodes(database: Postgres) -> Iterator[list[ServerProcess]]:
-    procs = [node(database) for _ in range(3)]
+def running_nodes(database: Postgres, count: int) -> Iterator[list[ServerProcess]]:
+    """`count` started nodes on `database`, stopped and their data dirs removed afterwards (the
+    body of a fixture)."""
+    procs = [node(database) for _ in range(count)]
     try:
         yield procs
     finally:
@@ -62,6 +63,11 @@ def nodes(database: Postgres) -> Iterator[list[ServerProcess]]:
             if proc.proc is not None and proc.proc.poll() is None:
                 proc.stop()
             shutil.rmtree(proc.data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nodes(database: Postgres) -> Iterator[list[ServerProcess]]:
+    yield from running_nodes(database, 3)
 
 
 async def wait_ready(proc: ServerProcess, timeout: float = 60) -> None:

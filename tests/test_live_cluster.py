@@ -4,7 +4,6 @@ the replaced versions from its own shards, as the committing node's does)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 from shoal_client import ShoalClient
 from shoal_client.types import LeaveEvent, MatchEvent, TopkEvent
 from tests.server_process import ServerProcess
-from tests.test_cluster import Postgres, database, node, wait_ready
+from tests.test_cluster import Postgres, database, running_nodes, wait_ready
 
 pytestmark = pytest.mark.timeout(240)
 __all__ = ["database"]  # the module's PostgreSQL fixture, shared with tests/test_cluster.py
@@ -27,14 +26,7 @@ COLD = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
 
 @pytest.fixture(scope="module")
 def pair(database: Postgres) -> Iterator[list[ServerProcess]]:
-    procs = [node(database) for _ in range(2)]
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.proc is not None and proc.proc.poll() is None:
-                proc.stop()
-            shutil.rmtree(proc.data_dir, ignore_errors=True)
+    yield from running_nodes(database, 2)
 
 
 async def next_event(sub: Any, timeout: float = 20.0) -> Any:
