@@ -26,6 +26,7 @@ queries per drain), so one thread hop serves many queries and every core searche
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import tempfile
 import threading
@@ -53,6 +54,7 @@ from models.index_spec import IndexSpec
 from models.records import DocId, Hit, Include, Metric, StoredDoc, Vector
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -63,6 +65,7 @@ class _Upsert:
     docs: tuple[StoredDoc, ...]
     reply: Reply[None]
     fresh_labels: bool = False
+    defer_index: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,11 @@ _Message = (
 _shard_numbers = itertools.count()
 # Smallest part a group of queued queries is split into to run on several threads at once.
 _MIN_PART = 4
+# Unindexed documents (see `ShardState.unindexed`) added to the index per catch-up write: small
+# enough that the reads queued behind one wait little, and one is made at least every
+# `_CATCH_UP_EVERY` messages, so a steady stream of queries cannot starve the catch-up.
+_CATCH_UP_CHUNK = 256
+_CATCH_UP_EVERY = 16
 
 
 # -- the actor ------------------------------------------------------------------------------------
@@ -221,16 +229,22 @@ class Shard:
         # keeps an answer only if neither moved while it was computed and none was in flight.
         self.writes_sent = 0
         self.writes_done = 0
+        self._since_catch_up = 0  # messages handled since the last catch-up write
+        self._catch_up_failed = False
+        self._closing = False  # `close()` was called: no more catching up, just drain
 
     # -- public API ---------------------------------------------------------------------------
 
-    async def apply_upserts(self, docs: Sequence[StoredDoc], fresh_labels: bool = False) -> None:
+    async def apply_upserts(
+        self, docs: Sequence[StoredDoc], fresh_labels: bool = False, defer_index: bool = False
+    ) -> None:
         """Insert or replace documents by id; visible to every read sent after this returns.
-        `fresh_labels`: see `ShardState.upsert` (faster replacement, no label reuse)."""
+        `fresh_labels`, `defer_index`: see `ShardState.upsert` (faster replacement, no label
+        reuse; an index that catches up with the documents in the background)."""
         reply: Reply[None] = Reply()
         self.writes_sent += 1
         try:
-            await self._mailbox.send(_Upsert(tuple(docs), reply, fresh_labels))
+            await self._mailbox.send(_Upsert(tuple(docs), reply, fresh_labels, defer_index))
             await reply.wait()
         finally:
             self.writes_done += 1
@@ -432,6 +446,7 @@ class Shard:
 
     def close(self) -> None:
         """No more messages: what is queued is still answered, then `run()` returns."""
+        self._closing = True
         self._mailbox.close()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -450,6 +465,13 @@ class Shard:
     async def _serve(self) -> None:
         receive = self._receive
         while True:
+            if (
+                self._state.n_unindexed
+                and not (self._catch_up_failed or self._closing)
+                and (self._since_catch_up >= _CATCH_UP_EVERY or not (self._pending or self._mailbox.depth))
+            ):
+                await self._catch_up(_CATCH_UP_CHUNK)
+            self._since_catch_up += 1
             if self._pending:
                 msg = self._pending.popleft()
             else:
@@ -497,6 +519,10 @@ class Shard:
                 await self._readers_at_most(0)
                 await self._write(msg)
             elif isinstance(msg, _SaveFiles):
+                # A snapshot's index holds every document it lists.
+                if self._state.n_unindexed and not await self._catch_up(self._state.n_unindexed):
+                    msg.reply.fail(OSError("the index could not take every document; no snapshot"))
+                    continue
                 await self._readers_at_most(self._max_reads - 1)
                 self._start_read(_bind(self._state.save_files, msg.directory), msg.reply.set, msg.reply.fail)
             elif isinstance(msg, _LoadFiles):
@@ -596,7 +622,8 @@ class Shard:
         try:
             if isinstance(msg, _Upsert):
                 # hnswlib adds with up to search_threads threads of its own: off the pin.
-                await self._pool.call(self._pool.spread(_bind(self._state.upsert, msg.docs, msg.fresh_labels)))
+                upsert = _bind(self._state.upsert, msg.docs, msg.fresh_labels, msg.defer_index)
+                await self._pool.call(self._pool.spread(upsert))
                 msg.reply.set(None)
             elif isinstance(msg, _Delete):
                 existed = await self._pool.call(_bind(self._state.delete, msg.ids))
@@ -606,6 +633,23 @@ class Shard:
         except BaseException:
             msg.reply.fail(Unavailable("shard is shutting down"))
             raise
+
+    async def _catch_up(self, limit: int) -> bool:
+        """Add up to `limit` unindexed documents to the index, as a write; False if that
+        failed (then they stay unindexed, searched exactly and still correct, and the loop
+        stops trying)."""
+        self._since_catch_up = 0
+        await self._readers_at_most(0)
+        self.writes_sent += 1  # answers may change (exact scores become the index's)
+        try:
+            await self._pool.call(self._pool.spread(_bind(self._state.index_unindexed, limit)))
+        except Exception as exc:
+            log.error("%s: adding documents to the index failed (%s)", self._mailbox.name, exc)
+            self._catch_up_failed = True
+            return False
+        finally:
+            self.writes_done += 1
+        return True
 
     async def _load(self, msg: _LoadFiles) -> None:
         state = self._state

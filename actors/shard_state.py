@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 
 from actors import exact
 from actors.indexes import make_index
-from actors.indexes.base import NO_PARAMS, QueryParams, VectorIndex, VectorStore
+from actors.indexes.base import NO_PARAMS, Found, Mask, QueryParams, VectorIndex, VectorStore
 from actors.keyword_index import KeywordIndex, term_counts
 from actors.planner import choose_plan, would_plan
 from actors.status import ShardSizes
@@ -128,6 +128,12 @@ class ShardState:
         self.occupancy = Occupancy()
         # Live ids in sorted order and their labels, for paging; None once an id came or went.
         self._id_order: tuple[list[DocId], NDArray[np.int64]] | None = None
+        # Live labels whose vectors are in the store but not yet in the index (`upsert` with
+        # `defer_index`: the log tail replayed at start). Searches score them exactly beside
+        # the index's answer; `index_unindexed` moves them into the index a chunk at a time.
+        # Every other label below `high` has been added to the index.
+        self.unindexed = np.zeros(cap, np.bool_)
+        self.n_unindexed = 0
 
     @property
     def capacity(self) -> int:
@@ -160,6 +166,7 @@ class ShardState:
             mapped_bytes=self.store.file_bytes(),
             ready=self.index.ready(),
             builds=self.index.builds(),
+            unindexed=self.n_unindexed,
         )
 
     def close(self) -> None:
@@ -169,10 +176,13 @@ class ShardState:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def upsert(self, docs: Sequence[StoredDoc], fresh_labels: bool = False) -> None:
+    def upsert(self, docs: Sequence[StoredDoc], fresh_labels: bool = False, defer_index: bool = False) -> None:
         """Insert or replace documents by id. `fresh_labels`: a replaced document is deleted and
         inserted under a new label, and no free label is reused (hnswlib inserts a new element
-        several times faster than it updates one in place; the log replay at start uses it)."""
+        several times faster than it updates one in place; the log replay at start uses it).
+        `defer_index`: for an index slow to insert into (`VectorIndex.defers_inserts`), leave
+        the documents out of it for now: searches score them exactly until `index_unindexed`
+        adds them (the log replay at start, so a node is ready before its graph has caught up)."""
         latest: dict[DocId, StoredDoc] = {}
         for doc in docs:  # the same id twice in one batch: the last one wins
             latest[doc.id] = doc
@@ -200,7 +210,14 @@ class ShardState:
             store.vectors[labels] = vecs
             store.norms[labels] = exact.row_norms(vecs)
             store.live[labels] = True
-            self.index.add(labels, vecs)
+            if defer_index and self.index.defers_inserts:
+                self.unindexed[labels] = True
+                self._count_unindexed()
+            else:
+                if self.n_unindexed:
+                    self.unindexed[labels] = False
+                    self._count_unindexed()
+                self.index.add(labels, vecs)
             for label, doc, counts in zip(labels.tolist(), batch, terms, strict=True):
                 self.ids[label] = doc.id
                 self.seqs[label] = doc.seq
@@ -234,8 +251,31 @@ class ShardState:
             self.n_live -= 1
             self._id_order = None
         if gone:
-            self.index.remove(np.asarray(gone, np.int64))
+            removed = np.asarray(gone, np.int64)
+            if self.n_unindexed:
+                # Added first, so that every label below `high` but the unindexed ones is in
+                # the index (a snapshot's index is checked against it) and removed like any.
+                late = removed[self.unindexed[removed]]
+                if late.size:
+                    self.index.add(late, self.store.plain_vectors()[late])
+                    self.unindexed[late] = False
+                    self._count_unindexed()
+            self.index.remove(removed)
         return existed
+
+    def index_unindexed(self, limit: int) -> int:
+        """Add up to `limit` unindexed documents to the index (a write); returns how many stay
+        unindexed."""
+        with self.occupancy.writing():
+            if self.n_unindexed:
+                labels = np.flatnonzero(self.unindexed[: self.high])[:limit].astype(np.int64)
+                self.index.add(labels, self.store.plain_vectors()[labels])
+                self.unindexed[labels] = False
+                self._count_unindexed()
+            return self.n_unindexed
+
+    def _count_unindexed(self) -> None:
+        self.n_unindexed = int(np.count_nonzero(self.unindexed[: self.high]))
 
     def serves(self, params: QueryParams) -> bool:
         """Whether a search with `params` can start now, without `use_params` first."""
@@ -259,6 +299,7 @@ class ShardState:
         self.index.resize(cap)
         extra = cap - self.capacity
         self.store.grow(cap)
+        self.unindexed = np.concatenate([self.unindexed, np.zeros(extra, np.bool_)])
         self.seqs = np.concatenate([self.seqs, np.zeros(extra, np.int64)])
         self.texts.extend([None] * extra)
         self.metas.extend([None] * extra)
@@ -285,7 +326,7 @@ class ShardState:
             plan = choose_plan(self.n_live, self.n_live, k, self.config, len(queries), _usable(index))
             k_eff = min(k, self.n_live)
             if plan == "hnsw":
-                found = index.search(q, k_eff, None, params, threads)
+                found = self._search_index(q, k_eff, None, self.n_live, params, threads)
                 if found is not None:  # else short (deleted elements, tiny ef): answer exactly
                     return self._hits_rows(
                         found.labels.tolist(), found.scores.tolist(), found.distances.tolist(), include
@@ -315,11 +356,41 @@ class ShardState:
             if plan != "exact":
                 # A filter that matches every live document needs no per-label filter.
                 allowed = mask if plan == "hnsw_filtered" else None
-                found = index.search(query[None, :], k_eff, allowed, params, 1)
+                found = self._search_index(query[None, :], k_eff, allowed, n_match, params, 1)
                 if found is not None and found.labels.shape[1] == k_eff and bool(mask[found.labels[0]].all()):
                     return self._hits(found.labels[0], found.scores[0], found.distances[0], include)
             top = exact.search(self.vectors, self.norms, query, k, self.metric, mask=mask)[0]
             return self._hits(top.labels, top.scores, top.distances, include)
+
+    def _search_index(
+        self, q: exact.F32, k: int, allowed: Mask | None, n_match: int, params: QueryParams, threads: int
+    ) -> Found | None:
+        """The index's k best of each query among `allowed` (None: every live document;
+        `n_match` of them), merged with the exact scores of the unindexed ones among them."""
+        if not self.n_unindexed:
+            return self.index.search(q, k, allowed, params, threads)
+        high = self.high
+        late = self.unindexed[:high] if allowed is None else self.unindexed[:high] & allowed
+        n_late = int(np.count_nonzero(late))
+        k_index = min(k, n_match - n_late)
+        found = None if k_index <= 0 else self.index.search(q, k_index, allowed, params, threads)
+        if found is None and k_index > 0:
+            return None
+        tops = exact.search(self.vectors, self.norms, q, k, self.metric, mask=late)
+        rows = []
+        for i, top in enumerate(tops):
+            labels, scores, dists = top.labels, top.scores, top.distances
+            if found is not None:
+                labels = np.concatenate([found.labels[i], labels])
+                scores = np.concatenate([found.scores[i], scores])
+                dists = np.concatenate([found.distances[i], dists])
+            best = np.argsort(-scores, kind="stable")[:k]
+            rows.append((labels[best], scores[best], dists[best]))
+        return Found(
+            np.stack([r[0] for r in rows]).astype(np.int64, copy=False),
+            np.stack([r[1] for r in rows]),
+            np.stack([r[2] for r in rows]),
+        )
 
     def search_exact(
         self, query: Vector, k: int, where: Filter | None, where_text: TextFilter | None
@@ -577,6 +648,7 @@ class ShardState:
         state.index.load(directory, high)
         state.seqs = np.zeros(cap, np.int64)
         state.seqs[:high] = seqs
+        state.unindexed = np.zeros(cap, np.bool_)
         pad = cap - high
         state.ids = ids + [None] * pad
         state.texts = texts + [None] * pad

@@ -314,6 +314,6 @@ async def _replay(collection: Collection, changes: Sequence[Change]) -> None:
             meta = change.metadata if change.metadata is not None else {}
             upserts.setdefault(shard, []).append(StoredDoc(doc_id, change.text, vector, meta, change.seq))
     for shard, docs in upserts.items():
-        await collection.shards[shard].apply_upserts(docs, fresh_labels=True)
+        await collection.shards[shard].apply_upserts(docs, fresh_labels=True, defer_index=True)
     for shard, ids in deletes.items():
         await collection.shards[shard].apply_deletes(ids)

@@ -313,6 +313,11 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
         "Index (re)builds swapped in off the write path (ivf training, quantised hnsw)",
         labels=["collection", "kind"],
     )
+    unindexed = GaugeMetricFamily(
+        "shoal_index_unindexed",
+        "Documents replayed at start that the index has not taken yet (searched exactly meanwhile)",
+        labels=["collection", "kind"],
+    )
     for collection in collections:
         shards = collection.shards
         if not shards:
@@ -323,12 +328,14 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
         per_vector.add_metric([collection.name, kind], ram / docs if docs else 0.0)
         mapped.add_metric([collection.name, kind], sum(s.mapped_bytes for s in shards))
         builds.add_metric([collection.name, kind], sum(s.builds for s in shards))
+        unindexed.add_metric([collection.name, kind], sum(s.unindexed for s in shards))
         for number, sizes in enumerate(shards):
             ready.add_metric([collection.name, str(number), kind], 1 if sizes.ready else 0)
     yield per_vector
     yield mapped
     yield ready
     yield builds
+    yield unindexed
 
 
 def _recall_metrics(engine: Engine) -> Iterator[Metric]:

@@ -185,6 +185,13 @@ def _metric(url: str, name: str, result: str) -> float:
     return float(m.group(1))
 
 
+def _gauge(url: str, name: str, collection: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    m = re.search(rf'^{name}{{collection="{collection}"[^}}]*}} (\S+)$', text, re.M)
+    assert m is not None, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
 async def _answers(c: ShoalClient, n_queries: int = 15) -> list[list[tuple[str, float]]]:
     out = []
     for i in range(n_queries):
@@ -258,6 +265,8 @@ async def test_restart_loads_snapshot_and_replays_the_log() -> None:
         pattern = r"loaded collection snap from snapshot: .* snapshot seq (\d+), (\d+) changes replayed"
         replay = re.findall(pattern, log_text)
         assert replay and int(replay[-1][0]) == manifest_seq and int(replay[-1][1]) == 503
+        # The replayed documents join the index in the background (searched exactly meanwhile).
+        await _wait_until(lambda: _gauge(url, "shoal_index_unindexed", "snap") == 0)
         async with ShoalClient.connect(url) as c:
             assert await _answers(c) == before
             got = {d["id"] for d in await c.get("snap", acked, include=[])}

@@ -135,6 +135,9 @@ class VectorIndex(ABC):
     kind: ClassVar[str]
     # True for an index whose every answer is exact (the planner then always plans "exact").
     exact: ClassVar[bool] = False
+    # True for an index whose inserts are slow (a graph): a shard may then keep a batch out of
+    # it for a while and score those documents exactly (`ShardState.upsert`'s `defer_index`).
+    defers_inserts: ClassVar[bool] = False
 
     def __init__(self, dim: int, metric: Metric, spec: IndexSpec, config: EngineConfig, store: VectorStore) -> None:
         self.dim = dim

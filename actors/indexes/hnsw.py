@@ -21,6 +21,7 @@ INDEX_FILE = "index.hnsw"
 
 class HnswIndex(VectorIndex):
     kind = "hnsw"
+    defers_inserts = True
 
     def __init__(self, dim: int, metric: Metric, spec: IndexSpec, config: EngineConfig, store: VectorStore) -> None:
         super().__init__(dim, metric, spec, config, store)
