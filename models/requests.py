@@ -379,12 +379,11 @@ def parse_vector(value: object, limits: Limits) -> Vector:
     # One float64 dot product decides the common case: it is NaN with a NaN, inf with an inf or
     # when the squares overflow, and those all fail the comparison. Squares of float32 values
     # cannot overflow float64; those of float64 values from a JSON list can.
-    if vector.dtype == np.float32:
-        wide = vector.astype(np.float64)
-        squared = float(np.dot(wide, wide))
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            squared = float(np.dot(vector, vector))
+    # A ufunc, not `np.dot`: BLAS releases the GIL, and the event loop (which parses) then waits
+    # for a search thread to hand it back.
+    wide = vector.astype(np.float64) if vector.dtype == np.float32 else vector
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = float(np.add.reduce(wide * wide))
     if not squared <= bound * bound:
         if not np.isfinite(vector).all():
             raise InvalidVector("a vector must not contain NaN or infinity")
