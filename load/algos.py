@@ -28,10 +28,11 @@ gauges, the shard mailbox empty and the index gauges steady), memory per vector 
 QPS (`--clients` connections, one query in flight each, ids and scores only, for `--seconds`).
 
 Anchors (`load.algos_anchors`), in this process while the server idles, on `search_threads`
-threads (the server's search pool): every query set searched in one batched call per pass. Shoal's
-side is batched too (the server groups the queries queued at a shard into one library call), so
-the anchors' QPS is the best the library reaches here. Each Shoal point is compared with its
-anchor at equal recall (`load.algos_report.qps_at_recall`). The load generator shares the cores
+threads (the server's search pool), searched two ways: in calls of `--clients` queries (the most
+the clients ever have in flight, so the most the server can group into one library call: the
+`ratio`), and the whole query set in one call per pass (the best the library reaches here:
+`ratio_whole`). Each Shoal point is compared with its anchor at equal recall
+(`load.algos_report.qps_at_recall`). The load generator shares the cores
 with the server: the CPU each used is in the JSON.
 """
 
@@ -432,7 +433,7 @@ def run_anchor(
     """The in-process anchor of `family`, built and swept (`status` `failed` with `reason` if the
     library raised)."""
     vectors, queries, truth = unit(ds.vectors), unit(ds.query_vectors), ds.truth
-    common: dict[str, Any] = {"threads": config.search_threads, "seconds": args.anchor_seconds}
+    common: dict[str, Any] = {"threads": config.search_threads, "seconds": args.anchor_seconds, "clients": args.clients}
     kind, _, quantization = family.partition(" ")
     try:
         if kind == "hnsw":
@@ -490,6 +491,7 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
         default_recall=default.get("recall"),
         default_qps=default.get("qps"),
         default_ratio=default.get("ratio"),
+        default_ratio_whole=default.get("ratio_whole"),
         best_recall=None if best is None else best["recall"],
         build_s=r["build"]["build_s"],
         inserts_per_s=r["build"]["inserts_per_s"],
@@ -537,8 +539,9 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
         "sweeps": {k: list(v) for k, v in sweeps.items()},
         "fairness": (
             f"Shoal: {args.clients} WebSocket clients, one query per request, one in flight each (the "
-            f"server batches queued queries per shard, up to {config.search_batch}); anchors: the whole "
-            f"query set in one batched call per pass on {config.search_threads} threads"
+            f"server batches queued queries per shard, up to {config.search_batch}); anchors on "
+            f"{config.search_threads} threads, in calls of {args.clients} queries (ratio) and with the "
+            "whole query set in one call per pass (ratio, whole set)"
         ),
     }
     batches = list(ds.batches(args.batch, with_text=False))

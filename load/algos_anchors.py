@@ -1,9 +1,12 @@
 """The in-process anchors of `load.algos`: the libraries behind Shoal's index kinds, built on the
 same vectors and searched in this process.
 
-Every anchor is searched the same way: the whole query set in one batched call per pass, on
-`threads` threads (the server's search pool), repeated for at least `seconds`; recall@10 comes from
-the first pass, QPS and the CPU this process spent per query from all of them. Each returns a
+Every anchor is searched the same two ways, on `threads` threads (the server's search pool), each
+repeated for at least `seconds`: the whole query set in one batched call per pass (`qps`: the most
+the library reaches here), and the query set cut into calls of `clients` queries (`qps_clients`:
+the most that `clients` callers with one query in flight each can ever hand it at once, which is
+what the server's batching of queued queries has to work with). recall@10 comes from the first
+pass, QPS and the CPU this process spent per query from all of them. Each returns a
 dict with its build time, insert rate, serialised bytes per vector and one point per sweep value
 (`recall`, `qps`, `cpu_us_per_query`).
 
@@ -42,23 +45,39 @@ _RERANK_CHUNK = 128
 Search = Callable[[NDArray[np.float32]], NDArray[np.int64]]
 
 
-def _measure(search: Search, queries: NDArray[np.float32], truth: NDArray[np.int64], seconds: float) -> dict[str, Any]:
+def _measure(
+    search: Search, queries: NDArray[np.float32], truth: NDArray[np.int64], seconds: float, clients: int
+) -> dict[str, Any]:
     """recall@10 of the first pass; queries per second and CPU microseconds per query (this
-    process, every thread) over at least `seconds` of passes."""
-    started, cpu = time.perf_counter(), time.process_time()
+    process, every thread) over at least `seconds` of passes, with the whole set per call and
+    with `clients` queries per call."""
     labels = search(queries)
-    passes = 1
-    while time.perf_counter() - started < seconds:
-        search(queries)
-        passes += 1
-    elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu
-    done = passes * len(queries)
     recall = recall_at_k(labels[:, :K].tolist(), truth, K)
+    whole = _passes(search, [queries], seconds)
+    cut = [queries[i : i + clients] for i in range(0, len(queries), max(1, clients))]
+    per_clients = _passes(search, cut, seconds)
     return {
         "recall": round(recall, 4),
-        "qps": round(done / elapsed, 1),
-        "cpu_us_per_query": round(cpu_s / done * 1e6, 1),
+        "qps": whole[0],
+        "cpu_us_per_query": whole[1],
+        "qps_clients": per_clients[0],
+        "cpu_us_per_query_clients": per_clients[1],
     }
+
+
+def _passes(search: Search, calls: Sequence[NDArray[np.float32]], seconds: float) -> tuple[float, float]:
+    """(queries per second, CPU microseconds per query) of passes over `calls`, one search per
+    element, for at least `seconds`."""
+    started, cpu = time.perf_counter(), time.process_time()
+    done = 0
+    while True:
+        for q in calls:
+            search(q)
+            done += len(q)
+        if time.perf_counter() - started >= seconds:
+            break
+    elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    return round(done / elapsed, 1), round(cpu_s / done * 1e6, 1)
 
 
 def _serialised_bytes(index: Any) -> int:
@@ -86,6 +105,7 @@ def hnswlib_anchor(
     sweep: Sequence[int],
     threads: int,
     seconds: float,
+    clients: int,
 ) -> dict[str, Any]:
     """Raw hnswlib: `add_items` on `threads` threads, then `knn_query` per ef of `sweep`."""
     n, dim = vectors.shape
@@ -107,7 +127,7 @@ def hnswlib_anchor(
 
     for ef in sweep:
         index.set_ef(max(ef, K))
-        out["points"].append({"ef": ef, **_measure(search, queries, truth, seconds)})
+        out["points"].append({"ef": ef, **_measure(search, queries, truth, seconds, clients)})
     return out
 
 
@@ -133,6 +153,7 @@ def faiss_hnsw_sq_anchor(
     sweep: Sequence[int],
     threads: int,
     seconds: float,
+    clients: int,
 ) -> dict[str, Any]:
     """faiss `IndexHNSWSQ` (inner product) with the `quantization` scalar quantiser."""
     faiss.omp_set_num_threads(threads)
@@ -149,7 +170,7 @@ def faiss_hnsw_sq_anchor(
     out["param"] = "ef"
     for ef in sweep:
         index.hnsw.efSearch = max(ef, K)
-        out["points"].append({"ef": ef, **_measure(_faiss_search(index), queries, truth, seconds)})
+        out["points"].append({"ef": ef, **_measure(_faiss_search(index), queries, truth, seconds, clients)})
     return out
 
 
@@ -160,6 +181,7 @@ def faiss_flat_anchor(
     *,
     threads: int,
     seconds: float,
+    clients: int,
 ) -> dict[str, Any]:
     """faiss `IndexFlatIP`: exact search, one point."""
     faiss.omp_set_num_threads(threads)
@@ -170,7 +192,7 @@ def faiss_flat_anchor(
     build_s = time.perf_counter() - started
     out = _result("faiss IndexFlatIP", {}, build_s, n, _serialised_bytes(index))
     out["param"] = None
-    out["points"].append(_measure(_faiss_search(index), queries, truth, seconds))
+    out["points"].append(_measure(_faiss_search(index), queries, truth, seconds, clients))
     return out
 
 
@@ -184,6 +206,7 @@ def faiss_ivf_anchor(
     sweep: Sequence[int],
     threads: int,
     seconds: float,
+    clients: int,
 ) -> dict[str, Any]:
     """faiss `IndexIVFFlat` (or `IndexIVFScalarQuantizer` with `quantization`), trained on every
     vector, nprobe per value of `sweep` (at most nlist)."""
@@ -208,7 +231,7 @@ def faiss_ivf_anchor(
     out["param"] = "nprobe"
     for nprobe in sweep:
         index.nprobe = min(nprobe, nlist)
-        out["points"].append({"nprobe": nprobe, **_measure(_faiss_search(index), queries, truth, seconds)})
+        out["points"].append({"nprobe": nprobe, **_measure(_faiss_search(index), queries, truth, seconds, clients)})
     return out
 
 
@@ -220,6 +243,7 @@ def faiss_lsh_anchor(
     nbits_values: Sequence[int],
     threads: int,
     seconds: float,
+    clients: int,
     candidates: int = LSH_CANDIDATES,
 ) -> dict[str, Any]:
     """faiss `IndexLSH` per nbits: `candidates` nearest by Hamming distance, re-ranked by the exact
@@ -262,7 +286,7 @@ def faiss_lsh_anchor(
                 best[start : start + len(part)] = np.take_along_axis(part, order, axis=1)
             return best
 
-        out["points"].append({"nbits": nbits, **_measure(search, queries, truth, seconds)})
+        out["points"].append({"nbits": nbits, **_measure(search, queries, truth, seconds, clients)})
     # The headline build is the one with one bit per dimension (the issue's reference), if run.
     same = [b for b in out["builds"] if b["nbits"] == dim]
     first = same[0] if same else (out["builds"][0] if out["builds"] else {})

@@ -2,7 +2,8 @@
 
 - `qps_at_recall`: an anchor's QPS at a given recall@10, interpolated (log QPS, linear in recall)
   on the anchor's Pareto frontier (the fastest setting reaching at least that recall).
-- `compare`: fills each Shoal point with the anchor's QPS at the recall it reached, and the ratio.
+- `compare`: fills each Shoal point with the anchor's QPS at the recall it reached, and the ratios
+  (against the anchor called with `clients` queries at a time, and with the whole query set).
 - `summary_rows` / `report`: the printed table (one row per Shoal point, then the anchors).
 - `plot`: recall@10 against QPS (log x), one panel per kind, Shoal solid and its anchor dashed.
 """
@@ -24,13 +25,25 @@ SHOAL_HEADERS = [
     "QPS",
     "anchor QPS",
     "ratio",
+    "anchor QPS, whole set",
+    "ratio, whole set",
     "CPU ratio",
     "build s",
     "inserts/s",
     "B/vector",
     "RSS B/vector",
 ]
-ANCHOR_HEADERS = ["anchor", "library", "params", "recall@10", "QPS", "build s", "inserts/s", "B/vector"]
+ANCHOR_HEADERS = [
+    "anchor",
+    "library",
+    "params",
+    "recall@10",
+    "QPS",
+    "QPS, whole set",
+    "build s",
+    "inserts/s",
+    "B/vector",
+]
 
 
 def frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -62,25 +75,34 @@ def qps_at_recall(points: Sequence[tuple[float, float]], recall: float) -> tuple
     return None, "unreached"
 
 
-def anchor_curve(anchor: dict[str, Any] | None, *, per_cpu: bool = False) -> list[tuple[float, float]]:
-    """The anchor's (recall, QPS) points, or (recall, queries per CPU-second) with `per_cpu`."""
+def anchor_curve(
+    anchor: dict[str, Any] | None, *, per_cpu: bool = False, calls: str = "clients"
+) -> list[tuple[float, float]]:
+    """The anchor's (recall, QPS) points, or (recall, queries per CPU-second) with `per_cpu`;
+    `calls`: "clients" (`clients` queries per call) or "whole" (the whole set per call)."""
     if not anchor:
         return []
+    suffix = "_clients" if calls == "clients" else ""
     out = []
     for p in anchor.get("points", []):
-        if per_cpu and p.get("cpu_us_per_query"):
-            out.append((float(p["recall"]), 1e6 / float(p["cpu_us_per_query"])))
-        elif not per_cpu and p.get("qps"):
-            out.append((float(p["recall"]), float(p["qps"])))
+        cpu, qps = p.get("cpu_us_per_query" + suffix), p.get("qps" + suffix)
+        if per_cpu and cpu:
+            out.append((float(p["recall"]), 1e6 / float(cpu)))
+        elif not per_cpu and qps:
+            out.append((float(p["recall"]), float(qps)))
     return out
 
 
 def compare(variant: dict[str, Any], anchor: dict[str, Any] | None) -> None:
     """Add to every measured point of `variant`, at equal recall: `anchor_qps`, `anchor_match` and
-    `ratio` (Shoal QPS / anchor QPS); and `anchor_cpu_us_per_query` and `cpu_ratio` (the anchor's
-    CPU per query / the server's: queries per CPU-second, Shoal over the anchor), which a busy
-    neighbour on a shared machine moves much less than QPS."""
+    `ratio` (Shoal QPS / the QPS of the anchor called with `clients` queries at a time, the most
+    the clients ever have in flight), `anchor_qps_whole` and `ratio_whole` (the same against the
+    whole query set per call: the library's ceiling here); and `anchor_cpu_us_per_query` and
+    `cpu_ratio` (the anchor's CPU per query, `clients` per call, over the server's: queries per
+    CPU-second, Shoal over the anchor), which a busy neighbour on a shared machine moves much less
+    than QPS."""
     curve, cpu_curve = anchor_curve(anchor), anchor_curve(anchor, per_cpu=True)
+    whole = anchor_curve(anchor, calls="whole")
     for point in variant.get("points", []):
         if point.get("recall") is None or not point.get("qps"):
             continue
@@ -89,6 +111,9 @@ def compare(variant: dict[str, Any], anchor: dict[str, Any] | None) -> None:
         point["anchor_qps"] = None if qps is None else round(qps, 1)
         point["anchor_match"] = how
         point["ratio"] = None if qps is None else round(float(point["qps"]) / qps, 4)
+        ceiling, _ = qps_at_recall(whole, recall)
+        point["anchor_qps_whole"] = None if ceiling is None else round(ceiling, 1)
+        point["ratio_whole"] = None if ceiling is None else round(float(point["qps"]) / ceiling, 4)
         per_cpu, _ = qps_at_recall(cpu_curve, recall)
         server_us = point.get("server_cpu_us_per_query")
         point["anchor_cpu_us_per_query"] = None if per_cpu is None else round(1e6 / per_cpu, 1)
@@ -122,13 +147,13 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for v in result["shoal"]:
         if v["status"] != "ok":
-            rows.append([v["label"], f"{v['status']}: {v.get('reason', '')}"[:70], *["-"] * 9])
+            rows.append([v["label"], f"{v['status']}: {v.get('reason', '')}"[:70], *["-"] * 11])
             continue
         build = v["build"]
         first = True
         for point in v["points"]:
             if point.get("status", "ok") != "ok":
-                rows.append([v["label"], f"{_params(point, v)}: {point['status']}", *["-"] * 9])
+                rows.append([v["label"], f"{_params(point, v)}: {point['status']}", *["-"] * 11])
                 continue
             rows.append(
                 [
@@ -138,6 +163,8 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
                     point["qps"],
                     point.get("anchor_qps"),
                     _ratio(point),
+                    point.get("anchor_qps_whole"),
+                    _ratio(point, "ratio_whole"),
                     _ratio(point, "cpu_ratio"),
                     build["build_s"] if first else "",
                     build["inserts_per_s"] if first else "",
@@ -166,6 +193,7 @@ def anchor_rows(result: dict[str, Any]) -> list[list[Any]]:
                         a["library"] if first else "",
                         ", ".join(p for p in (fixed, swept) if p),
                         point["recall"],
+                        point.get("qps_clients"),
                         point["qps"],
                         build["build_s"],
                         build["inserts_per_s"],
@@ -180,6 +208,7 @@ def anchor_rows(result: dict[str, Any]) -> list[list[Any]]:
                     a["library"] if first else "",
                     ", ".join(p for p in (fixed, swept) if p) or "-",
                     point["recall"],
+                    point.get("qps_clients"),
                     point["qps"],
                     a["build_s"] if first else "",
                     a["inserts_per_s"] if first else "",
@@ -201,7 +230,9 @@ def report(result: dict[str, Any]) -> str:
         format_table(ANCHOR_HEADERS, anchor_rows(result)),
         "",
         "ratio: Shoal QPS / the anchor's QPS interpolated at the recall Shoal reached ('<=': the anchor's "
-        "fastest setting already has more recall). CPU ratio: the same with queries per CPU-second (the "
+        "fastest setting already has more recall), the anchor called with as many queries at a time as "
+        "the clients have in flight; whole set: the anchor called with every query at once. CPU ratio: "
+        "the same with queries per CPU-second (the "
         "server's CPU, the anchor's). B/vector: the server's index and vector gauges (/metrics) per "
         "vector; RSS B/vector: growth of the server's resident memory per vector.",
     ]
@@ -211,14 +242,15 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _curve(points: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
-    measured = [p for p in points if p.get("recall") is not None and p.get("qps")]
-    measured.sort(key=lambda p: float(p["qps"]))
-    return [float(p["qps"]) for p in measured], [float(p["recall"]) for p in measured]
+def _curve(points: Sequence[dict[str, Any]], key: str = "qps") -> tuple[list[float], list[float]]:
+    measured = [p for p in points if p.get("recall") is not None and p.get(key)]
+    measured.sort(key=lambda p: float(p[key]))
+    return [float(p[key]) for p in measured], [float(p["recall"]) for p in measured]
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """recall@10 against QPS (log x), one panel per kind: Shoal solid, its anchor dashed."""
+    """recall@10 against QPS (log x), one panel per kind: Shoal solid, its anchor dashed (called
+    with the clients' queries at a time) and dotted (the whole set per call)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,8 +272,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         anchor = result["anchors"].get(family)
         ax_y: list[float] = []
         if anchor:
-            ax_x, ax_y = _curve(anchor["points"])
-            ax.plot(ax_x, ax_y, "s--", color="tab:orange", label=anchor["library"])
+            ax_x, ax_y = _curve(anchor["points"], "qps_clients")
+            ax.plot(ax_x, ax_y, "s--", color="tab:orange", label=f"{anchor['library']}, {result['clients']} per call")
+            whole_x, whole_y = _curve(anchor["points"])
+            ax.plot(whole_x, whole_y, "^:", color="tab:gray", label=f"{anchor['library']}, whole set per call")
+            ax_y = ax_y + whole_y
         refused = any(v["status"] != "ok" for v in variants)
         ax.set_title(family + (" (Shoal: refused)" if refused and not x else ""), fontsize=10)
         ax.set_xscale("log")

@@ -208,6 +208,8 @@ def test_algos_quick(server: ServerProcess, tmp_path: Path) -> None:
     for family, anchor in r["anchors"].items():
         assert anchor["status"] == "ok", (family, anchor)
         assert anchor["points"] and all(0.0 <= p["recall"] <= 1.0 and p["qps"] > 0 for p in anchor["points"])
+        # Searched both ways: in calls of --clients queries (the ratio) and the whole set at once.
+        assert all(p["qps_clients"] > 0 and p["cpu_us_per_query_clients"] > 0 for p in anchor["points"])
         assert anchor["bytes_per_vector"] > 0
     assert r["anchors"]["flat"]["points"][0]["recall"] == 1.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
