@@ -381,9 +381,12 @@ def parse_vector(value: object, limits: Limits) -> Vector:
     # cannot overflow float64; those of float64 values from a JSON list can.
     # A ufunc, not `np.dot`: BLAS releases the GIL, and the event loop (which parses) then waits
     # for a search thread to hand it back.
-    wide = vector.astype(np.float64) if vector.dtype == np.float32 else vector
-    with np.errstate(over="ignore", invalid="ignore"):
+    if vector.dtype == np.float32:
+        wide = vector.astype(np.float64)
         squared = float(np.add.reduce(wide * wide))
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            squared = float(np.add.reduce(vector * vector))
     if not squared <= bound * bound:
         if not np.isfinite(vector).all():
             raise InvalidVector("a vector must not contain NaN or infinity")
