@@ -37,7 +37,7 @@ import numpy as np
 import redis
 
 from actors.onnx_model import MiniLM
-from load.common import log, machine_info, unique_name, write_json
+from load.common import CpuMeter, log, machine_info, unique_name, write_json
 from load.corpus import load_corpus
 from load.embed_bench import raw_run
 from load.ingest import run_ingest
@@ -98,6 +98,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "vectors": args.vectors,
     }
     runs: dict[str, list[float]] = {"ws_vector": [], "source_vector": [], "source_text": [], "raw_text": []}
+    # CPU by process over each timed phase: the load generator (the WebSocket client, or the
+    # producer's XADDs), the server with its PostgreSQL, and everything else (redis-server).
+    cpu: dict[str, list[dict[str, float | None]]] = {key: [] for key in runs}
 
     model = MiniLM(intra_threads=1)
     model.encode(text_only[:16])  # warm up before anything is timed
@@ -122,12 +125,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         ]
                         for start in range(0, n, args.batch)
                     ]
+                    meter = CpuMeter(proc.pid).start()
                     ingest = await run_ingest([ws], ws_name, batches, in_flight=args.in_flight)
+                    cpu["ws_vector"].append(meter.stop())
                     assert ingest.docs == n, ingest.errors
                     runs["ws_vector"].append(n / ingest.seconds)
 
                     entries = _entries(src_name, [f"s{i}" for i in range(n)], texts, vectors, args.vectors)
+                    meter = CpuMeter(proc.pid).start()
                     runs["source_vector"].append(n / await _through_source(ws, redis_server.port, src_name, entries))
+                    cpu["source_vector"].append(meter.stop())
 
                     # Raw onnxruntime right before the source's text run (the server idle), so
                     # both see the same machine.
@@ -136,7 +143,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     runs["raw_text"].append(m / wall)
                     entries = _entries(txt_name, [f"t{i}" for i in range(m)], text_only, None)
+                    meter = CpuMeter(proc.pid).start()
                     runs["source_text"].append(m / await _through_source(ws, redis_server.port, txt_name, entries))
+                    cpu["source_text"].append(meter.stop())
                     log(
                         f"source: repeat {repeat + 1}: ws {runs['ws_vector'][-1]:.0f}/s, source vectors"
                         f" {runs['source_vector'][-1]:.0f}/s, source text {runs['source_text'][-1]:.0f}/s,"
@@ -147,6 +156,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     best = {key: round(max(values), 1) for key, values in runs.items()}
     result["per_s"] = {key: [round(v, 1) for v in values] for key, values in runs.items()}
     result["best_per_s"] = best
+    result["cpu"] = {key: values for key, values in cpu.items() if values}
     result["source_vs_ws_vectors"] = round(best["source_vector"] / best["ws_vector"], 3)
     result["source_vs_raw_text"] = round(best["source_text"] / best["raw_text"], 3)
     # Each repeat runs its pair back to back: the median of the per-repeat ratios is the figure

@@ -22,7 +22,7 @@ from models.config import Limits
 from models.errors import BadRequest, MethodNotAllowed, ShoalError, TooLarge, UnknownOp, as_shoal_error
 from models.reply_size import reply_too_large
 from server.auth import bearer
-from server.deadlines import request_deadline
+from server.deadlines import RequestDeadline
 from server.ops import execute, parse
 from server.state import AppState
 
@@ -107,7 +107,7 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
         parsed = await parse(op, args, state.settings.limits, size)
         state.auth.check(grant, caller, parsed)
         visible = None if grant is None else grant.collections
-        with request_deadline(state, op):
+        with RequestDeadline(state, op):
             result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
         response, code = _respond(result, 200, msgpack_reply), "ok"
         if len(response.body) > state.settings.limits.max_frame_bytes:  # the same bound as a frame

@@ -68,7 +68,7 @@ from models.records import Hit
 from models.reply_size import reply_too_large
 from models.requests import Auth, Subscribe, Unsubscribe
 from server.auth import Access, ApiKey, bearer
-from server.deadlines import request_deadline
+from server.deadlines import RequestDeadline
 from server.ops import decode, execute, match_hit, parse
 from server.outbox import Outbox
 from server.reply_budget import ReplyBudget, vector_bytes_floor
@@ -275,7 +275,7 @@ class Connection:
                 self._unsubscribe(request.sub)
                 return encode_reply(frame.request_id, {}), "ok", None
             visible = None if self.grant is None else self.grant.collections
-            with request_deadline(self.state, frame.op):
+            with RequestDeadline(self.state, frame.op):
                 result: dict[str, Any] = await execute(self.state.engine, request, compact=True, visible=visible)
             return encode_reply(frame.request_id, result), "ok", None
         except Exception as exc:
