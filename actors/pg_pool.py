@@ -285,8 +285,10 @@ class DatabasePool:
             raise Unavailable(f"database unavailable: {reason}") from exc
         except (asyncpg.exceptions.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
             # InternalClientError: asyncpg refuses a connection whose server went away in the
-            # middle of an operation ("cannot switch to state ..."): as lost as a reset socket.
-            if lost:  # e.g. a transaction's ROLLBACK on a connection the server dropped
+            # middle of an operation ("cannot switch to state ..."): as lost as a reset socket,
+            # also when it comes from the pool's reset on release, after the block succeeded
+            # (the pool terminates that connection itself).
+            if lost or isinstance(exc, asyncpg.exceptions.InternalClientError):
                 self.health.mark_down("connection lost")
                 raise Unavailable("database unavailable: connection lost") from exc
             if self._pool is not pool:  # the pool was closed under this call: shutting down
@@ -302,16 +304,20 @@ class DatabasePool:
         """
         xid: int | None = None
         backend = 0
-        committing = False
+        committing = committed = False
         results: list[T] = []
         try:
-            async with self.connection() as conn, conn.transaction():
-                xid = int(await conn.fetchval("SELECT txid_current()"))
-                backend = conn.get_server_pid()
-                results.append(await body(conn))
-                committing = True  # what fails from here on fails during COMMIT
+            async with self.connection() as conn:
+                async with conn.transaction():
+                    xid = int(await conn.fetchval("SELECT txid_current()"))
+                    backend = conn.get_server_pid()
+                    results.append(await body(conn))
+                    committing = True  # what fails from here on fails during COMMIT
+                committed = True  # COMMIT answered: only giving the connection back can fail now
             return results[0]
         except Unavailable:
+            if committed:
+                return results[0]
             if not committing or xid is None:
                 raise
             log.warning("commit of transaction %d is in doubt; asking the database", xid)
