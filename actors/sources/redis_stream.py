@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
@@ -35,23 +36,25 @@ from actors.sources.base import Completion, RawEntry, SourceInfo
 from models.errors import StartupError
 from models.requests import COLLECTION_NAME
 
-# KEYS: notify stream, source stream. ARGV: maxlen, group, number of events, then per event its
-# field count and fields, then the entry ids to acknowledge (XACK in chunks: Lua's unpack is
-# bounded by its C stack).
+# KEYS: notify stream, source stream. ARGV: maxlen, group, and one JSON text holding the events
+# (each a flat list of field names and values) and the entry ids to acknowledge: one value for
+# the client to pack whatever the batch's size, since it packs each value in Python on the event
+# loop (one value per field and id was a dozen per entry). XACK goes in chunks: Lua's unpack is
+# bounded by its C stack.
 _COMPLETE = """
-local maxlen, group, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local i = 4
-for _ = 1, n do
-  local count = tonumber(ARGV[i]) * 2
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
+local maxlen, group = ARGV[1], ARGV[2]
+local batch = cjson.decode(ARGV[3])
+local events, ids = batch[1], batch[2]
+for _, fields in ipairs(events) do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(fields))
 end
-while i <= #ARGV do
-  local last = math.min(i + 999, #ARGV)
-  redis.call('XACK', KEYS[2], group, unpack(ARGV, i, last))
+local i = 1
+while i <= #ids do
+  local last = math.min(i + 999, #ids)
+  redis.call('XACK', KEYS[2], group, unpack(ids, i, last))
   i = last + 1
 end
-return n
+return #events
 """
 
 SCHEMES = ("redis", "rediss")
@@ -246,16 +249,11 @@ class RedisStream:
 
     async def complete(self, completions: Sequence[Completion], ack: Sequence[str]) -> None:
         u = self.url
-        args: list[str | int] = [self._notify_maxlen, u.group, len(completions)]
-        for completion in completions:
-            fields = completion.to_fields()
-            args.append(len(fields))
-            for name, value in fields.items():
-                args += (name, value)
-        args.extend(ack)
+        events = [[part for pair in completion.to_fields().items() for part in pair] for completion in completions]
+        batch = orjson.dumps([events, list(ack)])
         if self._complete is None:
             self._complete = self._redis().register_script(_COMPLETE)
-        await self._complete(keys=[u.notify, u.stream], args=args)
+        await self._complete(keys=[u.notify, u.stream], args=[self._notify_maxlen, u.group, batch])
 
     async def lag(self) -> int | None:
         r, u = self._redis(), self.url
