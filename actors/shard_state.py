@@ -377,19 +377,18 @@ class ShardState:
         if found is None and k_index > 0:
             return None
         tops = exact.search(self.vectors, self.norms, q, k, self.metric, mask=late)
-        rows = []
-        for i, top in enumerate(tops):
-            labels, scores, dists = top.labels, top.scores, top.distances
-            if found is not None:
-                labels = np.concatenate([found.labels[i], labels])
-                scores = np.concatenate([found.scores[i], scores])
-                dists = np.concatenate([found.distances[i], dists])
-            best = np.argsort(-scores, kind="stable")[:k]
-            rows.append((labels[best], scores[best], dists[best]))
+        labels = np.stack([top.labels for top in tops]).astype(np.int64, copy=False)
+        scores = np.stack([top.scores for top in tops])
+        dists = np.stack([top.distances for top in tops])
+        if found is not None:
+            labels = np.concatenate([found.labels, labels], axis=1)
+            scores = np.concatenate([found.scores, scores], axis=1)
+            dists = np.concatenate([found.distances, dists], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return Found(
-            np.stack([r[0] for r in rows]).astype(np.int64, copy=False),
-            np.stack([r[1] for r in rows]),
-            np.stack([r[2] for r in rows]),
+            np.take_along_axis(labels, best, axis=1),
+            np.take_along_axis(scores, best, axis=1),
+            np.take_along_axis(dists, best, axis=1),
         )
 
     def search_exact(
