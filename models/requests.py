@@ -376,11 +376,11 @@ def parse_vector(value: object, limits: Limits) -> Vector:
     if vector.size == 0:
         raise BadRequest("a vector must not be empty")
     bound = min(limits.max_vector_norm, VECTOR_NORM_CEILING)
-    # One float64 dot product decides the common case: it is NaN with a NaN, inf with an inf or
+    # One float64 sum of squares decides the common case: it is NaN with a NaN, inf with an inf or
     # when the squares overflow, and those all fail the comparison. Squares of float32 values
-    # cannot overflow float64; those of float64 values from a JSON list can.
-    # A ufunc, not `np.dot`: BLAS releases the GIL, and the event loop (which parses) then waits
-    # for a search thread to hand it back.
+    # cannot overflow float64; those of float64 values from a JSON list can. A ufunc, not
+    # `np.dot`: BLAS releases the GIL, and the event loop (which parses) then waits for a search
+    # thread to hand it back.
     if vector.dtype == np.float32:
         wide = vector.astype(np.float64)
         squared = float(np.add.reduce(wide * wide))

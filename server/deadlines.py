@@ -16,6 +16,7 @@ idempotent by id.
 from __future__ import annotations
 
 import asyncio
+import functools
 from types import TracebackType
 
 import anyio
@@ -67,12 +68,8 @@ class RequestDeadline:
         return swallowed
 
 
-_SCOPE_TYPE: list[type[anyio.CancelScope]] = []
-
-
+@functools.cache
 def _scope_type() -> type[anyio.CancelScope]:
     """The running backend's cancel scope class (the server runs one backend, asyncio), whose
     deadlines are on the event loop's clock."""
-    if not _SCOPE_TYPE:
-        _SCOPE_TYPE.append(type(anyio.CancelScope()))
-    return _SCOPE_TYPE[0]
+    return type(anyio.CancelScope())
