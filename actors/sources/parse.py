@@ -34,29 +34,37 @@ def parse_entry(raw: RawEntry, default_collection: str | None, limits: Limits) -
     try:
         if size > limits.max_frame_bytes:
             raise TooLarge(f"an entry is at most {limits.max_frame_bytes} bytes (this one has {size})")
-        fields = _decode(raw.fields)
+        fields, doc = _decode(raw.fields)
         collection = fields.get("collection") or default_collection or ""
-        request, doc_id = _request(fields, collection, limits)
+        request, doc_id = _request(fields, doc, collection, limits)
     except ShoalError as exc:
         return Entry(raw.id, collection, doc_id or _guess_id(raw.fields), None, exc, size)
     return Entry(raw.id, collection, doc_id, request, None, size)
 
 
-def _decode(raw: Mapping[bytes, bytes]) -> dict[str, str]:
+def _decode(raw: Mapping[bytes, bytes]) -> tuple[dict[str, str], bytes | None]:
+    """The text fields by name, and `doc` apart as bytes: orjson reads UTF-8 bytes directly
+    (refusing what is not UTF-8), so a document's kilobytes are not decoded and copied first."""
     fields: dict[str, str] = {}
+    doc: bytes | None = None
     for key, value in raw.items():
         try:
-            name, text = key.decode("utf-8"), value.decode("utf-8")
+            name = key.decode("utf-8")
+            if name == "doc":
+                doc = value
+            else:
+                fields[name] = value.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest(f"entry field {echo(key)} is not UTF-8 text") from None
-        fields[name] = text
-    unknown = sorted(set(fields) - FIELDS)
-    if unknown:
-        raise BadRequest("unknown entry field(s): " + ", ".join(echo(name) for name in unknown[:5]))
-    return fields
+        if name not in FIELDS:
+            unknown = sorted({k.decode("utf-8", "replace") for k in raw} - FIELDS)
+            raise BadRequest("unknown entry field(s): " + ", ".join(echo(name) for name in unknown[:5]))
+    return fields, doc
 
 
-def _request(fields: Mapping[str, str], collection: str, limits: Limits) -> tuple[Upsert | Delete, str]:
+def _request(
+    fields: Mapping[str, str], doc_json: bytes | None, collection: str, limits: Limits
+) -> tuple[Upsert | Delete, str]:
     op = fields.get("op") or "upsert"
     if op not in OPS:
         raise UnknownOp(f"entry op must be upsert or delete, not {echo(op)}")
@@ -64,7 +72,7 @@ def _request(fields: Mapping[str, str], collection: str, limits: Limits) -> tupl
         raise BadRequest("the entry names no 'collection' and the source has no default collection")
     args: dict[str, Any] = {"collection": collection}
     if op == "delete":
-        if "doc" in fields:
+        if doc_json is not None:
             raise BadRequest("a delete entry takes 'id', not 'doc'")
         given = fields.get("id")
         if given is None:
@@ -74,15 +82,14 @@ def _request(fields: Mapping[str, str], collection: str, limits: Limits) -> tupl
     else:
         if "id" in fields:
             raise BadRequest("an upsert entry takes the id inside 'doc', not as 'id'")
-        text = fields.get("doc")
-        if text is None:
+        if doc_json is None:
             raise BadRequest("an upsert entry needs 'doc' (a document as JSON text)")
         try:
             # orjson: a document with a 384-d vector parses several times faster than with json;
             # it refuses NaN / Infinity, deeper nesting than 1024 and lone surrogates outright.
-            doc = orjson.loads(text)
+            doc = orjson.loads(doc_json)
         except (ValueError, RecursionError) as exc:
-            raise BadRequest(f"'doc' is not valid JSON ({type(exc).__name__})") from None
+            raise BadRequest(f"'doc' is not valid JSON in UTF-8 ({type(exc).__name__})") from None
         if isinstance(doc, dict) and isinstance(doc.get("vector"), str):
             doc["vector"] = _base64_vector(doc["vector"])
         args["docs"] = [doc]

@@ -236,9 +236,8 @@ class RedisStream:
         out: list[RawEntry] = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                if fields is None:  # pending, but deleted from the stream meanwhile (XDEL, MAXLEN)
-                    fields = {}
-                out.append(RawEntry(_text(entry_id), dict(fields)))
+                # (No fields: pending, but deleted from the stream meanwhile: XDEL, MAXLEN.)
+                out.append(RawEntry(_text(entry_id), fields or {}))
         return out
 
     async def read_pending(self, after: str, count: int) -> Sequence[RawEntry]:
