@@ -302,10 +302,13 @@ class SourceActor:
         units: list[Unit] = []
         job: Unit | None = None
         done = Unit([])
+        # A batch's ids ascend: when its first is past the committed position, all are, and only
+        # an isolation in progress needs each entry's order.
+        all_new = bool(entries) and order(entries[0].id) > committed
         for entry in entries:
-            key = order(entry.id)
+            key = None if all_new and self._isolate_through is None else order(entry.id)
             error = entry.error if entry.error is not None else self._check(entry)
-            if key <= committed:
+            if key is not None and key <= committed:
                 # Done before a crash: its event is sent again, rejected if it still is.
                 status = Status.INDEXED if error is None else Status.REJECTED
                 done.completions.append(
@@ -317,7 +320,7 @@ class SourceActor:
                     Completion(entry.id, entry.collection, entry.doc_id, Status.REJECTED, error=error)
                 )
                 continue
-            alone = self._isolate_through is not None and key <= self._isolate_through
+            alone = self._isolate_through is not None and key is not None and key <= self._isolate_through
             if job is not None and not alone and fits(job, entry, self._config.read_batch):
                 job.entries.append(entry)
                 continue

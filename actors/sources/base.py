@@ -89,17 +89,17 @@ class Completion:
 
     def to_fields(self) -> dict[str, str]:
         """The completion event's fields (see PROTOCOL.md, "Broker sources")."""
-        fields = {
-            "entry": self.entry,
-            "collection": self.collection,
-            "id": self.doc_id,
-            "seq": "" if self.seq is None else str(self.seq),
-            "status": self.status.value,
-        }
+        event = self.event()
+        return dict(zip(event[::2], event[1::2], strict=True))
+
+    def event(self) -> list[str]:
+        """The event's field names and values in turn, as XADD takes them."""
+        seq = "" if self.seq is None else str(self.seq)
+        event = ["entry", self.entry, "collection", self.collection, "id", self.doc_id, "seq", seq]
+        event += ["status", self.status.value]
         if self.error is not None:
-            fields["code"] = self.error.code
-            fields["message"] = self.error.message
-        return fields
+            event += ["code", self.error.code, "message", self.error.message]
+        return event
 
 
 @dataclass(frozen=True, slots=True)

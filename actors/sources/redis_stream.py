@@ -63,6 +63,7 @@ DEFAULT_CONSUMER = "shoal"
 PARAMS = frozenset({"stream", "group", "collection", "notify", "consumer"})
 # Redis stream keys and group names are binary-safe; these bounds keep them printable and short.
 MAX_NAME = 256
+SOCKET_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,9 @@ class RedisStream:
             # A blocking read holds its connection for block_ms; anything longer is a dead peer.
             socket_timeout=self._timeout_s + self._block_ms / 1000,
             retry=Retry(NoBackoff(), 0),
+            # A batch of entries is megabytes: read what the socket holds in a few calls, not in
+            # dozens of 64 KiB ones (each a trip through the event loop).
+            socket_read_size=SOCKET_READ_BYTES,
             client_name=f"shoal-source-{u.consumer}",
         )
         try:
@@ -248,7 +252,7 @@ class RedisStream:
 
     async def complete(self, completions: Sequence[Completion], ack: Sequence[str]) -> None:
         u = self.url
-        events = [[part for pair in completion.to_fields().items() for part in pair] for completion in completions]
+        events = [completion.event() for completion in completions]
         batch = orjson.dumps([events, list(ack)])
         if self._complete is None:
             self._complete = self._redis().register_script(_COMPLETE)
