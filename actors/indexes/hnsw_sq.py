@@ -31,7 +31,7 @@ from actors.indexes.base import (
     param,
     rerank,
 )
-from actors.indexes.faiss_lib import faiss
+from actors.indexes.faiss_lib import faiss, use_threads
 from actors.indexes.ivf import FAISS_METRICS, QTYPES, prepared
 from models.config import EngineConfig
 from models.index_spec import IndexSpec
@@ -154,7 +154,7 @@ class HnswSqIndex(VectorIndex):
                 ok &= allowed[graph.label_of]
             packed = bitmap(ok)
             search_params.sel = faiss.IDSelectorBitmap(packed)
-        faiss.omp_set_num_threads(max(1, threads))
+        use_threads(queries.shape[0], threads)
         _, entries = graph.index.search(prepared(queries, self.metric), depth, params=search_params)
         del packed
         labels = np.where(entries >= 0, graph.label_of[np.maximum(entries, 0)], -1)

@@ -35,7 +35,7 @@ from actors.indexes.base import (
     param,
     rerank,
 )
-from actors.indexes.faiss_lib import faiss
+from actors.indexes.faiss_lib import faiss, use_threads
 from models.config import EngineConfig
 from models.index_spec import IndexSpec
 from models.records import Metric
@@ -155,7 +155,7 @@ class IvfIndex(VectorIndex):
         index = self._index
         if index is None:
             return None
-        faiss.omp_set_num_threads(max(1, threads))
+        use_threads(queries.shape[0], threads)
         search_params = faiss.SearchParametersIVF(nprobe=self.nprobe_of(params, int(index.nlist)))
         packed = None
         if allowed is not None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from actors.indexes.base import F32, Found, Labels, Mask, QueryParams, VectorIndex, VectorStore, rerank
-from actors.indexes.faiss_lib import faiss
+from actors.indexes.faiss_lib import faiss, use_threads
 from actors.indexes.ivf import prepared
 from models.config import EngineConfig
 from models.index_spec import IndexSpec, default_nbits
@@ -62,7 +62,7 @@ class LshIndex(VectorIndex):
         if allowed is not None:
             share = max(1e-6, float(np.count_nonzero(allowed)) / max(1, total))
             depth = int(depth / share) + k
-        faiss.omp_set_num_threads(max(1, threads))
+        use_threads(queries.shape[0], threads)
         _, labels = self.index.search(prepared(queries, self.metric), min(total, depth))
         return rerank(self.store, self.metric, queries, labels, k, allowed)
 
