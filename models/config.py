@@ -60,6 +60,9 @@ class Limits:
     # `unavailable` (writes: upsert, delete, create/drop collection; reads: everything else).
     write_deadline_s: float = field(default=5.0, metadata=bounds(0.1, 3600))
     read_deadline_s: float = field(default=30.0, metadata=bounds(0.1, 3600))
+    # Added to an upsert's deadline for each text the server embeds for it (0..60 s): embedding
+    # is work, not a stall, and a batch of 500 texts takes seconds on a small machine.
+    embed_deadline_per_text_s: float = field(default=0.05, metadata=bounds(0.0, 60.0))
     # Connection hardening. Reply bytes one WebSocket may have pending (queued to send, or
     # reserved by requests being served) before the server stops reading its requests; 64 KiB
     # up to 64 GiB. A reply larger than this is still sent, alone.

@@ -3,9 +3,11 @@
 A scope around serving one request (`with RequestDeadline(state, op): ...`): when the deadline
 passes, the work under it is cancelled and `Unavailable` is raised with a message naming the
 deadline and, when the database is known to be down, why. Writes (`upsert`, `delete`,
-`create_collection`, `drop_collection`) get `Limits.write_deadline_s` (`SHOAL_WRITE_DEADLINE_S`);
-everything else `Limits.read_deadline_s` (`SHOAL_READ_DEADLINE_S`). While the database is known
-to be down (`Persistence.health`), writes answer `unavailable` at once instead of queueing.
+`create_collection`, `drop_collection`) get `Limits.write_deadline_s` (`SHOAL_WRITE_DEADLINE_S`),
+an upsert `Limits.embed_deadline_per_text_s` (`SHOAL_EMBED_DEADLINE_PER_TEXT_S`) more for each
+document the server embeds; everything else `Limits.read_deadline_s` (`SHOAL_READ_DEADLINE_S`).
+While the database is known to be down (`Persistence.health`), writes answer `unavailable` at
+once instead of queueing.
 
 A write whose deadline passed may still be committed afterwards, if its batch had already
 reached the database (the committer finds out whether it did; see `actors/pg_pool.py`); one that
@@ -23,20 +25,33 @@ import anyio
 
 from models.config import Limits
 from models.errors import Unavailable
+from models.requests import Upsert
 from server.state import AppState
 
 WRITE_OPS = frozenset({"upsert", "delete", "create_collection", "drop_collection"})
 
 
-def deadline_of(limits: Limits, op: object) -> tuple[float, str]:
-    """(seconds, the setting that controls it) for a request of `op`."""
+def deadline_of(limits: Limits, op: object, request: object = None) -> tuple[float, str]:
+    """(seconds, the setting that controls it) for a request of `op` (`request`: the parsed
+    request, whose texts to embed extend an upsert's deadline)."""
     if op in WRITE_OPS:
+        texts = texts_to_embed(request)
+        if texts:
+            seconds = limits.write_deadline_s + texts * limits.embed_deadline_per_text_s
+            return seconds, "SHOAL_WRITE_DEADLINE_S + SHOAL_EMBED_DEADLINE_PER_TEXT_S per text"
         return limits.write_deadline_s, "SHOAL_WRITE_DEADLINE_S"
     return limits.read_deadline_s, "SHOAL_READ_DEADLINE_S"
 
 
+def texts_to_embed(request: object) -> int:
+    """Documents of an upsert that the server embeds (text, no vector)."""
+    if not isinstance(request, Upsert):
+        return 0
+    return sum(1 for doc in request.docs if doc.vector is None and doc.text is not None)
+
+
 class RequestDeadline:
-    """`with RequestDeadline(state, op):` cancels the block at the request's deadline and
+    """`with RequestDeadline(state, op, request):` cancels the block at the request's deadline and
     raises Unavailable instead. A write while the database is known to be down raises
     Unavailable at once, without queueing.
 
@@ -45,9 +60,9 @@ class RequestDeadline:
 
     __slots__ = ("_op", "_scope", "_seconds", "_setting", "_state")
 
-    def __init__(self, state: AppState, op: object) -> None:
+    def __init__(self, state: AppState, op: object, request: object = None) -> None:
         self._state, self._op = state, op
-        self._seconds, self._setting = deadline_of(state.settings.limits, op)
+        self._seconds, self._setting = deadline_of(state.settings.limits, op, request)
         self._scope: anyio.CancelScope | None = None
 
     def __enter__(self) -> None:

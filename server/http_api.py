@@ -107,7 +107,7 @@ async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Respon
         parsed = await parse(op, args, state.settings.limits, size)
         state.auth.check(grant, caller, parsed)
         visible = None if grant is None else grant.collections
-        with RequestDeadline(state, op):
+        with RequestDeadline(state, op, parsed):
             result = await execute(state.engine, parsed, compact=msgpack_reply, visible=visible)
         response, code = _respond(result, 200, msgpack_reply), "ok"
         if len(response.body) > state.settings.limits.max_frame_bytes:  # the same bound as a frame

@@ -275,7 +275,7 @@ class Connection:
                 self._unsubscribe(request.sub)
                 return encode_reply(frame.request_id, {}), "ok", None
             visible = None if self.grant is None else self.grant.collections
-            with RequestDeadline(self.state, frame.op):
+            with RequestDeadline(self.state, frame.op, request):
                 result: dict[str, Any] = await execute(self.state.engine, request, compact=True, visible=visible)
             return encode_reply(frame.request_id, result), "ok", None
         except Exception as exc:
