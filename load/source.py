@@ -16,8 +16,10 @@ it (`SHOAL_SOURCE_READ_BATCH` = `--batch`), then measures in the same run, on co
   commit and indexing, as the WebSocket's ack), both on Redis's clock;
 - text, source: `--text-docs` passages with text only (the server embeds them), timed the same;
 - text, raw onnxruntime: the same texts embedded by `MiniLM` in this process, cut into batches as
-  the embedder does, on one worker thread per CPU (`load.embed_bench.raw_run`), right before the
+  the embedder does, on one worker thread per CPU (`load.embed_bench.raw_run`), beside the
   source's text run of the same repeat - the ceiling.
+Each pair (WebSocket and source with vectors; raw and source with text) runs back to back, the
+order alternating from one repeat to the next.
 Ratios: source / WebSocket with vectors (target >= 0.8) and source / raw with text (>= 0.9), of
 the best rates and, per repeat, with their median.
 """
@@ -29,7 +31,7 @@ import base64
 import json
 import socket
 import statistics
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,27 +210,42 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         ]
                         for start in range(0, n, args.batch)
                     ]
-                    meter = CpuMeter(proc.pid).start()
-                    ingest = await run_ingest([ws], ws_name, batches, in_flight=args.in_flight)
-                    cpu["ws_vector"].append(meter.stop())
-                    assert ingest.docs == n, ingest.errors
-                    runs["ws_vector"].append(n / ingest.seconds)
+                    vector_entries = _entries(src_name, [f"s{i}" for i in range(n)], texts, vectors, args.vectors)
+                    text_entries = _entries(txt_name, [f"t{i}" for i in range(m)], text_only, None)
 
-                    entries = _entries(src_name, [f"s{i}" for i in range(n)], texts, vectors, args.vectors)
-                    meter = CpuMeter(proc.pid).start()
-                    runs["source_vector"].append(n / await _through_source(ws, redis_server.port, src_name, entries))
-                    cpu["source_vector"].append(meter.stop())
+                    async def ws_vectors(name: str = ws_name, batches: list[list[dict[str, Any]]] = batches) -> None:
+                        meter = CpuMeter(proc.pid).start()
+                        ingest = await run_ingest([ws], name, batches, in_flight=args.in_flight)
+                        cpu["ws_vector"].append(meter.stop())
+                        assert ingest.docs == n, ingest.errors
+                        runs["ws_vector"].append(n / ingest.seconds)
 
-                    # Raw onnxruntime right before the source's text run (the server idle), so
-                    # both see the same machine.
-                    wall, _cpu = await anyio.to_thread.run_sync(
-                        raw_run, model, text_only, config.embed_batch, config.embed_batch_tokens, config.embed_workers
-                    )
-                    runs["raw_text"].append(m / wall)
-                    entries = _entries(txt_name, [f"t{i}" for i in range(m)], text_only, None)
-                    meter = CpuMeter(proc.pid).start()
-                    runs["source_text"].append(m / await _through_source(ws, redis_server.port, txt_name, entries))
-                    cpu["source_text"].append(meter.stop())
+                    async def source_vectors(
+                        name: str = src_name, entries: list[dict[str, str]] = vector_entries
+                    ) -> None:
+                        meter = CpuMeter(proc.pid).start()
+                        runs["source_vector"].append(n / await _through_source(ws, redis_server.port, name, entries))
+                        cpu["source_vector"].append(meter.stop())
+
+                    async def raw_text() -> None:  # with the server idle
+                        batching = (config.embed_batch, config.embed_batch_tokens, config.embed_workers)
+                        wall, _cpu = await anyio.to_thread.run_sync(raw_run, model, text_only, *batching)
+                        runs["raw_text"].append(m / wall)
+
+                    async def source_text(name: str = txt_name, entries: list[dict[str, str]] = text_entries) -> None:
+                        meter = CpuMeter(proc.pid).start()
+                        runs["source_text"].append(m / await _through_source(ws, redis_server.port, name, entries))
+                        cpu["source_text"].append(meter.stop())
+
+                    # Each pair runs back to back, in turns which goes first, so a drift in what the
+                    # machine's neighbours take falls on both sides alike.
+                    phases: list[list[Callable[[], Awaitable[None]]]] = [
+                        [ws_vectors, source_vectors],
+                        [raw_text, source_text],
+                    ]
+                    for pair in phases:
+                        for phase in pair if repeat % 2 == 0 else pair[::-1]:
+                            await phase()
                     log(
                         f"source: repeat {repeat + 1}: ws {runs['ws_vector'][-1]:.0f}/s, source vectors"
                         f" {runs['source_vector'][-1]:.0f}/s, source text {runs['source_text'][-1]:.0f}/s,"
