@@ -44,10 +44,11 @@ def deadline_of(limits: Limits, op: object, request: object = None) -> tuple[flo
 
 
 def texts_to_embed(request: object) -> int:
-    """Documents of an upsert that the server embeds (text, no vector)."""
+    """Documents of an upsert that the server embeds: those without a vector, as ingest picks
+    them (validation gave each of them a text)."""
     if not isinstance(request, Upsert):
         return 0
-    return sum(1 for doc in request.docs if doc.vector is None and doc.text is not None)
+    return sum(1 for doc in request.docs if doc.vector is None)
 
 
 class RequestDeadline:
