@@ -31,6 +31,7 @@ import base64
 import json
 import socket
 import statistics
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from shoal_client import ShoalClient
 STREAM = "load"
 NOTIFY = f"{STREAM}.indexed"  # the source's default notify stream
 XADD_CHUNK = 1000
+COMPLETION_WAIT_S = 600.0  # for the completion events of one timed phase
 
 
 def _entries(
@@ -134,8 +136,11 @@ def _completed(port: int, collection: str, n: int, after: str) -> int:
     where polling its count would (a request every few ms on the event loop being measured)."""
     name = collection.encode()
     seen = rejected = 0
+    deadline = time.monotonic() + COMPLETION_WAIT_S
     with redis.Redis(host="127.0.0.1", port=port, socket_timeout=30) as r:
         while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{seen} of {n} completion events of {collection} within {COMPLETION_WAIT_S:g} s")
             reply = r.xread({NOTIFY: after}, count=1000, block=1000)
             for _stream, events in reply or []:
                 for event_id, fields in events:
