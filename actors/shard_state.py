@@ -166,6 +166,7 @@ class ShardState:
             mapped_bytes=self.store.file_bytes(),
             ready=self.index.ready(),
             builds=self.index.builds(),
+            building=self.index.building(),
             unindexed=self.n_unindexed,
         )
 

@@ -45,6 +45,7 @@ class ShardSizes:
     mapped_bytes: int = 0  # full-precision vectors memory-mapped from a file (quantised kinds)
     ready: bool = True  # False while the index declines (an ivf not trained yet): exact search
     builds: int = 0  # background (re)builds swapped in (ivf training, quantised hnsw rebuilds)
+    building: bool = False  # a background (re)build is running now
     unindexed: int = 0  # documents scored exactly until the index has caught up with them
 
     @property

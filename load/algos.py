@@ -163,9 +163,10 @@ def _bytes_gauges(g: Gauges) -> dict[str, float]:
 
 def _indexing(g: Gauges) -> bool:
     """True while a per-collection gauge says the index is still being trained or built (a
-    `*training*` gauge above 0, or a `*trained*` gauge at 0), when the server exports one."""
+    `*training*` or `*building*` gauge above 0, or a `*trained*` gauge at 0), when the server
+    exports one: a background rebuild takes a core, and QPS measured meanwhile is not the kind's."""
     for key, value in g.collection.items():
-        if "training" in key and value > 0:
+        if ("training" in key or "building" in key) and value > 0:
             return True
         if "trained" in key and value <= 0:
             return True

@@ -313,6 +313,11 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
         "Index (re)builds swapped in off the write path (ivf training, quantised hnsw)",
         labels=["collection", "kind"],
     )
+    building = GaugeMetricFamily(
+        "shoal_index_building",
+        "Shards whose index is being (re)built in the background now (a core each until swapped in)",
+        labels=["collection", "kind"],
+    )
     unindexed = GaugeMetricFamily(
         "shoal_index_unindexed",
         "Documents replayed at start that the index has not taken yet (searched exactly meanwhile)",
@@ -328,6 +333,7 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
         per_vector.add_metric([collection.name, kind], ram / docs if docs else 0.0)
         mapped.add_metric([collection.name, kind], sum(s.mapped_bytes for s in shards))
         builds.add_metric([collection.name, kind], sum(s.builds for s in shards))
+        building.add_metric([collection.name, kind], sum(1 for s in shards if s.building))
         unindexed.add_metric([collection.name, kind], sum(s.unindexed for s in shards))
         for number, sizes in enumerate(shards):
             ready.add_metric([collection.name, str(number), kind], 1 if sizes.ready else 0)
@@ -335,6 +341,7 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
     yield mapped
     yield ready
     yield builds
+    yield building
     yield unindexed
 
 

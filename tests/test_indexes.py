@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from actors.indexes.base import query_params
+from actors.indexes.base import NO_PARAMS, Rebuild, query_params
 from actors.matching import StandingQuery, compile_queries, doc_batch, match
 from actors.shard_state import ShardState
 from actors.snapshot import (
@@ -309,3 +310,22 @@ def test_a_snapshot_of_another_kind_or_an_older_format_is_never_used(tmp_path: P
     with pytest.raises(SnapshotInvalid, match="format 1"):
         store.read_manifest("c")
     state.close()
+
+
+def test_a_rebuild_reports_itself_running_until_it_is_swapped_in() -> None:
+    release = threading.Event()
+    swapped: list[object] = []
+    rebuild = Rebuild()
+    assert not rebuild.running
+    with rebuild.lock:
+        rebuild.start(lambda: release.wait(10) and "built", lambda *_: None, swapped.append)
+    assert rebuild.running and not swapped
+    release.set()
+    rebuild.wait(10)
+    assert not rebuild.running and swapped == ["built"] and rebuild.builds == 1
+
+
+def test_query_params_of_none_given_are_the_index_defaults() -> None:
+    assert query_params(ef=None, nprobe=None) == NO_PARAMS
+    assert query_params(nprobe=4, ef=None) == (("nprobe", 4),)
+    assert query_params(nprobe=4, ef=32) == (("ef", 32), ("nprobe", 4))

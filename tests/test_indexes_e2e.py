@@ -214,6 +214,9 @@ async def test_ivf_trains_while_queries_and_writes_run() -> None:
             while metric_values(url, "shoal_index_builds").get("grow", 0) < 2:  # trained, then retrained
                 assert asyncio.get_running_loop().time() < deadline, metric_values(url, "shoal_index_builds")
                 await asyncio.sleep(0.2)
+            while metric_values(url, "shoal_index_building").get("grow") != 0:  # no build running now
+                assert asyncio.get_running_loop().time() < deadline, metric_values(url, "shoal_index_building")
+                await asyncio.sleep(0.2)
             live = np.array([i for i in range(N) if i % 150], np.int64)
             assert await recall(c, "grow", live) >= 0.9
             res = await c.query("grow", vector=VECTORS[N - 1].tolist(), k=1)

@@ -45,6 +45,8 @@ NO_PARAMS: QueryParams = ()
 
 def query_params(**given: int | None) -> QueryParams:
     """The parameters that are set, as `QueryParams`."""
+    if all(value is None for value in given.values()):  # most queries: the index's defaults
+        return NO_PARAMS
     return tuple(sorted((name, value) for name, value in given.items() if value is not None))
 
 
@@ -200,6 +202,11 @@ class VectorIndex(ABC):
         """Background (re)builds swapped in so far."""
         rebuild = getattr(self, "rebuild", None)
         return rebuild.builds if isinstance(rebuild, Rebuild) else 0
+
+    def building(self) -> bool:
+        """Whether a background (re)build is running now: it takes a core until it swaps in."""
+        rebuild = getattr(self, "rebuild", None)
+        return isinstance(rebuild, Rebuild) and rebuild.running
 
     def describe(self) -> dict[str, object]:
         """Runtime facts for an operator (e.g. whether an ivf is trained, its nlist)."""

@@ -208,6 +208,7 @@ class HnswSqIndex(VectorIndex):
             "trained": graph is not None,
             "dead": 0 if graph is None else graph.dead,
             "builds": self.rebuild.builds,
+            "building": self.rebuild.running,
         }
 
     def close(self) -> None:

@@ -203,6 +203,7 @@ class IvfIndex(VectorIndex):
             "nlist": nlist,
             "nprobe": default_nprobe(nlist) if nlist else 0,
             "builds": self.rebuild.builds,
+            "building": self.rebuild.running,
         }
 
     def close(self) -> None:
