@@ -7,6 +7,7 @@ a socket, so the whole protocol surface is testable with bytes alone.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +67,20 @@ def decode_frame(data: bytes) -> Frame:
     return Frame(request_id, op, args, len(data))
 
 
+class _Packers(threading.local):
+    """One `msgpack.Packer` per thread: `packb` builds a packer per call, which cost more than
+    packing a query's reply (timeit); a packer is not safe to share between threads."""
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True)
+
+
+_packers = _Packers()
+
+
 def _pack(obj: dict[str, Any]) -> bytes:
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    # The packer resets its buffer on an error too, so it stays usable after one.
+    packed: bytes = _packers.packer.pack(obj)
     return packed
 
 
