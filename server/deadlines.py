@@ -29,6 +29,8 @@ from models.requests import Upsert
 from server.state import AppState
 
 WRITE_OPS = frozenset({"upsert", "delete", "create_collection", "drop_collection"})
+# How late a request's deadline may fire: deadlines are seconds long, this a small part of one.
+WATCH_TICK_S = 0.02
 
 
 def deadline_of(limits: Limits, op: object, request: object = None) -> tuple[float, str]:
@@ -57,7 +59,10 @@ class RequestDeadline:
     Unavailable at once, without queueing.
 
     A class rather than a generator, and the event loop's cancel scope made directly: it runs
-    for every request, and `anyio.move_on_after` looks the running backend up twice per call."""
+    for every request, and `anyio.move_on_after` looks the running backend up twice per call.
+    The scope has no deadline of its own: `DeadlineWatch` cancels it when its time has come, so
+    a request adds a dict entry rather than a timer, which cost more to arm and cancel than the
+    rest of the scope (timeit)."""
 
     __slots__ = ("_op", "_scope", "_seconds", "_setting", "_state")
 
@@ -70,18 +75,65 @@ class RequestDeadline:
         op, health = self._op, self._state.engine.persistence.health
         if op in WRITE_OPS and not health.up:
             raise Unavailable(f"database unavailable ({health.reason}): {op} not attempted, retry later")
-        scope = self._scope = _scope_type()(deadline=asyncio.get_running_loop().time() + self._seconds)
+        scope = self._scope = _scope_type()()
         scope.__enter__()
+        _watch().add(scope, self._seconds)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> bool:
         scope = self._scope
         assert scope is not None
+        _watch().discard(scope)
         swallowed = bool(scope.__exit__(kind, error, tb))
         if scope.cancelled_caught:
             health = self._state.engine.persistence.health
             why = f"the database is unavailable ({health.reason})" if not health.up else "the server is busy"
             raise Unavailable(f"{self._op} did not complete within {self._seconds:g} s ({self._setting}): {why}")
         return swallowed
+
+
+class DeadlineWatch:
+    """The cancel scopes of the requests being served and when each is due, looked over every
+    `tick_s` while any is held: a due scope is cancelled then, at most `tick_s` late."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float = WATCH_TICK_S) -> None:
+        self._loop = loop
+        self._tick = tick_s
+        self._due: dict[anyio.CancelScope, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, scope: anyio.CancelScope, seconds: float) -> None:
+        self._due[scope] = self._loop.time() + seconds
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._tick, self._sweep)
+
+    def discard(self, scope: anyio.CancelScope) -> None:
+        self._due.pop(scope, None)
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        for scope in [scope for scope, due in self._due.items() if due <= now]:
+            del self._due[scope]
+            scope.cancel()
+        if self._due:
+            self._timer = self._loop.call_later(self._tick, self._sweep)
+
+
+_watches: dict[asyncio.AbstractEventLoop, DeadlineWatch] = {}
+
+
+def _watch() -> DeadlineWatch:
+    """The running event loop's watch (the server runs one loop; tests may run several)."""
+    loop = asyncio.get_running_loop()
+    watch = _watches.get(loop)
+    if watch is None:
+        for old in [old for old in _watches if old.is_closed()]:
+            del _watches[old]
+        watch = _watches[loop] = DeadlineWatch(loop)
+    return watch
 
 
 @functools.cache
