@@ -81,6 +81,30 @@ def scores_of(vectors: F32, norms: F32, queries: F32, metric: Metric) -> F32:
     return neg
 
 
+def candidate_scores(vectors: F32, norms: F32, queries: F32, rows: NDArray[np.int64], metric: Metric) -> F32:
+    """Score of each query against its own candidate rows: `rows` is (queries, candidates) of
+    row indices into `vectors`, the result the same shape; higher is better. The formulas of
+    `scores_of`, for a batch whose queries each have other rows (a re-rank)."""
+    picked = vectors[rows]  # (queries, candidates, dim): one gather for the batch
+    if metric is Metric.L1:
+        neg_l1: F32 = -np.abs(picked - queries[:, None, :]).sum(axis=2, dtype=np.float32)
+        return neg_l1
+    if queries.shape[0] == 1:  # one query: a matrix-vector product, cheaper than the einsum
+        dots: F32 = (picked[0] @ queries[0])[None, :]
+    else:
+        dots = np.einsum("bcd,bd->bc", picked, queries, dtype=np.float32)
+    if metric is Metric.IP:
+        return dots
+    q_norms = row_norms(queries)
+    row = norms[rows]
+    if metric is Metric.COSINE:
+        cos: F32 = dots / np.maximum(q_norms[:, None] * row, _TINY)
+        return cos
+    sq: F32 = row * row - 2.0 * dots + (q_norms * q_norms)[:, None]
+    neg: F32 = -np.sqrt(np.maximum(sq, np.float32(0.0)))
+    return neg
+
+
 def l1_scores(vectors: F32, queries: F32) -> F32:
     """-(sum of absolute differences) of every (query, row) pair, shape (queries, rows).
 

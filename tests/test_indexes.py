@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from actors.indexes.base import NO_PARAMS, Rebuild, query_params
+from actors import exact
+from actors.indexes.base import NO_PARAMS, Rebuild, VectorStore, query_params, rerank
 from actors.matching import StandingQuery, compile_queries, doc_batch, match
 from actors.shard_state import ShardState
 from actors.snapshot import (
@@ -329,3 +330,29 @@ def test_query_params_of_none_given_are_the_index_defaults() -> None:
     assert query_params(ef=None, nprobe=None) == NO_PARAMS
     assert query_params(nprobe=4, ef=None) == (("nprobe", 4),)
     assert query_params(nprobe=4, ef=32) == (("ef", 32), ("nprobe", 4))
+
+
+@pytest.mark.parametrize("metric", list(Metric))
+def test_a_rerank_keeps_each_querys_k_best_usable_candidates_by_the_true_metric(metric: Metric) -> None:
+    rng = np.random.default_rng(7)
+    store = VectorStore(16, 450)
+    store.vectors[:] = rng.standard_normal((450, 16)).astype(np.float32)
+    store.norms[:] = exact.row_norms(store.vectors)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    candidates = np.stack([rng.permutation(300)[:40] for _ in range(3)]).astype(np.int64)
+    candidates[:, 35:] = -1  # no candidate there
+    candidates[1, 2] = 400  # past the filter's end: usable only without one
+    allowed = rng.random(350) < 0.6
+    for mask in (None, allowed):
+        found = rerank(store, metric, queries, candidates, 5, mask)
+        assert found is not None
+        for i in range(3):
+            rows = [int(c) for c in candidates[i] if c >= 0 and (mask is None or (c < 350 and mask[c]))]
+            want = exact.scores_of(store.vectors[rows], store.norms[rows], queries[i : i + 1], metric)[0]
+            best = np.argsort(-want, kind="stable")[:5]
+            assert found.labels[i].tolist() == [rows[j] for j in best]
+            expected = np.clip(want[best], -1, 1) if metric is Metric.COSINE else want[best]
+            np.testing.assert_allclose(found.scores[i], expected, rtol=1e-4, atol=1e-5)
+        one = rerank(store, metric, queries[:1], candidates[:1], 5, mask)
+        assert one is not None and one.labels.tolist() == found.labels[:1].tolist()
+    assert rerank(store, metric, queries, candidates, 30, allowed) is None  # fewer than k usable

@@ -221,25 +221,29 @@ def rerank(
     store: VectorStore, metric: Metric, queries: F32, candidates: NDArray[np.int64], k: int, allowed: Mask | None
 ) -> Found | None:
     """The k best of each query's candidate labels (-1: none) by the true metric on the
-    full-precision vectors, or None when a query has fewer than k usable candidates."""
+    full-precision vectors, or None when a query has fewer than k usable candidates. The whole
+    batch is scored at once: per query, the numpy calls cost more than their arithmetic."""
     cand = np.asarray(candidates, dtype=np.int64)
-    if k <= 0:
+    if k <= 0 or cand.shape[1] < k:
         return None
-    vectors, norms = store.plain_vectors(), store.norms
-    labels = np.empty((cand.shape[0], k), np.int64)
-    scores = np.empty((cand.shape[0], k), np.float32)
-    for i in range(cand.shape[0]):  # one gather of (candidates, dim) per query
-        rows = cand[i]
-        rows = rows[rows >= 0]
-        if allowed is not None:
-            rows = rows[rows < allowed.shape[0]]
-            rows = rows[allowed[rows]]
-        if rows.shape[0] < k:
-            return None
-        got = exact.scores_of(vectors[rows], norms[rows], queries[i : i + 1], metric)[0]
-        order = np.argsort(-got, kind="stable")[:k]
-        labels[i] = rows[order]
-        scores[i] = got[order]
+    usable = cand >= 0
+    if allowed is not None:
+        usable &= cand < allowed.shape[0]
+        usable[usable] = allowed[cand[usable]]
+    every = bool(usable.all())
+    if not every and int(np.count_nonzero(usable, axis=1).min()) < k:
+        return None
+    rows = cand if every else np.where(usable, cand, 0)
+    got = exact.candidate_scores(store.plain_vectors(), store.norms, queries, rows, metric)
+    if not every:
+        got[~usable] = -np.inf  # after every usable one: k of those come first
+    # Best first; ties keep the candidate order (the index's), as a stable sort of -score does.
+    order = np.argsort(-got, axis=1, kind="stable")[:, :k]
+    if cand.shape[0] == 1:  # plain column indexing, cheaper than the 2-D gather below
+        labels, scores = cand[:, order[0]], got[:, order[0]]
+    else:
+        rows_of = np.arange(cand.shape[0])[:, None]
+        labels, scores = cand[rows_of, order], got[rows_of, order]
     if metric is Metric.COSINE:
         np.clip(scores, -1.0, 1.0, out=scores)
     return Found(labels, scores, exact.distance_of(scores, metric))
