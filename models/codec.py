@@ -13,10 +13,15 @@ from typing import Any
 
 import msgpack
 
-from models.errors import BadFrame, BadRequest, ShoalError, echo
+from models.config import Limits
+from models.errors import BadFrame, BadRequest, ShoalError, TooLarge, echo
 
 RESERVED_KEYS = frozenset({"id", "op"})
 MAX_REQUEST_ID = 2**64 - 1
+# The most items any one array or map in a frame may hold (see `frame_items`), unless a limit
+# allows more: unpacking builds every item holding the GIL, and a frame of a million small
+# integers stalls the event loop for 60-100 ms while it is decoded, even in a worker thread.
+MIN_FRAME_ITEMS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +46,19 @@ class FrameError(ShoalError):
         self.error = error
 
 
-def decode_frame(data: bytes) -> Frame:
-    """Decode one binary frame. Raises FrameError (bad_frame or bad_request) with the request id
-    when the frame was a map that carried a valid one; never any other exception."""
+def decode_frame(data: bytes, max_items: int = MIN_FRAME_ITEMS) -> Frame:
+    """Decode one binary frame. Raises FrameError (bad_frame or bad_request; too_large for an
+    array or map of more than `max_items` items) with the request id when the frame was a map
+    that carried a valid one; never any other exception."""
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        obj = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, max_array_len=max_items, max_map_len=max_items
+        )
+    except ValueError as exc:
+        if "exceeds max_" in str(exc):  # msgpack checks a container's length before building it
+            error = TooLarge(f"an array or map in a frame holds at most {max_items} items")
+            raise FrameError(_request_id_of(data), error) from exc
+        raise FrameError(None, BadFrame("frame is not valid msgpack")) from exc
     except Exception as exc:  # msgpack raises several unrelated types for malformed input
         raise FrameError(None, BadFrame("frame is not valid msgpack")) from exc
     if not isinstance(obj, dict):
@@ -65,6 +78,36 @@ def decode_frame(data: bytes) -> Frame:
         if not isinstance(key, str):  # msgpack `bin` keys: argument names are strings
             raise FrameError(request_id, BadRequest(f"argument names must be strings, got {echo(key)}"))
     return Frame(request_id, op, args, len(data))
+
+
+def _request_id_of(data: bytes) -> int | None:
+    """The valid request id of a frame that could not be decoded whole, found by skipping over
+    the other values of its top-level map (skipping builds nothing); None if there is none."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+    try:
+        unpacker.feed(data)
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "id":
+                found = unpacker.unpack()
+                valid = isinstance(found, int) and not isinstance(found, bool) and 0 <= found <= MAX_REQUEST_ID
+                return found if valid else None
+            unpacker.skip()
+    except Exception:  # not a map, or malformed past what was read: no id to answer with
+        return None
+    return None
+
+
+def frame_items(limits: Limits) -> int:
+    """The most items an array or map in a frame may hold: `MIN_FRAME_ITEMS`, or more where a
+    limit on one argument allows more (`max_filter_values` may be raised to a million)."""
+    return max(
+        MIN_FRAME_ITEMS,
+        limits.max_filter_values,
+        limits.max_batch_docs,
+        limits.max_ids,
+        limits.max_dim,
+        limits.max_metadata_keys,
+    )
 
 
 class _Packers(threading.local):

@@ -15,7 +15,7 @@ import anyio
 from actors.subscriber import MatchEvent
 from actors.supervisor import Engine
 from models import requests as rq
-from models.codec import Frame, decode_frame
+from models.codec import MIN_FRAME_ITEMS, Frame, decode_frame, frame_items
 from models.config import Limits
 from models.cursor import encode_cursor
 from models.errors import BadRequest
@@ -42,8 +42,9 @@ async def decode(data: bytes, limits: Limits) -> Frame:
     """`decode_frame(data)`, in a worker thread for a frame of `limits.parse_in_thread_bytes` or
     more (unpacking a million-element array takes a while). Raises FrameError."""
     if len(data) < limits.parse_in_thread_bytes:
-        return decode_frame(data)
-    return await anyio.to_thread.run_sync(decode_frame, data, limiter=_limiter())
+        # Under MIN_FRAME_ITEMS bytes no array or map can hold more items than that.
+        return decode_frame(data) if len(data) < MIN_FRAME_ITEMS else decode_frame(data, frame_items(limits))
+    return await anyio.to_thread.run_sync(decode_frame, data, frame_items(limits), limiter=_limiter())
 
 
 async def parse(op: object, args: Mapping[str, Any], limits: Limits, size: int) -> rq.Request:

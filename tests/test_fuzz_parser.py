@@ -25,7 +25,7 @@ import pytest
 from hypothesis import currently_in_test_context, example, given, note
 from hypothesis import strategies as st
 
-from models.codec import Frame, FrameError, decode_frame
+from models.codec import MIN_FRAME_ITEMS, Frame, FrameError, decode_frame, frame_items
 from models.config import Limits
 from models.errors import ShoalError
 from models.requests import PARSERS, Request, parse_request
@@ -387,10 +387,15 @@ def test_deep_filters_are_bounded(depth: int) -> None:
 
 @pytest.mark.parametrize("size", [10_000, 1_000_000])
 def test_large_in_lists_parse_in_bounded_time(size: int) -> None:
-    """A `$in` as large as a frame allows must not hold the event loop: parsed or refused fast."""
+    """A `$in` as large as a frame allows must not hold the event loop: parsed or refused fast
+    (a million values are refused by the decoder, before they are unpacked)."""
     where = {"n": {"$in": list(range(size))}}
     data = msgpack.packb({"id": 1, "op": "query", "collection": "c", "vector": [1.0], "where": where})
+    started = time.perf_counter()
     frame = check_decode(data)
+    if size > MIN_FRAME_ITEMS:
+        assert frame is None and time.perf_counter() - started < 0.05
+        frame = decode_frame(data, frame_items(Limits(max_filter_values=size)))
     assert frame is not None
     decoded = time.perf_counter()
     check_parse(frame.op, frame.args)
@@ -403,3 +408,28 @@ def test_wide_filters_are_bounded() -> None:
     check_parse("query", {"collection": "c", "vector": [1.0], "where": {"$or": [{"n": i} for i in range(50_000)]}})
     check_parse("query", {"collection": "c", "vector": [1.0], "where": {f"f{i}": i for i in range(50_000)}})
     assert time.perf_counter() - started < 0.5
+
+
+def test_an_array_or_map_past_the_frame_bound_is_too_large_with_the_frames_id() -> None:
+    """msgpack checks a container's length before building it: the million items are never
+    made, and the id is found by skipping over the other values."""
+    million = list(range(1_000_000))
+    for frame, want_id in (
+        ({"op": "query", "where": {"n": {"$in": million}}, "id": 7}, 7),
+        ({"id": 8, "op": "upsert", "docs": [{"metadata": {f"k{i}": i for i in range(MIN_FRAME_ITEMS + 1)}}]}, 8),
+        ({"op": "query", "vector": million}, None),  # no id in the frame
+        ({"id": True, "op": "query", "vector": million}, None),  # not a valid id
+    ):
+        data = msgpack.packb(frame)
+        started = time.perf_counter()
+        with pytest.raises(FrameError) as caught:
+            decode_frame(data)
+        assert caught.value.error.code == "too_large" and caught.value.request_id == want_id
+        assert time.perf_counter() - started < 0.05  # nothing was unpacked
+    at_bound = msgpack.packb({"id": 9, "op": "query", "where": {"n": {"$in": list(range(MIN_FRAME_ITEMS))}}})
+    assert decode_frame(at_bound).request_id == 9
+    raised = Limits(max_filter_values=200_000)
+    wide = msgpack.packb({"id": 10, "op": "query", "where": {"n": {"$in": list(range(150_000))}}})
+    assert decode_frame(wide, frame_items(raised)).request_id == 10
+    with pytest.raises(FrameError):
+        decode_frame(wide)

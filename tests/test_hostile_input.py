@@ -31,6 +31,7 @@ from websockets.asyncio.client import ClientConnection
 from actors.pg_server import open_database
 from actors.supervisor import Engine
 from models import requests as rq
+from models.codec import frame_items
 from models.config import EngineConfig, Limits
 from models.errors import Unavailable
 from models.records import DocId, Document, Metric
@@ -370,9 +371,12 @@ async def test_filter_size_limits_and_a_full_filter_leaves_others_responsive(
             assert reply["ok"] and len(reply["hits"]) == 50
             reply = await call(raw, {**query, "id": 20 + i, "where": {"k": {"$nin": full[:-1]}}})
             assert reply["ok"] and len(reply["hits"]) == 0
-            code, message = error_of(
-                await call(raw, {**query, "id": 30 + i, "where": {"k": {"$in": list(range(10**6))}}})
-            )
+            # A million values are refused before they are unpacked, with the request's id.
+            reply = await call(raw, {**query, "id": 30 + i, "where": {"k": {"$in": list(range(10**6))}}})
+            code, message = error_of(reply)
+            assert code == "too_large" and str(frame_items(limits)) in message and reply["id"] == 30 + i
+            over = list(range(limits.max_filter_values + 1))
+            code, message = error_of(await call(raw, {**query, "id": 50 + i, "where": {"k": {"$in": over}}}))
             assert code == "too_large" and str(limits.max_filter_values) in message
         many = {"$or": [{"k": i} for i in range(limits.max_filter_nodes)]}
         assert error_of(await call(raw, {**query, "id": 40, "where": many}))[0] == "too_large"
