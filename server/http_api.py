@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from models.codec import MIN_FRAME_ITEMS, frame_items
 from models.config import Limits
 from models.errors import BadRequest, MethodNotAllowed, ShoalError, TooLarge, UnknownOp, as_shoal_error
 from models.reply_size import reply_too_large
@@ -53,11 +54,19 @@ def _respond(body: dict[str, Any], status: int, msgpack_reply: bool) -> Response
     )
 
 
-def _decode_body(raw: bytes, as_msgpack: bool) -> dict[str, Any]:
+def _decode_body(raw: bytes, as_msgpack: bool, max_items: int = MIN_FRAME_ITEMS) -> dict[str, Any]:
     """The body as a map. Raises BadRequest: any decoding failure (bad syntax, nesting deep
-    enough to exhaust the recursion limit, an integer of more digits than Python converts)."""
+    enough to exhaust the recursion limit, an integer of more digits than Python converts);
+    TooLarge: a msgpack array or map of more than `max_items` items (as for WebSocket frames)."""
     try:
-        body = msgpack.unpackb(raw, raw=False, strict_map_key=True) if as_msgpack else json.loads(raw)
+        if as_msgpack:
+            body = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=max_items, max_map_len=max_items)
+        else:
+            body = json.loads(raw)
+    except ValueError as exc:
+        if as_msgpack and "exceeds max_" in str(exc):
+            raise TooLarge(f"an array or map in a request holds at most {max_items} items") from exc
+        raise BadRequest("request body is not valid JSON or msgpack") from exc
     except Exception as exc:
         raise BadRequest("request body is not valid JSON or msgpack") from exc
     if not isinstance(body, dict):
@@ -86,8 +95,8 @@ async def _read_body(request: Request, limits: Limits) -> tuple[dict[str, Any], 
         return {}, 0
     as_msgpack = request.headers.get("content-type", "").startswith(MSGPACK)
     if len(raw) < limits.parse_in_thread_bytes:
-        return _decode_body(raw, as_msgpack), len(raw)
-    return await anyio.to_thread.run_sync(_decode_body, raw, as_msgpack), len(raw)
+        return _decode_body(raw, as_msgpack, frame_items(limits)), len(raw)
+    return await anyio.to_thread.run_sync(_decode_body, raw, as_msgpack, frame_items(limits)), len(raw)
 
 
 async def _serve(request: Request, op: str, path_args: dict[str, Any]) -> Response:

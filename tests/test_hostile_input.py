@@ -421,6 +421,12 @@ async def test_binary_keys_huge_integers_long_names_and_empty_text(
         f"/v1/collections/{name}/query", content=packed, headers={"content-type": "application/msgpack"}
     )
     assert response.status_code == 400 and msgpack.unpackb(response.content)["error"]["code"] == "bad_request"
+    # A msgpack body's arrays are bounded as a frame's are, before the body is unpacked.
+    packed = msgpack.packb({"vector": [1.0, 0.0], "where": {"k": {"$in": list(range(10**6))}}})
+    response = await http.post(
+        f"/v1/collections/{name}/query", content=packed, headers={"content-type": "application/msgpack"}
+    )
+    assert response.status_code == 413 and msgpack.unpackb(response.content)["error"]["code"] == "too_large"
     # Huge integers: JSON has no bound; msgpack carries 64-bit ones.
     big = "1" + "0" * 400
     for body in (
