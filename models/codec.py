@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 
@@ -46,29 +46,34 @@ class FrameError(ShoalError):
         self.error = error
 
 
+def unpack_bounded(data: bytes, max_items: int) -> Any:
+    """`data` unpacked (strings as str, arrays as lists, map keys str or bytes only) with no
+    array or map of more than `max_items` items: msgpack checks a container's length before it
+    builds it. Raises TooLarge past the bound, and what msgpack raises for malformed input."""
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, max_array_len=max_items, max_map_len=max_items
+        )
+    except ValueError as exc:
+        if "exceeds max_" in str(exc):
+            raise TooLarge(f"an array or map holds at most {max_items} items") from exc
+        raise
+
+
 def decode_frame(data: bytes, max_items: int = MIN_FRAME_ITEMS) -> Frame:
     """Decode one binary frame. Raises FrameError (bad_frame or bad_request; too_large for an
     array or map of more than `max_items` items) with the request id when the frame was a map
     that carried a valid one; never any other exception."""
     try:
-        obj = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, max_array_len=max_items, max_map_len=max_items
-        )
-    except ValueError as exc:
-        if "exceeds max_" in str(exc):  # msgpack checks a container's length before building it
-            error = TooLarge(f"an array or map in a frame holds at most {max_items} items")
-            raise FrameError(_request_id_of(data), error) from exc
-        raise FrameError(None, BadFrame("frame is not valid msgpack")) from exc
+        obj = unpack_bounded(data, max_items)
+    except TooLarge as exc:
+        raise FrameError(_request_id_of(data), exc) from exc
     except Exception as exc:  # msgpack raises several unrelated types for malformed input
         raise FrameError(None, BadFrame("frame is not valid msgpack")) from exc
     if not isinstance(obj, dict):
         raise FrameError(None, BadFrame("a frame must be one msgpack map"))
     request_id = obj.get("id")
-    if (
-        isinstance(request_id, bool)
-        or not isinstance(request_id, int)
-        or not 0 <= request_id <= MAX_REQUEST_ID
-    ):
+    if not _valid_request_id(request_id):
         raise FrameError(None, BadRequest("'id' must be an unsigned integer"))
     op = obj.get("op")
     if op is None:
@@ -89,12 +94,15 @@ def _request_id_of(data: bytes) -> int | None:
         for _ in range(unpacker.read_map_header()):
             if unpacker.unpack() == "id":
                 found = unpacker.unpack()
-                valid = isinstance(found, int) and not isinstance(found, bool) and 0 <= found <= MAX_REQUEST_ID
-                return found if valid else None
+                return found if _valid_request_id(found) else None
             unpacker.skip()
     except Exception:  # not a map, or malformed past what was read: no id to answer with
         return None
     return None
+
+
+def _valid_request_id(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REQUEST_ID
 
 
 def frame_items(limits: Limits) -> int:

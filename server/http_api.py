@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from models.codec import MIN_FRAME_ITEMS, frame_items
+from models.codec import MIN_FRAME_ITEMS, frame_items, unpack_bounded
 from models.config import Limits
 from models.errors import BadRequest, MethodNotAllowed, ShoalError, TooLarge, UnknownOp, as_shoal_error
 from models.reply_size import reply_too_large
@@ -59,14 +59,9 @@ def _decode_body(raw: bytes, as_msgpack: bool, max_items: int = MIN_FRAME_ITEMS)
     enough to exhaust the recursion limit, an integer of more digits than Python converts);
     TooLarge: a msgpack array or map of more than `max_items` items (as for WebSocket frames)."""
     try:
-        if as_msgpack:
-            body = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=max_items, max_map_len=max_items)
-        else:
-            body = json.loads(raw)
-    except ValueError as exc:
-        if as_msgpack and "exceeds max_" in str(exc):
-            raise TooLarge(f"an array or map in a request holds at most {max_items} items") from exc
-        raise BadRequest("request body is not valid JSON or msgpack") from exc
+        body = unpack_bounded(raw, max_items) if as_msgpack else json.loads(raw)
+    except TooLarge:
+        raise
     except Exception as exc:
         raise BadRequest("request body is not valid JSON or msgpack") from exc
     if not isinstance(body, dict):
