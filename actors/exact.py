@@ -68,17 +68,7 @@ def scores_of(vectors: F32, norms: F32, queries: F32, metric: Metric) -> F32:
     """
     if metric is Metric.L1:
         return l1_scores(vectors, queries)
-    dots: F32 = queries @ vectors.T
-    if metric is Metric.IP:
-        return dots
-    q_norms = row_norms(queries)
-    if metric is Metric.COSINE:
-        denom: F32 = np.maximum(q_norms[:, None] * norms[None, :], _TINY)
-        cos: F32 = dots / denom
-        return cos
-    sq: F32 = (norms * norms)[None, :] - 2.0 * dots + (q_norms * q_norms)[:, None]
-    neg: F32 = -np.sqrt(np.maximum(sq, np.float32(0.0)))
-    return neg
+    return _from_dots(queries @ vectors.T, queries, norms[None, :], metric)
 
 
 def candidate_scores(vectors: F32, norms: F32, queries: F32, rows: NDArray[np.int64], metric: Metric) -> F32:
@@ -93,14 +83,19 @@ def candidate_scores(vectors: F32, norms: F32, queries: F32, rows: NDArray[np.in
         dots: F32 = (picked[0] @ queries[0])[None, :]
     else:
         dots = np.einsum("bcd,bd->bc", picked, queries, dtype=np.float32)
+    return _from_dots(dots, queries, norms[rows], metric)
+
+
+def _from_dots(dots: F32, queries: F32, norms: F32, metric: Metric) -> F32:
+    """ip / cosine / l2 scores from the dot products of each query (a row of `dots`) with its
+    rows, whose norms `norms` holds in the same shape (or broadcast to it)."""
     if metric is Metric.IP:
         return dots
     q_norms = row_norms(queries)
-    row = norms[rows]
     if metric is Metric.COSINE:
-        cos: F32 = dots / np.maximum(q_norms[:, None] * row, _TINY)
+        cos: F32 = dots / np.maximum(q_norms[:, None] * norms, _TINY)
         return cos
-    sq: F32 = row * row - 2.0 * dots + (q_norms * q_norms)[:, None]
+    sq: F32 = norms * norms - 2.0 * dots + (q_norms * q_norms)[:, None]
     neg: F32 = -np.sqrt(np.maximum(sq, np.float32(0.0)))
     return neg
 

@@ -64,12 +64,13 @@ class RequestDeadline:
     a request adds a dict entry rather than a timer, which cost more to arm and cancel than the
     rest of the scope (timeit)."""
 
-    __slots__ = ("_op", "_scope", "_seconds", "_setting", "_state")
+    __slots__ = ("_op", "_scope", "_seconds", "_setting", "_state", "_watch")
 
     def __init__(self, state: AppState, op: object, request: object = None) -> None:
         self._state, self._op = state, op
         self._seconds, self._setting = deadline_of(state.settings.limits, op, request)
         self._scope: anyio.CancelScope | None = None
+        self._watch: DeadlineWatch | None = None
 
     def __enter__(self) -> None:
         op, health = self._op, self._state.engine.persistence.health
@@ -77,12 +78,13 @@ class RequestDeadline:
             raise Unavailable(f"database unavailable ({health.reason}): {op} not attempted, retry later")
         scope = self._scope = _scope_type()()
         scope.__enter__()
-        _watch().add(scope, self._seconds)
+        watch = self._watch = _watch()
+        watch.add(scope, self._seconds)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> bool:
-        scope = self._scope
-        assert scope is not None
-        _watch().discard(scope)
+        scope, watch = self._scope, self._watch
+        assert scope is not None and watch is not None
+        watch.discard(scope)
         swallowed = bool(scope.__exit__(kind, error, tb))
         if scope.cancelled_caught:
             health = self._state.engine.persistence.health
