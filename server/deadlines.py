@@ -1,7 +1,8 @@
 """Request deadlines: every request served at the edge is answered within its deadline.
 
-A scope around serving one request (`with RequestDeadline(state, op): ...`): when the deadline
-passes, the work under it is cancelled and `Unavailable` is raised with a message naming the
+A scope around serving one request (`with RequestDeadline(state, op): ...`; the WebSocket
+workers, which serve request after request, keep one scope for many: `SharedDeadlines`): when the
+deadline passes, the work under it is cancelled and `Unavailable` is raised with a message naming the
 deadline and, when the database is known to be down, why. Writes (`upsert`, `delete`,
 `create_collection`, `drop_collection`) get `Limits.write_deadline_s` (`SHOAL_WRITE_DEADLINE_S`),
 an upsert `Limits.embed_deadline_per_text_s` (`SHOAL_EMBED_DEADLINE_PER_TEXT_S`) more for each
@@ -53,6 +54,20 @@ def texts_to_embed(request: object) -> int:
     return sum(1 for doc in request.docs if doc.vector is None)
 
 
+def refuse_write_while_down(state: AppState, op: object) -> None:
+    """Raise Unavailable for a write while the database is known to be down: it would only queue."""
+    health = state.engine.persistence.health
+    if op in WRITE_OPS and not health.up:
+        raise Unavailable(f"database unavailable ({health.reason}): {op} not attempted, retry later")
+
+
+def deadline_missed(state: AppState, op: object, seconds: float, setting: str) -> Unavailable:
+    """The error a request answers once its deadline has cancelled it."""
+    health = state.engine.persistence.health
+    why = f"the database is unavailable ({health.reason})" if not health.up else "the server is busy"
+    return Unavailable(f"{op} did not complete within {seconds:g} s ({setting}): {why}")
+
+
 class RequestDeadline:
     """`with RequestDeadline(state, op, request):` cancels the block at the request's deadline and
     raises Unavailable instead. A write while the database is known to be down raises
@@ -62,7 +77,8 @@ class RequestDeadline:
     for every request, and `anyio.move_on_after` looks the running backend up twice per call.
     The scope has no deadline of its own: `DeadlineWatch` cancels it when its time has come, so
     a request adds a dict entry rather than a timer, which cost more to arm and cancel than the
-    rest of the scope (timeit)."""
+    rest of the scope (timeit). A task that serves request after request keeps one scope for
+    all of them instead: `SharedDeadlines`."""
 
     __slots__ = ("_op", "_scope", "_seconds", "_setting", "_state", "_watch")
 
@@ -73,9 +89,7 @@ class RequestDeadline:
         self._watch: DeadlineWatch | None = None
 
     def __enter__(self) -> None:
-        op, health = self._op, self._state.engine.persistence.health
-        if op in WRITE_OPS and not health.up:
-            raise Unavailable(f"database unavailable ({health.reason}): {op} not attempted, retry later")
+        refuse_write_while_down(self._state, self._op)
         scope = self._scope = _scope_type()()
         scope.__enter__()
         watch = self._watch = _watch()
@@ -87,10 +101,63 @@ class RequestDeadline:
         watch.discard(scope)
         swallowed = bool(scope.__exit__(kind, error, tb))
         if scope.cancelled_caught:
-            health = self._state.engine.persistence.health
-            why = f"the database is unavailable ({health.reason})" if not health.up else "the server is busy"
-            raise Unavailable(f"{self._op} did not complete within {self._seconds:g} s ({self._setting}): {why}")
+            raise deadline_missed(self._state, self._op, self._seconds, self._setting)
         return swallowed
+
+
+class DeadlinePassed(BaseException):
+    """A request served under `SharedDeadlines` ran past its deadline: leave the shared scope
+    (before anything else awaits: it stays cancelled) and answer `error`. A BaseException, so
+    that the `except Exception` turning a request's errors into its reply lets it through."""
+
+    def __init__(self, error: Unavailable) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class SharedDeadlines:
+    """One cancel scope for the requests a task serves one after another, each under its own
+    deadline: `with SharedDeadlines(state) as deadlines:` around the task's loop, and
+    `deadlines.arm(op, request)` / `deadlines.disarm()` (in a `finally`) around serving one.
+
+    Entering and leaving an anyio cancel scope per request cost 10-15% of the queries a
+    WebSocket connection's workers served (A/B under `load.query`), far more than its timeit
+    suggests; a worker therefore keeps one scope until a deadline cancels it. `disarm` raises
+    `DeadlinePassed` for a request whose deadline passed, even one that completed meanwhile
+    (its result came back after the deadline, from a shielded wait): the scope is cancelled for
+    good then, so the caller leaves it, answers the error, and enters a new one."""
+
+    __slots__ = ("_armed", "_scope", "_state", "_watch")
+
+    def __init__(self, state: AppState) -> None:
+        self._state = state
+        self._scope = _scope_type()()
+        self._watch = _watch()
+        self._armed: tuple[object, float, str] = ("-", 0.0, "")
+
+    def __enter__(self) -> SharedDeadlines:
+        self._scope.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> bool:
+        self._watch.discard(self._scope)
+        return bool(self._scope.__exit__(kind, error, tb))
+
+    def arm(self, op: object, request: object = None) -> None:
+        """Start serving one request under its deadline. Raises Unavailable (a write while the
+        database is known to be down)."""
+        refuse_write_while_down(self._state, op)
+        seconds, setting = deadline_of(self._state.settings.limits, op, request)
+        self._armed = (op, seconds, setting)
+        self._watch.add(self._scope, seconds)
+
+    def disarm(self) -> None:
+        """The request is over, however it ended. Raises DeadlinePassed when its deadline
+        cancelled it (in a `finally`: in place of whatever the cancellation interrupted)."""
+        self._watch.discard(self._scope)
+        if self._scope.cancel_called:
+            op, seconds, setting = self._armed
+            raise DeadlinePassed(deadline_missed(self._state, op, seconds, setting)) from None
 
 
 class DeadlineWatch:

@@ -44,7 +44,6 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -62,13 +61,14 @@ from models.errors import (
     ShoalError,
     TooLarge,
     Unauthorized,
+    Unavailable,
     as_shoal_error,
 )
 from models.records import Hit
 from models.reply_size import reply_too_large
 from models.requests import Auth, Subscribe, Unsubscribe
 from server.auth import Access, ApiKey, bearer
-from server.deadlines import RequestDeadline
+from server.deadlines import DeadlinePassed, SharedDeadlines
 from server.ops import decode, execute, match_hit, parse
 from server.outbox import Outbox
 from server.reply_budget import ReplyBudget, vector_bytes_floor
@@ -113,6 +113,15 @@ async def refuse_handshake(scope: Scope, send: Send, error: ShoalError) -> None:
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
+
+
+class _Late(BaseException):
+    """A request's deadline passed: what its worker answers once it has left the cancelled
+    deadline scope (see `Connection._worker`)."""
+
+    def __init__(self, error: Unavailable, request_id: int | None, reserved: int, op: str, started: float) -> None:
+        super().__init__(error.message)
+        self.error, self.request_id, self.reserved, self.op, self.started = error, request_id, reserved, op, started
 
 
 class Connection:
@@ -168,7 +177,23 @@ class Connection:
             self.subs.clear()
 
     async def _worker(self) -> None:
-        """Read a frame, serve it, repeat; the first to see the client leave ends the connection."""
+        """Read a frame, serve it, repeat; the first to see the client leave ends the connection.
+        Requests are served under one deadline scope until a deadline cancels it (see
+        `SharedDeadlines`); the late request's error is answered outside it, then a new one."""
+        while True:
+            late: _Late | None = None
+            with SharedDeadlines(self.state) as deadlines:
+                try:
+                    await self._serve_frames(deadlines)
+                    return  # the client left
+                except _Late as caught:
+                    late = caught  # leaves the cancelled scope before anything awaits again
+            if late is not None:
+                await self._reply(late.reserved, encode_error(late.request_id, late.error))
+                self.state.metrics.served("ws", late.op, late.error.code, time.perf_counter() - late.started)
+
+    async def _serve_frames(self, deadlines: SharedDeadlines) -> None:
+        """Serve frames until the client leaves. Raises _Late when a request's deadline passed."""
         assert self._tasks is not None
         receive = self._receive
         budget = self._budget
@@ -187,9 +212,9 @@ class Connection:
                 # Nobody else reads while this request is served: one more worker will.
                 self._workers += 1
                 self._tasks.start_soon(self._worker)
-            await self._on_frame(message)
+            await self._on_frame(message, deadlines)
 
-    async def _on_frame(self, message: Message) -> None:
+    async def _on_frame(self, message: Message, deadlines: SharedDeadlines) -> None:
         # Room for the reply is reserved before anything awaits (a large frame is decoded in a
         # thread), so the worker started meanwhile sees it when it decides whether to read on.
         budget = self._budget
@@ -211,7 +236,10 @@ class Connection:
         if floor > reserved:  # its shape promises more than a typical reply
             budget.add(floor - reserved)
             reserved = floor
-        reply, code, sub = await self._serve(frame)
+        try:
+            reply, code, sub = await self._serve(frame, deadlines)
+        except DeadlinePassed as passed:
+            raise _Late(passed.error, frame.request_id, reserved, op, started) from None
         if len(reply) > self._max_frame:
             code = TooLarge.code
             reply = encode_error(frame.request_id, reply_too_large(len(reply), self._max_frame))
@@ -251,7 +279,7 @@ class Connection:
     def _count(self, op: str, code: str) -> None:
         self.state.metrics.requests.labels("ws", op, code).inc()
 
-    async def _serve(self, frame: Frame) -> tuple[bytes, str, Subscriber | None]:
+    async def _serve(self, frame: Frame, deadlines: SharedDeadlines) -> tuple[bytes, str, Subscriber | None]:
         try:
             if not self.authenticated and frame.op != "auth":
                 raise Unauthorized("authenticate first: send {op: auth, key} or an Authorization header")
@@ -275,8 +303,11 @@ class Connection:
                 self._unsubscribe(request.sub)
                 return encode_reply(frame.request_id, {}), "ok", None
             visible = None if self.grant is None else self.grant.collections
-            with RequestDeadline(self.state, frame.op, request):
-                result: dict[str, Any] = await execute(self.state.engine, request, compact=True, visible=visible)
+            deadlines.arm(frame.op, request)
+            try:
+                result = await execute(self.state.engine, request, compact=True, visible=visible)
+            finally:
+                deadlines.disarm()  # raises DeadlinePassed, which is no Exception
             return encode_reply(frame.request_id, result), "ok", None
         except Exception as exc:
             error = as_shoal_error(exc)
