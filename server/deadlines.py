@@ -120,9 +120,9 @@ class SharedDeadlines:
     deadline: `with SharedDeadlines(state) as deadlines:` around the task's loop, and
     `deadlines.arm(op, request)` / `deadlines.disarm()` (in a `finally`) around serving one.
 
-    Entering and leaving an anyio cancel scope per request cost 10-15% of the queries a
-    WebSocket connection's workers served (A/B under `load.query`), far more than its timeit
-    suggests; a worker therefore keeps one scope until a deadline cancels it. `disarm` raises
+    Entering and leaving an anyio cancel scope costs several times what arming and disarming a
+    shared one does (README, "Query path"), and a WebSocket worker serves thousands of requests
+    a second; so it keeps one scope until a deadline cancels it. `disarm` raises
     `DeadlinePassed` for a request whose deadline passed, even one that completed meanwhile
     (its result came back after the deadline, from a shielded wait): the scope is cancelled for
     good then, so the caller leaves it, answers the error, and enters a new one."""
