@@ -3,14 +3,23 @@
 `Engine.query` offers each freshly computed vector query (not one served from the results
 cache) to `RecallSampler.offer`, which keeps a fraction of them (`recall_sample_rate`) in a
 bounded queue and returns at once: a full queue drops the sample and counts it, so a query never
-waits for sampling. The sampler's own task takes one sample at a time and asks each shard for
-the exact answer with the query's filters (`Shard.search_exact`, run on the search threads under
+waits for sampling. The sampler's own task takes what is queued and asks each shard for the
+exact answers with the queries' filters (`Shard.search_exact`, run on the search threads under
 the shard's read discipline, so the event loop never computes it), then records
 
     recall@k = |approximate ids ∩ exact ids| / |exact ids|
 
 where k is the query's k and |exact ids| = min(k, matching documents). A returned hit whose
 score ties the exact k-th score counts as found (a tie may be broken either way).
+
+What it costs. An exact search reads every vector of the collection, and those reads also push
+the index out of the CPU caches that the next searches would have used. Two things bound it:
+- samples of one collection, seq, k and no filter are re-run together, one pass over the
+  vectors for all of them (a matrix product instead of a matrix-vector product per sample);
+- the re-runs may take `recall_sample_budget` of one search thread's time on average (CPU
+  seconds measured on the thread). Past it the sampler waits; samples queue meanwhile, so the
+  next pass takes more of them at once, and those past the queue are dropped and counted. On a
+  large collection the estimate therefore comes from fewer samples, never from a busier server.
 
 Per collection and index kind the estimate is the mean over the last `recall_window` samples.
 A sample is skipped, and counted by reason, when it cannot measure the index:
@@ -27,8 +36,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +129,52 @@ class RecallStats:
         }
 
 
+# The exact search time the sampler may save up while idle: one pass over a mid-sized collection.
+_MIN_BURST_S = 0.05
+
+
+class CpuBudget:
+    """A token bucket of CPU seconds: `rate` seconds accrue per second of wall time, at most
+    `burst_s` saved up; spending may overdraw it, and `wait_s` says how long until it is paid
+    back. Over any window the spending is at most `rate` x window + `burst_s` + one overdraft."""
+
+    def __init__(self, rate: float, burst_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst_s = burst_s
+        self.spent = 0.0
+        self._clock = clock
+        self._balance = burst_s
+        self._at = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._balance = min(self.burst_s, self._balance + (now - self._at) * self.rate)
+        self._at = now
+
+    def spend(self, seconds: float) -> None:
+        self._refill()
+        self._balance -= seconds
+        self.spent += seconds
+
+    def wait_s(self) -> float:
+        """Seconds until the balance is no longer negative (0 when it is not)."""
+        self._refill()
+        return 0.0 if self._balance >= 0 else -self._balance / self.rate
+
+
+def _groups(batch: Sequence[Sample]) -> list[list[Sample]]:
+    """Samples that one exact pass can answer together: the same collection, seq and k, and no
+    filters (a filtered sample goes alone: its filter chooses the rows)."""
+    groups: dict[tuple[int, int, int], list[Sample]] = {}
+    alone: list[list[Sample]] = []
+    for sample in batch:
+        if sample.where is None and sample.where_text is None:
+            groups.setdefault((id(sample.collection), sample.seq, sample.k), []).append(sample)
+        else:
+            alone.append([sample])
+    return [*groups.values(), *alone]
+
+
 class RecallSampler:
     """The actor. `offer` from the query path; start `run()` in a task group; stop with
     `close()` (samples still queued are abandoned: they are estimates, not work owed)."""
@@ -134,6 +190,8 @@ class RecallSampler:
         self._receive: MemoryObjectReceiveStream[Sample] = receive
         self._windows: dict[tuple[str, str], _Window] = {}
         self._closed = False
+        self.budget = config.recall_sample_budget
+        self._budget = CpuBudget(self.budget, burst_s=max(_MIN_BURST_S, self.budget))
 
     @property
     def queued(self) -> int:
@@ -188,41 +246,59 @@ class RecallSampler:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async with self._receive:
-            async for sample in self._receive:
+            async for first in self._receive:
+                await anyio.sleep(self._budget.wait_s())
                 if self._closed:
                     break
-                try:
-                    await self._measure(sample)
-                except Exception:  # an estimate is never worth the engine: log, count, go on
-                    log.exception("recall sample of collection %s failed", sample.collection.name)
-                    self._window(sample.collection.name, sample.index).skipped["failed"] += 1
+                batch = [first]
+                while len(batch) < self.queue_limit:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                for group in _groups(batch):
+                    try:
+                        await self._measure(group)
+                    except Exception:  # an estimate is never worth the engine: log, count, go on
+                        log.exception("recall samples of collection %s failed", group[0].collection.name)
+                        self._window(group[0].collection.name, group[0].index).skipped["failed"] += len(group)
 
-    async def _measure(self, sample: Sample) -> None:
-        collection = sample.collection
+    @property
+    def exact_cpu_s(self) -> float:
+        """Search-thread CPU seconds the exact re-runs have taken so far."""
+        return self._budget.spent
+
+    async def _measure(self, group: Sequence[Sample]) -> None:
+        """Re-run samples of one collection, seq, k and filters together and record each."""
+        first = group[0]
+        collection = first.collection
         if not self._catalog.holds(collection):
             return  # dropped meanwhile: nothing left to report on
-        window = self._window(collection.name, sample.index)
-        if collection.last_seq != sample.seq:
-            window.skipped["changed"] += 1
+        window = self._window(collection.name, first.index)
+        if collection.last_seq != first.seq:
+            window.skipped["changed"] += len(group)
             return
-        per_shard: list[list[Hit]] = []
+        per_shard: list[list[list[Hit]]] = []
         exact_everywhere = True
         try:
             for shard in collection.shards:
-                hits, by_index = await shard.search_exact(sample.vector, sample.k, sample.where, sample.where_text)
-                per_shard.append(hits)
-                exact_everywhere = exact_everywhere and not by_index
+                answer = await shard.search_exact([s.vector for s in group], first.k, first.where, first.where_text)
+                self._budget.spend(answer.cpu_s)
+                per_shard.append(answer.hits)
+                exact_everywhere = exact_everywhere and not answer.by_index
         except ShoalError as exc:
-            log.debug("recall sample of %s not measured: %s", collection.name, exc.message)
-            window.skipped["failed"] += 1
+            log.debug("recall samples of %s not measured: %s", collection.name, exc.message)
+            window.skipped["failed"] += len(group)
             return
-        if collection.last_seq != sample.seq:
-            window.skipped["changed"] += 1
+        if collection.last_seq != first.seq:
+            window.skipped["changed"] += len(group)
         elif exact_everywhere:
-            window.skipped["exact_plan"] += 1
+            window.skipped["exact_plan"] += len(group)
         else:
-            window.recalls.append(recall_at_k(sample.hits, merge_hits(per_shard, sample.k)))
-            window.samples += 1
+            for i, sample in enumerate(group):
+                exact_hits = merge_hits([hits[i] for hits in per_shard], sample.k)
+                window.recalls.append(recall_at_k(sample.hits, exact_hits))
+                window.samples += 1
 
     def _window(self, name: str, index: str) -> _Window:
         window = self._windows.get((name, index))

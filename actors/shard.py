@@ -45,7 +45,7 @@ from actors.indexes import needs_mapped_vectors
 from actors.indexes.base import QueryParams
 from actors.mailbox import Mailbox, Reply, unknown_message
 from actors.read_pool import ReadPool
-from actors.shard_state import ShardState
+from actors.shard_state import ExactRerun, ShardState
 from actors.status import ShardSizes
 from models.config import EngineConfig
 from models.errors import DimensionMismatch, Unavailable
@@ -98,11 +98,11 @@ class _Direct:
 
 @dataclass(frozen=True, slots=True)
 class _ExactSearch:
-    query: Vector
+    queries: tuple[Vector, ...]
     k: int
     where: Filter | None
     where_text: TextFilter | None
-    reply: Reply[tuple[list[Hit], bool]]
+    reply: Reply[ExactRerun]
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,14 +353,14 @@ class Shard:
             search.reply.fail(error)
 
     async def search_exact(
-        self, query: Vector, k: int, where: Filter | None, where_text: TextFilter | None
-    ) -> tuple[list[Hit], bool]:
-        """(hits, by_index) of an exact search on a search thread (see
-        `ShardState.search_exact`). Raises `Overloaded` when the mailbox is full, `Unavailable`
-        once the shard is shutting down."""
-        reply: Reply[tuple[list[Hit], bool]] = Reply()
-        vec = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)
-        self._mailbox.offer(_ExactSearch(vec, k, where, where_text, reply))
+        self, queries: Sequence[Vector], k: int, where: Filter | None, where_text: TextFilter | None
+    ) -> ExactRerun:
+        """Exact hits of each query on a search thread, one pass over the vectors for all of them
+        (see `ShardState.search_exact`). Raises `Overloaded` when the mailbox is full,
+        `Unavailable` once the shard is shutting down."""
+        reply: Reply[ExactRerun] = Reply()
+        vecs = tuple(np.ascontiguousarray(q, dtype=np.float32).reshape(-1) for q in queries)
+        self._mailbox.offer(_ExactSearch(vecs, k, where, where_text, reply))
         return await reply.wait()
 
     async def search_keyword(
@@ -509,7 +509,7 @@ class Shard:
                 self._start_read(fn, msg.reply.set, msg.reply.fail)
             elif isinstance(msg, _ExactSearch):
                 await self._readers_at_most(self._max_reads - 1)
-                exact = _bind(self._state.search_exact, msg.query, msg.k, msg.where, msg.where_text)
+                exact = _bind(self._state.search_exact, msg.queries, msg.k, msg.where, msg.where_text)
                 self._start_read(exact, msg.reply.set, msg.reply.fail)
             elif isinstance(msg, _Scan):
                 await self._readers_at_most(self._max_reads - 1)

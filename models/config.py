@@ -156,9 +156,11 @@ class EngineConfig:
     ivf_retrain_growth: float = field(default=4.0, metadata=bounds(1.5, 1_000))
     # recall sampling (actors/recall_sampler.py): the fraction of fresh vector queries re-run by
     # exact search off the hot path (0: off), the samples waiting at most (more are dropped and
-    # counted), and the samples each collection's recall estimate is the mean of.
+    # counted), the share of one search thread's time the re-runs may take on average, and the
+    # samples each collection's recall estimate is the mean of.
     recall_sample_rate: float = field(default=0.01, metadata=bounds(0.0, 1.0))
     recall_sample_queue: int = field(default=64, metadata=bounds(1, 100_000))
+    recall_sample_budget: float = field(default=0.02, metadata=bounds(0.001, 1.0))
     recall_window: int = field(default=200, metadata=bounds(1, 1_000_000))
     # broker sources (actors/sources): entries per read (1..100,000); entries between read and
     # acknowledgement at most (1..10**7); how long a read waits for new entries (1..60,000 ms);

@@ -347,7 +347,8 @@ def _index_metrics(collections: Sequence[CollectionStatus]) -> Iterator[GaugeMet
 
 def _recall_metrics(engine: Engine) -> Iterator[Metric]:
     """Recall sampling (actors/recall_sampler.py): the windowed estimate per collection and index
-    kind, samples measured, skipped by reason and dropped, the queue and the sample rate."""
+    kind, samples measured, skipped by reason and dropped, the queue, the sample rate, and the
+    search-thread time the exact re-runs took against their budget."""
     labels = ["collection", "index"]
     estimate = GaugeMetricFamily(
         "shoal_recall_estimate",
@@ -381,3 +382,13 @@ def _recall_metrics(engine: Engine) -> Iterator[Metric]:
     yield _gauge("shoal_recall_sample_rate", "Fraction of fresh vector queries sampled for recall", sampler.rate)
     yield _gauge("shoal_recall_queue", "Sampled queries waiting for their exact re-run", sampler.queued)
     yield _gauge("shoal_recall_queue_limit", "Bound of shoal_recall_queue", sampler.queue_limit)
+    yield _gauge(
+        "shoal_recall_sample_budget",
+        "Share of one search thread's time the exact re-runs of recall samples may take on average",
+        sampler.budget,
+    )
+    exact_cpu = CounterMetricFamily(
+        "shoal_recall_exact_cpu_seconds", "Search-thread CPU seconds spent on exact re-runs of recall samples"
+    )
+    exact_cpu.add_metric([], sampler.exact_cpu_s)
+    yield exact_cpu

@@ -1,13 +1,15 @@
 """Recall sampling through a real server: the exported recall@k estimate drops when the index
 search is made too narrow, agrees with the recall this test measures against numpy exact search,
-reads 1.0 where the index is exact, skips queries the planner answered exactly, and never makes
-a query wait (a full sample queue drops and counts)."""
+reads 1.0 where the index is exact, skips queries the planner answered exactly, never makes a
+query wait (a full sample queue drops and counts), and keeps the exact re-runs within their
+budget of search-thread time."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -15,9 +17,12 @@ import httpx
 import numpy as np
 import pytest
 
-from actors.recall_sampler import recall_at_k
+from actors.recall_sampler import CpuBudget, Sample, _groups, recall_at_k
+from actors.shard_state import ShardState
+from models.config import EngineConfig
 from models.errors import StartupError
-from models.records import DocId, Hit
+from models.filters import parse_where
+from models.records import DocId, Hit, Metric, Seq, StoredDoc
 from server.settings import load_settings
 from shoal_client import ShoalClient
 from tests.server_process import ServerProcess, temp_data_dir
@@ -193,10 +198,120 @@ async def test_a_full_sample_queue_drops_and_never_blocks_a_query(crowded: Serve
         assert value(text, "shoal_recall_sample_rate") == 1.0
 
 
+BUDGET = 0.005
+
+
+@pytest.fixture(scope="module")
+def budgeted() -> Iterator[ServerProcess]:
+    """Every query sampled, and the exact re-runs allowed 0.5% of one search thread's time."""
+    yield from start(
+        {
+            "SHOAL_RECALL_SAMPLE_RATE": "1",
+            "SHOAL_RECALL_SAMPLE_BUDGET": str(BUDGET),
+            "SHOAL_EXACT_MAX_ROWS": "0",
+            "SHOAL_RESULTS_CACHE_BYTES": "0",
+        }
+    )
+
+
+async def test_exact_reruns_stay_within_their_budget(budgeted: ServerProcess) -> None:
+    name = unique("budget")
+    vectors = units(8000, 96, seed=7)
+    queries = units(3000, 96, seed=8)
+    async with ShoalClient.connect(budgeted.ws_url) as client:
+        await fill(client, name, vectors)
+        began = time.monotonic()
+        for at in range(0, len(queries), 100):
+            async with asyncio.timeout(30):
+                replies = await asyncio.gather(*(client.query(name, q, k=K) for q in queries[at : at + 100]))
+            assert all(len(r.hits) == K for r in replies)
+        # Every sample is accounted for once the queue has drained: measured, skipped or dropped.
+        async with asyncio.timeout(60):
+            while True:
+                text = await scrape(budgeted)
+                labels = {"collection": name, "index": "hnsw"}
+                measured = value(text, "shoal_recall_samples_total", **labels) or 0.0
+                dropped = value(text, "shoal_recall_samples_dropped_total", **labels) or 0.0
+                skipped = sum(
+                    value(text, "shoal_recall_samples_skipped_total", **labels, reason=r) or 0.0
+                    for r in ("exact_plan", "changed", "failed")
+                )
+                if value(text, "shoal_recall_queue") == 0 and measured + dropped + skipped == len(queries):
+                    break
+                await asyncio.sleep(0.2)
+        elapsed = time.monotonic() - began
+        spent = value(text, "shoal_recall_exact_cpu_seconds_total")
+        assert spent is not None and spent > 0
+        # The bucket holds at most its burst (0.05 s) when the queries start, earns BUDGET a
+        # second, and the last pass may overdraw it by one pass (well under 0.05 s here).
+        assert spent <= 0.05 + BUDGET * elapsed + 0.05, (spent, elapsed)
+        # The budget, not the queue, decided: most samples were dropped, and those measured
+        # were re-run many to a pass (one at a time they would have cost several times more).
+        assert dropped > len(queries) / 2, dropped
+        assert measured >= 64, measured
+        assert value(text, "shoal_recall_estimate", **labels) is not None
+        assert value(text, "shoal_recall_sample_budget") == BUDGET
+        await client.drop_collection(name)
+
+
+def test_a_cpu_budget_earns_its_rate_and_waits_out_an_overdraft() -> None:
+    now = [100.0]
+    budget = CpuBudget(0.01, burst_s=0.05, clock=lambda: now[0])
+    assert budget.wait_s() == 0.0
+    budget.spend(0.03)
+    assert budget.wait_s() == 0.0  # within the burst
+    budget.spend(0.04)  # overdrawn by 0.02: 2 s at 0.01 a second
+    assert budget.wait_s() == pytest.approx(2.0)
+    now[0] += 1.0
+    assert budget.wait_s() == pytest.approx(1.0)
+    now[0] += 1000.0  # idle: the balance is capped at the burst
+    budget.spend(0.06)
+    assert budget.wait_s() == pytest.approx(1.0)
+    assert budget.spent == pytest.approx(0.13)
+
+
+def test_samples_of_one_collection_seq_and_k_without_filters_are_rerun_together() -> None:
+    a, b = object(), object()
+    vec = np.zeros(4, np.float32)
+    where = parse_where({"g": 1})
+
+    def sample(collection: object, seq: int, k: int, filtered: bool = False) -> Sample:
+        return Sample(collection, "hnsw", vec, k, where if filtered else None, None, (), seq)  # type: ignore[arg-type]
+
+    batch = [sample(a, 5, 10), sample(a, 5, 10), sample(b, 5, 10), sample(a, 6, 10), sample(a, 5, 3)]
+    batch += [sample(a, 5, 10, filtered=True), sample(a, 5, 10)]
+    groups = _groups(batch)
+    sizes = sorted(len(g) for g in groups)
+    assert sizes == [1, 1, 1, 1, 3]
+    together = next(g for g in groups if len(g) == 3)
+    assert {id(s) for s in together} == {id(batch[0]), id(batch[1]), id(batch[6])}
+    assert any(g[0].where is not None for g in groups)
+
+
+@pytest.mark.parametrize("metric", [Metric.COSINE, Metric.L2, Metric.IP])
+def test_an_exact_rerun_of_many_queries_answers_each_as_alone(metric: Metric) -> None:
+    vectors = units(3000, 24, seed=9)
+    state = ShardState(24, metric, EngineConfig())
+    state.upsert(
+        [StoredDoc(DocId(f"d{i}"), None, v, {"g": i % 3}, Seq(i + 1)) for i, v in enumerate(vectors)]
+    )
+    queries = list(units(40, 24, seed=10))
+    for where in (None, parse_where({"g": 1})):
+        together = state.search_exact(queries, K, where, None)
+        assert together.cpu_s > 0 and len(together.hits) == len(queries)
+        for q, hits in zip(queries, together.hits, strict=True):
+            one = state.search_exact([q], K, where, None)
+            assert one.by_index == together.by_index
+            alone = one.hits[0]
+            assert len(hits) == K and [h.id for h in hits] == [h.id for h in alone]
+            assert [h.score for h in hits] == pytest.approx([h.score for h in alone], abs=1e-5)
+
+
 async def test_default_rate_is_exported(server: ServerProcess) -> None:
     text = await scrape(server)
     assert value(text, "shoal_recall_sample_rate") == 0.01
     assert value(text, "shoal_recall_queue_limit") == 64
+    assert value(text, "shoal_recall_sample_budget") == 0.02
 
 
 def test_the_rate_is_bounded() -> None:

@@ -37,8 +37,8 @@ def _split_state(vectors: np.ndarray, indexed: int, metric: Metric = Metric.COSI
 
 
 def _exact_ids(state: ShardState, q: np.ndarray, k: int, where: object = None) -> list[str]:
-    hits, _ = state.search_exact(q, k, where, None)  # type: ignore[arg-type]
-    return [h.id for h in hits]
+    answer = state.search_exact([q], k, where, None)  # type: ignore[arg-type]
+    return [h.id for h in answer.hits[0]]
 
 
 @pytest.mark.parametrize("metric", [Metric.COSINE, Metric.L2, Metric.IP])
