@@ -9,6 +9,9 @@ Two lanes feed one dispatcher task:
 Callers tokenize their texts (in a worker thread) before queueing them. A bulk request is sorted
 by token count and cut into chunks of at most `embed_batch` texts and `embed_batch_tokens` padded
 tokens, so each chunk holds texts of similar length, pads little, and takes a bounded time to run.
+Bulk requests queue their chunks one request after another, in the order they were made, not
+interleaved: the first finishes first and is committed while the second is embedded (the
+ingest pipeline keeps two batches embedding for that, actors/ingest.py).
 
 The dispatcher starts a batch whenever a worker is free and work is pending, from what is pending
 at that moment: every queued query (within the same limits) if there is any, otherwise bulk chunks
@@ -165,6 +168,7 @@ class Embedder:
         self._queries: Mailbox[_Chunk] = Mailbox(config.embed_queue, "embedder query lane")
         bulk_chunks = max(2, config.embed_queue // config.embed_batch)
         self._bulk: Mailbox[_Chunk] = Mailbox(bulk_chunks, "embedder bulk lane")
+        self._bulk_admission = anyio.Lock()  # FIFO: requests queue their chunks in turn
         # The dispatcher polls both lanes without waiting (there is no select over two streams).
         self._query_rx = self._queries.receive
         self._bulk_rx = self._bulk.receive
@@ -225,20 +229,23 @@ class Embedder:
         if not texts:
             return np.zeros((0, MODEL_DIM), dtype=np.float32)
         model = await self._loaded_model()
-        rows = await anyio.to_thread.run_sync(model.tokenize, list(texts), limiter=self._tokenize_limiter)
-        # Longest first: each chunk's first row sets its width, and the widest chunks start early.
-        order = np.argsort([-len(r) for r in rows], kind="stable")
         pending: list[tuple[NDArray[np.intp], Reply[Vectors]]] = []
         try:
-            start = 0
-            while start < len(order):
-                take = self._fit(len(rows[order[start]]))
-                index = order[start : start + take]
-                start += take
-                reply: Reply[Vectors] = Reply()
-                await self._bulk.send(_Chunk(tuple(rows[i] for i in index), reply))
-                self._bell.set()
-                pending.append((index, reply))
+            # Requests queue their chunks in turn, in the order they were made (module note):
+            # the next one tokenizes while this one's chunks are embedded.
+            async with self._bulk_admission:
+                rows = await anyio.to_thread.run_sync(model.tokenize, list(texts), limiter=self._tokenize_limiter)
+                # Longest first: each chunk's first row sets its width; the widest start early.
+                order = np.argsort([-len(r) for r in rows], kind="stable")
+                start = 0
+                while start < len(order):
+                    take = self._fit(len(rows[order[start]]))
+                    index = order[start : start + take]
+                    start += take
+                    reply: Reply[Vectors] = Reply()
+                    await self._bulk.send(_Chunk(tuple(rows[i] for i in index), reply))
+                    self._bell.set()
+                    pending.append((index, reply))
             out = np.empty((len(texts), MODEL_DIM), dtype=np.float32)
             for index, reply in pending:
                 out[index] = await reply.wait()

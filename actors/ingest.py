@@ -3,7 +3,13 @@
     mailbox -> [batcher: coalesce upserts, embed texts] -> stream(2) -> [committer: PostgreSQL
     transaction, hand to the collection's applier, ack]
 
-Two stages so that embedding batch N+1 overlaps committing batch N. The committer is the only
+Two stages so that embedding batch N+1 overlaps committing batch N. Up to `EMBED_AHEAD` batches
+are embedded at once (the embedder runs their chunks in turn), so the model threads go straight
+from the last chunks of one batch to the next while the first is committed; their results reach
+the committer in mailbox order. Jobs whose texts need embedding are coalesced only until the
+batch holds `coalesce_texts` of them (enough to keep every model thread busy): two clients'
+upserts of 500 texts each, coalesced, were embedded and acknowledged together, and while both
+clients sent their next ones the model threads had nothing to do. The committer is the only
 task of this node that commits; the applier (actors/applier.py) applies what it committed to the
 shards and publishes it to subscriptions before the ack, so the writer's next query sees its
 write. Changes committed by other nodes reach the same applier through the log follower; the
@@ -95,6 +101,11 @@ Stage2 = UpsertBatch | DeleteJob | CreateJob | DropJob
 
 __all__ = ["Applied", "Ingest", "Publisher"]
 
+# Batches whose texts are being embedded at once (the second queues its chunks behind the first).
+EMBED_AHEAD = 2
+# Texts a batch is coalesced up to: this many full rounds of the embedder's model threads.
+COALESCE_TEXT_ROUNDS = 4
+
 
 class Ingest:
     def __init__(
@@ -105,6 +116,7 @@ class Ingest:
         catalog: Catalog,
     ) -> None:
         self._config = config
+        self._coalesce_texts = COALESCE_TEXT_ROUNDS * config.embed_batch * config.embed_workers
         self._persistence = persistence
         self._embedder = embedder
         self._catalog = catalog
@@ -177,33 +189,56 @@ class Ingest:
             await self._batcher(send)
 
     async def _batcher(self, out: ObjectSendStream[Stage2]) -> None:
-        async with out:
-            carried: Job | None = None
-            while True:
-                if carried is not None:
-                    job, carried = carried, None
-                else:
-                    try:
-                        job = await self._mailbox.receive.receive()
-                    except anyio.EndOfStream:
-                        return
-                if isinstance(job, DeleteJob | CreateJob | DropJob):
-                    await out.send(job)
-                    continue
-                if not isinstance(job, UpsertJob):
-                    unknown_message("ingest", job)
-                jobs, carried = await self._coalesce(job)
-                batch = await self._embed(jobs)
-                if batch is not None:
-                    await out.send(batch)
+        # Slots in mailbox order; each is filled when its batch is embedded (writes that need no
+        # embedding are filled at once). The bound makes the batcher wait with EMBED_AHEAD pending.
+        send, receive = anyio.create_memory_object_stream[Reply[Stage2 | None]](EMBED_AHEAD - 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._forward, receive, out)
+            async with send:
+                carried: Job | None = None
+                while True:
+                    if carried is not None:
+                        job, carried = carried, None
+                    else:
+                        try:
+                            job = await self._mailbox.receive.receive()
+                        except anyio.EndOfStream:
+                            return
+                    slot: Reply[Stage2 | None] = Reply()
+                    if isinstance(job, DeleteJob | CreateJob | DropJob):
+                        slot.set(job)
+                        await send.send(slot)
+                        continue
+                    if not isinstance(job, UpsertJob):
+                        unknown_message("ingest", job)
+                    jobs, carried = await self._coalesce(job)
+                    await send.send(slot)
+                    tg.start_soon(self._embed_into, jobs, slot)
+
+    async def _embed_into(self, jobs: list[UpsertJob], slot: Reply[Stage2 | None]) -> None:
+        try:
+            slot.set(await self._embed(jobs))
+        except BaseException as exc:  # the forwarder re-raises it: as before, it ends the stage
+            slot.fail(exc)
+            raise
+
+    @staticmethod
+    async def _forward(slots: ObjectReceiveStream[Reply[Stage2 | None]], out: ObjectSendStream[Stage2]) -> None:
+        """Hand each slot's batch to the committer in mailbox order, once it is embedded."""
+        async with slots, out:
+            async for slot in slots:
+                item = await slot.wait()
+                if item is not None:
+                    await out.send(item)
 
     async def _coalesce(self, first: UpsertJob) -> tuple[list[UpsertJob], Job | None]:
-        """Take queued upserts to the same collection until the batch is full or the linger
-        time has passed; the first job that does not fit is handed back."""
-        jobs, size = [first], len(first.docs)
+        """Take queued upserts to the same collection until the batch is full (documents, or
+        texts to embed) or the linger time has passed; the first job that does not fit is
+        handed back."""
+        jobs, size, texts = [first], len(first.docs), _texts_to_embed(first)
         limit = self._config.ingest_batch_docs
         with anyio.move_on_after(self._config.ingest_linger_ms / 1000):
-            while size < limit:
+            while size < limit and texts < self._coalesce_texts:
                 try:
                     job = self._mailbox.receive.receive_nowait()
                 except anyio.WouldBlock:
@@ -220,6 +255,7 @@ class Ingest:
                 ):
                     jobs.append(job)
                     size += len(job.docs)
+                    texts += _texts_to_embed(job)
                 else:
                     return jobs, job
         return jobs, None
@@ -359,6 +395,10 @@ class Ingest:
             return
         await self._catalog.add(info.name, info.dim, info.metric, cid, index=job.index)
         job.reply.set(info)
+
+
+def _texts_to_embed(job: UpsertJob) -> int:
+    return sum(1 for doc in job.docs if doc.vector is None)
 
 
 def _vector(doc: Document) -> Vector:

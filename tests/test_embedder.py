@@ -301,6 +301,32 @@ async def test_concurrent_callers_get_their_own_results(model: MiniLM) -> None:
         assert cosine(got["query", i], expected[i][0]) > 0.999
 
 
+async def test_bulk_requests_are_embedded_in_turn_not_interleaved(model: MiniLM) -> None:
+    """Chunks of a bulk request run before those of a request made after it, so the first
+    finishes first (and can be committed while the second is embedded)."""
+    recorder = Recorder(model)
+    docs = {name: [f"{s} ({name} {j})" for j in range(4) for s in SENTENCES] for name in ("first", "second")}
+    # A bulk lane of 2 chunks: both requests are still queueing chunks when the model frees up.
+    async with running(lambda: recorder, embed_batch=2, embed_workers=1, embed_queue=4) as (embedder, _):
+        recorder.hold()  # the first chunk waits in the model, the lane fills, the first waits
+        done: list[str] = []
+        async with anyio.create_task_group() as tg:
+
+            async def bulk(name: str) -> None:
+                await embedder.embed_documents(docs[name])
+                done.append(name)
+
+            tg.start_soon(bulk, "first")
+            await recorder.wait_entered()
+            await until(lambda: queued(embedder)[1] == 2)
+            tg.start_soon(bulk, "second")
+            await until(lambda: embedder._bulk_admission.statistics().tasks_waiting == 1)
+            recorder.release()
+    owners = ["first" if text in docs["first"] else "second" for call in recorder.calls for text in call]
+    assert owners == ["first"] * 20 + ["second"] * 20
+    assert done == ["first", "second"]
+
+
 async def test_cancelled_callers_do_not_break_the_actor(model: MiniLM) -> None:
     recorder = Recorder(model)
     config = {"embed_batch": 4, "embed_workers": 1, "embed_express_slots": 0}
