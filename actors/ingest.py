@@ -1,15 +1,15 @@
 """The write pipeline: every change to the data goes through here, in order.
 
-    mailbox -> [batcher: coalesce upserts, embed texts] -> stream(2) -> [committer: PostgreSQL
-    transaction, hand to the collection's applier, ack]
+    mailbox -> [batcher: coalesce upserts, embed texts] -> [forwarder: in mailbox order]
+            -> stream(1) -> [committer: PostgreSQL transaction, hand to the applier, ack]
 
-Two stages so that embedding batch N+1 overlaps committing batch N. Up to `EMBED_AHEAD` batches
-are embedded at once (the embedder runs their chunks in turn), so the model threads go straight
-from the last chunks of one batch to the next while the first is committed; their results reach
-the committer in mailbox order. Jobs whose texts need embedding are coalesced only until the
-batch holds `coalesce_texts` of them (enough to keep every model thread busy): two clients'
-upserts of 500 texts each, coalesced, were embedded and acknowledged together, and while both
-clients sent their next ones the model threads had nothing to do. The committer is the only
+Two stages so that embedding batch N+1 overlaps committing batch N. Two batches are embedded at
+once (the embedder runs their chunks in turn), so the model threads go straight from the last
+chunks of one batch to the next while the first is committed; the forwarder hands them to the
+committer in mailbox order. Jobs whose texts need embedding are coalesced only until the batch
+holds `COALESCE_TEXT_ROUNDS` rounds of the model threads' texts: two clients' upserts of 500
+texts each, coalesced, were embedded and acknowledged together, and while both clients sent
+their next ones the model threads had nothing to do. The committer is the only
 task of this node that commits; the applier (actors/applier.py) applies what it committed to the
 shards and publishes it to subscriptions before the ack, so the writer's next query sees its
 write. Changes committed by other nodes reach the same applier through the log follower; the
@@ -101,8 +101,6 @@ Stage2 = UpsertBatch | DeleteJob | CreateJob | DropJob
 
 __all__ = ["Applied", "Ingest", "Publisher"]
 
-# Batches whose texts are being embedded at once (the second queues its chunks behind the first).
-EMBED_AHEAD = 2
 # Texts a batch is coalesced up to: this many full rounds of the embedder's model threads.
 COALESCE_TEXT_ROUNDS = 4
 
@@ -182,7 +180,10 @@ class Ingest:
     # -- the two stages ---------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        send, receive = anyio.create_memory_object_stream[Stage2](2)
+        # One batch waits for the committer: with the one the forwarder holds and the one the
+        # batcher holds, the batches ahead of a commit are as many as before batches were
+        # embedded two at a time, so vector upserts queue in the mailbox and coalesce as they did.
+        send, receive = anyio.create_memory_object_stream[Stage2](1)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._committer, receive)
             task_status.started()
@@ -190,8 +191,9 @@ class Ingest:
 
     async def _batcher(self, out: ObjectSendStream[Stage2]) -> None:
         # Slots in mailbox order; each is filled when its batch is embedded (writes that need no
-        # embedding are filled at once). The bound makes the batcher wait with EMBED_AHEAD pending.
-        send, receive = anyio.create_memory_object_stream[Reply[Stage2 | None]](EMBED_AHEAD - 1)
+        # embedding are filled at once). Unbuffered: the forwarder waits on one slot and the
+        # batcher holds the next, its embedding started, until the forwarder takes it.
+        send, receive = anyio.create_memory_object_stream[Reply[Stage2 | None]](0)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._forward, receive, out)
             async with send:
@@ -212,8 +214,8 @@ class Ingest:
                     if not isinstance(job, UpsertJob):
                         unknown_message("ingest", job)
                     jobs, carried = await self._coalesce(job)
-                    await send.send(slot)
                     tg.start_soon(self._embed_into, jobs, slot)
+                    await send.send(slot)
 
     async def _embed_into(self, jobs: list[UpsertJob], slot: Reply[Stage2 | None]) -> None:
         try:
