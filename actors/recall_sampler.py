@@ -190,8 +190,8 @@ class RecallSampler:
         self._receive: MemoryObjectReceiveStream[Sample] = receive
         self._windows: dict[tuple[str, str], _Window] = {}
         self._closed = False
-        self.budget = config.recall_sample_budget
-        self._budget = CpuBudget(self.budget, burst_s=max(_MIN_BURST_S, self.budget))
+        budget = config.recall_sample_budget
+        self._budget = CpuBudget(budget, burst_s=max(_MIN_BURST_S, budget))
 
     @property
     def queued(self) -> int:
@@ -262,6 +262,11 @@ class RecallSampler:
                     except Exception:  # an estimate is never worth the engine: log, count, go on
                         log.exception("recall samples of collection %s failed", group[0].collection.name)
                         self._window(group[0].collection.name, group[0].index).skipped["failed"] += len(group)
+
+    @property
+    def budget(self) -> float:
+        """The share of one search thread's time the exact re-runs may take on average."""
+        return self._budget.rate
 
     @property
     def exact_cpu_s(self) -> float:
