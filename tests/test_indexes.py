@@ -16,6 +16,8 @@ from numpy.typing import NDArray
 
 from actors import exact
 from actors.indexes.base import NO_PARAMS, Rebuild, VectorStore, query_params, rerank
+from actors.indexes.faiss_lib import faiss
+from actors.indexes.hnsw_sq import codes_drifted
 from actors.matching import StandingQuery, compile_queries, doc_batch, match
 from actors.shard_state import ShardState
 from actors.snapshot import (
@@ -204,6 +206,43 @@ def test_ivf_is_exact_until_trained_then_retrains_off_the_write_path(
     assert last.id == f"d{N - 1}"
     assert "d601" not in {h.id for h in state.search_unfiltered([vectors[601]], 10, frozenset(), 1)[0]}
     state.close()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "f16"])
+def test_quantised_hnsw_grows_without_rebuilding_codes_that_still_fit(quantization: str, tmp_path: Path) -> None:
+    vectors, queries = clustered(5_000, seed=11), clustered(60, seed=12)
+    state = build(IndexSpec("hnsw", quantization=quantization), Metric.COSINE, tmp_path, vectors[:1_000])
+    assert state.index.describe()["builds"] == 1  # trained on the first 1,000
+    for start in range(1_000, 5_000, 500):  # 5x: past the growth check, from the same distribution
+        state.upsert(docs(vectors[start : start + 500], start))
+        wait_built(state)
+    assert state.index.describe()["builds"] == 1 and not state.index.describe()["building"]
+    assert recall(state, vectors, queries, Metric.COSINE) >= 0.95
+    state.close()
+
+
+def test_int8_codes_are_retrained_once_the_vectors_outgrow_them(tmp_path: Path) -> None:
+    first, later, queries = clustered(1_000, seed=11), 3.0 * clustered(3_000, seed=13), clustered(60, seed=12)
+    state = build(IndexSpec("hnsw", quantization="int8"), Metric.L2, tmp_path, first)
+    assert state.index.describe()["builds"] == 1
+    for start in range(0, 3_000, 500):  # values three times as wide: most would be clipped
+        state.upsert(docs(later[start : start + 500], 1_000 + start))
+        wait_built(state)
+    assert state.index.describe()["builds"] == 2
+    everything = np.concatenate([first, later])
+    assert not codes_drifted(state.index._graph.index, everything)  # type: ignore[attr-defined]
+    assert recall(state, everything, 3.0 * queries, Metric.L2) >= 0.95
+    state.close()
+
+
+def test_codes_drift_when_clipped_or_too_coarse() -> None:
+    vectors = clustered(2_000, seed=5)
+    index = faiss.IndexHNSWSQ(DIM, faiss.ScalarQuantizer.QT_8bit, 16, faiss.METRIC_L2)
+    index.train(vectors[:1_000])
+    assert not codes_drifted(index, vectors[1_000:])  # the same distribution: a few edges clipped
+    assert codes_drifted(index, 1.5 * vectors[1_000:])  # many clipped
+    assert codes_drifted(index, 0.3 * vectors[1_000:])  # a third of each range used
+    assert not codes_drifted(index, vectors[:0])
 
 
 def test_query_params_reach_the_index(data: tuple[NDArray[np.float32], NDArray[np.float32]], tmp_path: Path) -> None:
