@@ -387,8 +387,8 @@ def _recall_metrics(engine: Engine) -> Iterator[Metric]:
         "Share of one search thread's time the exact re-runs of recall samples may take on average",
         sampler.budget,
     )
-    exact_cpu = CounterMetricFamily(
-        "shoal_recall_exact_cpu_seconds", "Search-thread CPU seconds spent on exact re-runs of recall samples"
+    yield CounterMetricFamily(
+        "shoal_recall_exact_cpu_seconds",
+        "Search-thread CPU seconds spent on exact re-runs of recall samples",
+        value=sampler.exact_cpu_s,
     )
-    exact_cpu.add_metric([], sampler.exact_cpu_s)
-    yield exact_cpu
