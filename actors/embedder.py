@@ -8,17 +8,22 @@ Two lanes feed one dispatcher task:
 
 Callers tokenize their texts (in a worker thread) before queueing them. A bulk request is sorted
 by token count and cut into chunks of at most `embed_batch` texts and `embed_batch_tokens` padded
-tokens, so each chunk holds texts of similar length, pads little, and takes a bounded time to run.
+tokens, so each chunk holds texts of similar length and takes a bounded time to run. The cut
+points are planned (`plan_runs`): a run costs its padded tokens plus a fixed overhead, and filling
+every chunk to its limit pads many short texts to a long one wherever lengths fall steeply, as
+they do in a request of a few hundred texts (a corpus sorted as a whole falls gently).
 Bulk requests queue their chunks one request after another, in the order they were made, not
 interleaved: the first finishes first and is committed while the second is embedded (the
 ingest pipeline keeps two batches embedding for that, actors/ingest.py).
 
 The dispatcher starts a batch whenever a worker is free and work is pending, from what is pending
 at that moment: every queued query (within the same limits) if there is any, otherwise bulk chunks
-merged within the limits. There is no linger delay; batches grow by themselves while the workers
-are busy. Up to `embed_workers` batches run at once, each in a worker thread. When all workers
-are busy with bulk work, query batches may also use `embed_express_slots` extra threads, so a
-search is not stuck behind ingest batches (it shares the cores with them for a few milliseconds).
+merged within the limits where merging costs less than running them apart (small requests of
+similar lengths share a run; the planned chunks of one request stay as planned). There is no linger
+delay; batches grow by themselves while the workers are busy. Up to `embed_workers` batches run at
+once, each in a worker thread. When all workers are busy with bulk work, query batches may also use
+`embed_express_slots` extra threads, so a search is not stuck behind ingest batches (it shares the
+cores with them for a few milliseconds).
 
 Lifecycle: `run()` loads the model in a thread, reports `started`, and serves until `close()`;
 then it finishes everything queued and in flight and returns. Calls made after `close()` raise
@@ -51,6 +56,43 @@ from models.records import MODEL_DIM, Vector
 log = logging.getLogger("shoal.embedder")
 
 Vectors = NDArray[np.float32]
+
+# What a model run costs beyond its padded tokens, in tokens' worth of time: the fixed part of a
+# run (starting the graph, matrices too small to use the cores' vector units fully). It is the
+# intercept of run time against padded tokens, which load/embed_bench.py prints (`run_cost`);
+# plans made with it are within half a percent of the best plan for any overhead from 2 to 20
+# tokens, so a round figure serves every machine.
+RUN_OVERHEAD_TOKENS = 10
+
+
+def plan_runs(widths: Sequence[int], max_rows: int, max_tokens: int, overhead: int = RUN_OVERHEAD_TOKENS) -> list[int]:
+    """How many rows each run takes when `widths` (token counts, longest first) are cut into
+    consecutive runs of at most `max_rows` rows and `max_tokens` padded tokens (a row wider than
+    that runs alone), such that the padded tokens of all runs plus `overhead` per run are least.
+
+    Dynamic programming over the cut points: O(len(widths) x max_rows).
+    """
+    n = len(widths)
+    cost = [0] * (n + 1)  # cost[end]: the least cost of rows [0, end)
+    last = [0] * (n + 1)  # last[end]: the rows of the final run in that plan
+    for end in range(1, n + 1):
+        best, rows_of_best = -1, 1
+        for start in range(end - 1, max(-1, end - 1 - max_rows), -1):
+            rows = end - start
+            padded = widths[start] * rows  # a run pads to its first (longest) row
+            if rows > 1 and padded > max_tokens:
+                break  # longer runs start on wider rows: over the budget too
+            total = cost[start] + padded + overhead
+            if best < 0 or total < best:
+                best, rows_of_best = total, rows
+        cost[end], last[end] = best, rows_of_best
+    sizes: list[int] = []
+    end = n
+    while end > 0:
+        sizes.append(last[end])
+        end -= last[end]
+    sizes.reverse()
+    return sizes
 
 
 class EmbeddingModel(Protocol):
@@ -234,12 +276,11 @@ class Embedder:
             # Requests queue their chunks in turn, in the order they were made (module note):
             # the next one tokenizes while this one's chunks are embedded.
             async with self._bulk_admission:
-                rows = await anyio.to_thread.run_sync(model.tokenize, list(texts), limiter=self._tokenize_limiter)
-                # Longest first: each chunk's first row sets its width; the widest start early.
-                order = np.argsort([-len(r) for r in rows], kind="stable")
+                rows, order, sizes = await anyio.to_thread.run_sync(
+                    self._prepare, model, list(texts), limiter=self._tokenize_limiter
+                )
                 start = 0
-                while start < len(order):
-                    take = self._fit(len(rows[order[start]]))
+                for take in sizes:
                     index = order[start : start + take]
                     start += take
                     reply: Reply[Vectors] = Reply()
@@ -302,6 +343,14 @@ class Embedder:
             raise Unavailable("embedder is not running")
         return self._model
 
+    def _prepare(self, model: EmbeddingModel, texts: list[str]) -> tuple[list[TokenIds], NDArray[np.intp], list[int]]:
+        """Tokenized `texts`, their order longest first (each chunk's first row sets its width;
+        the widest start early) and the planned chunk sizes in that order."""
+        rows = model.tokenize(texts)
+        order = np.argsort([-len(r) for r in rows], kind="stable")
+        sizes = plan_runs([len(rows[i]) for i in order], self._batch, self._batch_tokens)
+        return rows, order, sizes
+
     def _fit(self, width: int) -> int:
         """How many rows of at most `width` tokens fit in one batch."""
         return max(1, min(self._batch, self._batch_tokens // max(width, 1)))
@@ -313,7 +362,7 @@ class Embedder:
             chunks = self._take(self._query_lane)
             query = bool(chunks)
             if not query:
-                chunks = self._take(self._bulk_lane)
+                chunks = self._take(self._bulk_lane, thrifty=True)
         elif self._express_busy < self._express:
             express = query = True
             chunks = self._take(self._query_lane)
@@ -328,8 +377,10 @@ class Embedder:
             self._busy += 1
         return _Batch(chunks, query=query, express=express)
 
-    def _take(self, lane: _Lane) -> list[_Chunk]:
-        """Whole chunks from one lane, in arrival order, while they fit in one batch."""
+    def _take(self, lane: _Lane, *, thrifty: bool = False) -> list[_Chunk]:
+        """Whole chunks from one lane, in arrival order, while they fit in one batch; if
+        `thrifty`, only while merging pads less than a run's overhead (the cost `plan_runs`
+        minimises), so queries wait for nothing but bulk work runs in its cheapest shape."""
         taken: list[_Chunk] = []
         count = width = 0
         while count < self._batch and (chunk := lane.next()) is not None:
@@ -337,7 +388,9 @@ class Embedder:
                 self._stats.abandoned += len(chunk.rows)
                 continue
             grown = max(width, chunk.width)
-            if taken and count + len(chunk.rows) > self._fit(grown):
+            rows = len(chunk.rows)
+            costlier = thrifty and grown * (count + rows) > width * count + chunk.width * rows + RUN_OVERHEAD_TOKENS
+            if taken and (count + rows > self._fit(grown) or costlier):
                 lane.held = chunk  # it starts the next batch from this lane
                 break
             taken.append(chunk)

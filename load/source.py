@@ -15,9 +15,10 @@ it (`SHOAL_SOURCE_READ_BATCH` = `--batch`), then measures in the same run, on co
   entries/s from the first XADD to the completion event of the last one (published after its
   commit and indexing, as the WebSocket's ack), both on Redis's clock;
 - text, source: `--text-docs` passages with text only (the server embeds them), timed the same;
-- text, raw onnxruntime: the same texts embedded by `MiniLM` in this process, cut into batches as
-  the embedder does, on one worker thread per CPU (`load.embed_bench.raw_run`), beside the
-  source's text run of the same repeat - the ceiling.
+- text, raw onnxruntime: the same texts embedded by `MiniLM` in this process, all of them sorted
+  by token count at once and cut into runs of the embedder's limits, on one worker thread per
+  CPU (`load.embed_bench.raw_run`), beside the source's text run of the same repeat - the
+  ceiling.
 Each pair (WebSocket and source with vectors; raw and source with text) runs back to back, the
 order alternating from one repeat to the next.
 Ratios: source / WebSocket with vectors (target >= 0.8) and source / raw with text (>= 0.9), of

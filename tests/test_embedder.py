@@ -16,7 +16,7 @@ import pytest
 from anyio.abc import TaskStatus
 from numpy.typing import NDArray
 
-from actors.embedder import Embedder, EmbeddingModel
+from actors.embedder import RUN_OVERHEAD_TOKENS, Embedder, EmbeddingModel, plan_runs
 from actors.onnx_model import MAX_TOKENS, MiniLM, TokenIds
 from models.config import EngineConfig
 from models.errors import Overloaded, Unavailable
@@ -277,6 +277,82 @@ async def test_batches_respect_the_token_budget(model: MiniLM) -> None:
     expected = model.encode(texts)
     for i in range(len(texts)):
         assert cosine(got[i], expected[i]) > 0.999
+
+
+def _greedy_sizes(widths: list[int], max_rows: int, max_tokens: int) -> list[int]:
+    """Each run filled to its limits: the cut `plan_runs` replaced."""
+    sizes, start = [], 0
+    while start < len(widths):
+        take = min(len(widths) - start, max(1, min(max_rows, max_tokens // widths[start])))
+        sizes.append(take)
+        start += take
+    return sizes
+
+
+def _plan_cost(widths: list[int], sizes: list[int], overhead: int = RUN_OVERHEAD_TOKENS) -> int:
+    cost, start = 0, 0
+    for size in sizes:
+        cost += widths[start] * size + overhead
+        start += size
+    return cost
+
+
+def _cheapest_cost(widths: list[int], max_rows: int, max_tokens: int) -> int:
+    """Every way of cutting `widths` into runs within the limits, by brute force."""
+    if not widths:
+        return 0
+    best = None
+    for rows in range(1, min(max_rows, len(widths)) + 1):
+        if rows > 1 and widths[0] * rows > max_tokens:
+            break
+        cost = widths[0] * rows + RUN_OVERHEAD_TOKENS + _cheapest_cost(widths[rows:], max_rows, max_tokens)
+        best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best
+
+
+def test_planned_runs_are_the_cheapest_cut_within_the_limits() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        widths = sorted(rng.integers(1, 90, size=int(rng.integers(0, 11))).tolist(), reverse=True)
+        max_rows, max_tokens = int(rng.integers(1, 6)), int(rng.integers(20, 200))
+        sizes = plan_runs(widths, max_rows, max_tokens)
+        assert sum(sizes) == len(widths)
+        start = 0
+        for size in sizes:
+            assert 1 <= size <= max_rows
+            assert size == 1 or widths[start] * size <= max_tokens
+            start += size
+        assert _plan_cost(widths, sizes) == _cheapest_cost(widths, max_rows, max_tokens)
+
+
+def test_planned_runs_pad_less_than_filling_each_run() -> None:
+    """A request of 500 texts whose token counts spread like real passages' (a long tail):
+    filling each run to 16 texts pads short texts to long ones where the sorted lengths fall
+    steeply; the plan runs those apart."""
+    rng = np.random.default_rng(3)
+    counts = np.clip(rng.lognormal(np.log(25), 0.6, size=500), 4, 256).astype(int)
+    widths = sorted(counts.tolist(), reverse=True)
+    planned, greedy = plan_runs(widths, 16, 1024), _greedy_sizes(widths, 16, 1024)
+    assert _plan_cost(widths, planned) < 0.98 * _plan_cost(widths, greedy)
+
+
+async def test_small_bulk_requests_share_a_run_only_when_it_is_cheaper(model: MiniLM) -> None:
+    """Single-text upserts of similar lengths queued behind a running batch go out as one run;
+    a long one among them runs apart rather than pad the short ones to its length."""
+    recorder = Recorder(model)
+    short = ["a short note", "another note", "one more note"]
+    long = " ".join(["a long passage that would make every short note in its run pad to it"] * 8)
+    async with running(lambda: recorder, embed_batch=16, embed_workers=1, embed_express_slots=0) as (embedder, _):
+        recorder.hold()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(embedder.embed_documents, ["running first"])
+            await recorder.wait_entered()
+            for waiting, text in enumerate([short[0], short[1], long, short[2]], start=1):
+                tg.start_soon(embedder.embed_documents, [text])
+                await until(lambda n=waiting: queued(embedder)[1] == n)  # in this order
+            recorder.release()
+    assert recorder.calls == [["running first"], short[:2], [long], [short[2]]]
 
 
 async def test_concurrent_callers_get_their_own_results(model: MiniLM) -> None:
