@@ -43,6 +43,11 @@ class RedisServer:
         query = "&".join([f"stream={stream}", *(f"{k}={v}" for k, v in params.items())])
         return f"redis://127.0.0.1:{self.port}/0?{query}"
 
+    @property
+    def pid(self) -> int | None:
+        """The running server's process id (None when it is not running)."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
 

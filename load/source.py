@@ -22,7 +22,9 @@ it (`SHOAL_SOURCE_READ_BATCH` = `--batch`), then measures in the same run, on co
 Each pair (WebSocket and source with vectors; raw and source with text) runs back to back, the
 order alternating from one repeat to the next.
 Ratios: source / WebSocket with vectors (target >= 0.8) and source / raw with text (>= 0.9), of
-the best rates and, per repeat, with their median.
+the best rates and, per repeat, with their median. Beside the text ratio, the CPU time per text
+of each side (raw: this process; source: the server with its PostgreSQL, and redis-server) gives
+`cpu_ratio_text`, which what the machine's neighbours take moves far less.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 import redis
 
 from actors.onnx_model import MiniLM
-from load.common import CpuMeter, log, machine_info, unique_name, write_json
+from load.common import CpuMeter, log, machine_info, tree_cpu_seconds, unique_name, write_json
 from load.corpus import load_corpus
 from load.embed_bench import raw_run
 from load.ingest import run_ingest
@@ -191,6 +193,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     # CPU by process over each timed phase: the load generator (the WebSocket client, or the
     # producer's XADDs), the server with its PostgreSQL, and everything else (redis-server).
     cpu: dict[str, list[dict[str, float | None]]] = {key: [] for key in runs}
+    # CPU seconds per text: raw onnxruntime (this process) and the source's whole pipeline (the
+    # server, its PostgreSQL and redis-server), a ratio that a neighbour taking the cores'
+    # time moves far less than the throughput ratio.
+    text_cpu: dict[str, list[float]] = {"raw_text": [], "source_text": []}
 
     model = MiniLM(intra_threads=1)
     model.encode(text_only[:16])  # warm up before anything is timed
@@ -234,13 +240,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
                     async def raw_text() -> None:  # with the server idle
                         batching = (config.embed_batch, config.embed_batch_tokens, config.embed_workers)
-                        wall, _cpu = await anyio.to_thread.run_sync(raw_run, model, text_only, *batching)
+                        wall, raw_cpu = await anyio.to_thread.run_sync(raw_run, model, text_only, *batching)
                         runs["raw_text"].append(m / wall)
+                        text_cpu["raw_text"].append(raw_cpu / m)
 
                     async def source_text(name: str = txt_name, entries: list[dict[str, str]] = text_entries) -> None:
                         meter = CpuMeter(proc.pid).start()
+                        redis_before = tree_cpu_seconds(redis_server.pid) or 0.0
                         runs["source_text"].append(m / await _through_source(ws, redis_server.port, name, entries))
-                        cpu["source_text"].append(meter.stop())
+                        redis_cpu = (tree_cpu_seconds(redis_server.pid) or 0.0) - redis_before
+                        cpu["source_text"].append(used := meter.stop())
+                        text_cpu["source_text"].append(((used["server_cpu_s"] or 0.0) + redis_cpu) / m)
 
                     # Each pair runs back to back, in turns which goes first, so a drift in what the
                     # machine's neighbours take falls on both sides alike.
@@ -271,6 +281,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         ratios = [a / b for a, b in zip(runs[num], runs[den], strict=True)]
         result[f"ratio_{name}_per_repeat"] = [round(r, 3) for r in ratios]
         result[f"ratio_{name}_median"] = round(statistics.median(ratios), 3)
+    cpu_ratios = [a / b for a, b in zip(text_cpu["raw_text"], text_cpu["source_text"], strict=True)]
+    result["cpu_ms_per_text"] = {key: [round(v * 1000, 2) for v in values] for key, values in text_cpu.items()}
+    result["cpu_ratio_text_per_repeat"] = [round(r, 3) for r in cpu_ratios]
+    result["cpu_ratio_text_median"] = round(statistics.median(cpu_ratios), 3)
     return result
 
 
