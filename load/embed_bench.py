@@ -143,8 +143,9 @@ def sweep(texts: list[str], batch: int, batch_tokens: int, repeats: int) -> list
 
 def run_cost(model: MiniLM, text: str, runs: int = 5) -> dict[str, float]:
     """The cost model the embedder plans its runs by (actors/embedder.py, `RUN_OVERHEAD_TOKENS`):
-    seconds per model run against padded tokens, over runs of 1-16 rows of 16-64 tokens, at most 512 in all (the
-    median of `runs` runs each), fitted by least squares to overhead + tokens x per-token cost."""
+    seconds per model run against padded tokens, over runs of 1-16 rows of 16-64 tokens and at
+    most 512 tokens in all (the median of `runs` runs each), fitted by least squares to a fixed
+    overhead per run plus a cost per token."""
     (row,) = model.tokenize([text])
     shapes = [(rows, width) for width in (16, 32, 64) for rows in (1, 2, 4, 8, 16) if rows * width <= 512]
     tokens, seconds = [], []
