@@ -347,8 +347,9 @@ class Embedder:
         """Tokenized `texts`, their order longest first (each chunk's first row sets its width;
         the widest start early) and the planned chunk sizes in that order."""
         rows = model.tokenize(texts)
-        order = np.argsort([-len(r) for r in rows], kind="stable")
-        sizes = plan_runs([len(rows[i]) for i in order], self._batch, self._batch_tokens)
+        widths = [len(r) for r in rows]
+        order = np.argsort([-w for w in widths], kind="stable")
+        sizes = plan_runs([widths[i] for i in order], self._batch, self._batch_tokens)
         return rows, order, sizes
 
     def _fit(self, width: int) -> int:
