@@ -249,7 +249,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         redis_before = tree_cpu_seconds(redis_server.pid) or 0.0
                         runs["source_text"].append(m / await _through_source(ws, redis_server.port, name, entries))
                         redis_cpu = (tree_cpu_seconds(redis_server.pid) or 0.0) - redis_before
-                        cpu["source_text"].append(used := meter.stop())
+                        used = meter.stop()
+                        cpu["source_text"].append(used)
                         text_cpu["source_text"].append(((used["server_cpu_s"] or 0.0) + redis_cpu) / m)
 
                     # Each pair runs back to back, in turns which goes first, so a drift in what the
