@@ -39,13 +39,14 @@ from actors import planner
 from actors.applier import Applied, Publisher
 from actors.catalog import Catalog, Collection
 from actors.compactor import Compactor
+from actors.db_health import DatabaseHealth
 from actors.embedder import Embedder
-from actors.follower import Follower
+from actors.follower import Follower, FollowerStats
 from actors.ingest import Ingest
 from actors.matching import StandingQuery
 from actors.persistence import CatalogRow, Persistence
 from actors.recall_sampler import RecallSampler, RecallStats
-from actors.results_cache import EmbeddingCache, ResultsCache
+from actors.results_cache import CacheStats, EmbeddingCache, ResultsCache
 from actors.snapshotter import Snapshotter
 from actors.sources.actor import build_source
 from actors.status import CollectionStatus, EngineStatus, PoolStatus, Queue
@@ -484,6 +485,20 @@ class Engine:
     async def database_reachable(self) -> bool:
         """True if PostgreSQL answers a query now."""
         return await self.persistence.ping()
+
+    @property
+    def database_health(self) -> DatabaseHealth:
+        """What this node believes about the database now (kept by the probe and the pool);
+        reading it never waits, so /readyz and the write deadline answer while it hangs."""
+        return self.persistence.health
+
+    def cache_stats(self) -> dict[str, CacheStats]:
+        """The results cache's and the query-embedding cache's counters, by cache."""
+        return {"results": self.results.stats, "embeddings": self.embeddings.stats}
+
+    def follower_stats(self) -> FollowerStats:
+        """How far this node has applied the change log other nodes write."""
+        return self.follower.stats()
 
     def status(self) -> EngineStatus:
         """Sizes, queues and their bounds now, for an operator's metrics. Sends no message to any

@@ -56,14 +56,14 @@ def texts_to_embed(request: object) -> int:
 
 def refuse_write_while_down(state: AppState, op: object) -> None:
     """Raise Unavailable for a write while the database is known to be down: it would only queue."""
-    health = state.engine.persistence.health
+    health = state.engine.database_health
     if op in WRITE_OPS and not health.up:
         raise Unavailable(f"database unavailable ({health.reason}): {op} not attempted, retry later")
 
 
 def deadline_missed(state: AppState, op: object, seconds: float, setting: str) -> Unavailable:
     """The error a request answers once its deadline has cancelled it."""
-    health = state.engine.persistence.health
+    health = state.engine.database_health
     why = f"the database is unavailable ({health.reason})" if not health.up else "the server is busy"
     return Unavailable(f"{op} did not complete within {seconds:g} s ({setting}): {why}")
 

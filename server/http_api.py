@@ -171,7 +171,7 @@ async def readyz(request: Request) -> Response:
     state: AppState | None = getattr(request.app.state, "shoal", None)
     if state is None or not state.engine.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
-    health = state.engine.persistence.health
+    health = state.engine.database_health
     if not health.up:
         return JSONResponse({"status": "database unavailable", "database": health.to_wire()}, status_code=503)
     return JSONResponse({"status": "ready"})

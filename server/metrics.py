@@ -187,7 +187,7 @@ class EngineCollector(Collector):
         yield plans
         yield from _snapshot_metrics()
         yield from _cache_metrics(engine)
-        yield from _follower_metrics(engine.follower.stats())
+        yield from _follower_metrics(engine.follower_stats())
         yield from _recall_metrics(engine)
 
         if status.database is not None:
@@ -272,9 +272,10 @@ def _snapshot_metrics() -> Iterator[Metric]:
 
 def _cache_metrics(engine: Engine) -> Iterator[Metric]:
     """Results and query-embedding caches: lookups by outcome, evictions, size and bound."""
+    caches = engine.cache_stats()
     for prefix, what, stats in (
-        ("shoal_results_cache", "Query results cache", engine.results.stats),
-        ("shoal_embedding_cache", "Query embedding cache", engine.embeddings.stats),
+        ("shoal_results_cache", "Query results cache", caches["results"]),
+        ("shoal_embedding_cache", "Query embedding cache", caches["embeddings"]),
     ):
         lookups = CounterMetricFamily(f"{prefix}_lookups", f"{what} lookups, by outcome", labels=["outcome"])
         lookups.add_metric(["hit"], stats.hits)

@@ -81,7 +81,7 @@ def _state(read_deadline_s: float) -> AppState:
     health = SimpleNamespace(up=True, reason="")
     state = SimpleNamespace(
         settings=SimpleNamespace(limits=Limits(read_deadline_s=read_deadline_s)),
-        engine=SimpleNamespace(persistence=SimpleNamespace(health=health)),
+        engine=SimpleNamespace(database_health=health),
     )
     return cast(AppState, state)
 
