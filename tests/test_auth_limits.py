@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection
 
 from models.errors import RateLimited
 from server.auth import AuthFailures, failure_address
+from server.settings import Settings
 from tests.server_process import ServerProcess, local_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -172,6 +173,33 @@ async def test_metrics_need_a_metrics_key(keyed_server: ServerProcess) -> None:
         # The metrics key reads nothing else.
         reply = await http.post("/v1/collections/docs/count", json={}, headers={"authorization": "Bearer scraper-key"})
         assert (reply.status_code, error_of(reply)["code"]) == (403, "forbidden")
+
+
+@pytest.fixture(scope="module")
+def default_limits_server() -> Iterator[ServerProcess]:
+    """Keys on, every limit at its default (and `SHOAL_RATE_LIMIT` off, its default)."""
+    with local_server({"SHOAL_API_KEYS": json.dumps(KEYS)}, quiet=True) as proc:
+        yield proc
+
+
+async def test_failures_are_limited_by_default(default_limits_server: ServerProcess) -> None:
+    defaults = Settings()
+    assert defaults.rate_limit == 0, "the failure limit must hold with the request limit off"
+    burst, close_after = int(defaults.auth_failure_burst), defaults.ws_auth_failures_close
+    async with http_from(default_limits_server, "127.0.0.10") as guesser:
+        codes = [
+            (await guesser.get("/v1/collections", headers={"authorization": f"Bearer guess-{i}"})).status_code
+            for i in range(burst + 2)
+        ]
+        assert codes == [401] * burst + [429, 429], codes
+    async with ws_from(default_limits_server, "127.0.0.11") as ws:
+        replies = [
+            (await call(ws, {"id": i, "op": "auth", "key": f"guess-{i}"}))["error"]["code"] for i in range(close_after)
+        ]
+        assert replies.count("unauthorized") == min(burst, close_after), replies
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await call(ws, {"id": 99, "op": "auth", "key": "guess-99"})
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 def test_failures_count_against_an_ipv6_slash_64_and_plain_ipv4() -> None:
