@@ -34,7 +34,7 @@ from models import requests as rq
 from models.codec import frame_items
 from models.config import EngineConfig, Limits
 from models.errors import Unavailable
-from models.records import DocId, Document, Metric
+from models.records import FLOAT32_MAX, DocId, Document, Hit, Include, Metric, SideScores
 from shoal_client import ShoalClient
 from shoal_client import errors as ce
 from tests.server_process import ServerProcess
@@ -335,6 +335,29 @@ async def test_vectors_at_the_bound_give_finite_scores_everywhere(
     status, reply = await post_json(http, f"/v1/collections/{name}/query", f'{{"vector":[{big},{-big}],"k":5}}')
     assert status == 200 and len(reply["hits"]) == 2
     assert_finite_hits(reply["hits"])
+
+
+def test_hits_never_carry_a_non_finite_number_to_msgpack() -> None:
+    """Scores from data stored before vectors were bounded: both ways hits become wire maps
+    (ids and scores only, and with side scores and vectors) clamp them, so msgpack, which would
+    pass inf and NaN on, never meets one."""
+    vector = np.array([1.0, 2.0], dtype=np.float32)
+    worst = [
+        Hit("a", math.inf, -math.inf, scores=SideScores(math.nan, math.inf), vector=vector),
+        Hit("b", math.nan, math.nan, scores=SideScores(-math.inf, None)),
+    ]
+    plain = [h._replace(scores=None, vector=None) for h in worst]
+    for hits, include in ((plain, frozenset()), (worst, frozenset({Include.VECTOR}))):
+        wire = msgpack.unpackb(msgpack.packb({"hits": Hit.many_to_wire(hits, include, True)}), raw=False)
+        numbers = [
+            value
+            for hit in wire["hits"]
+            for value in (hit["score"], hit["distance"], *(hit.get("scores") or {}).values())
+            if value is not None
+        ]
+        assert numbers and all(math.isfinite(n) and abs(n) <= FLOAT32_MAX for n in numbers), wire
+    # NaN reads as the worst: the lowest score, the largest distance.
+    assert Hit.many_to_wire(plain, frozenset(), True)[1] == {"id": "b", "score": -FLOAT32_MAX, "distance": FLOAT32_MAX}
 
 
 # --- 3. big filters -------------------------------------------------------------------------------
