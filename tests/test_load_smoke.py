@@ -213,3 +213,23 @@ def test_algos_quick(server: ServerProcess, tmp_path: Path) -> None:
         assert anchor["bytes_per_vector"] > 0
     assert r["anchors"]["flat"]["points"][0]["recall"] == 1.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_js_roundtrip(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "js.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "load.js_roundtrip", "--url", server.url),
+            *("--queries", "50", "--rounds", "2", "--docs", "200", "--json", str(out), "--quiet"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "JS / Python median round trip" in done.stdout
+    result = _read(out)
+    assert [len(result["rounds"][c]) for c in ("js", "python")] == [2, 2]
+    assert all(result["median_ms"][c] > 0 for c in ("js", "python"))

@@ -1,6 +1,6 @@
 // Sequential `query` round trips of the JavaScript client: N queries with a random vector, k=10,
 // one at a time on one connection. Prints one JSON line {client, n, median_ms, p99_ms}.
-// Usage: node bench/roundtrip.mjs WS_URL COLLECTION DIM [N]
+// Usage: node bench/roundtrip.mjs WS_URL COLLECTION DIM [N]  (driven by `python -m load.js_roundtrip`)
 
 import { ShoalClient } from "shoal-client";
 
