@@ -100,7 +100,7 @@ class Engine:
             config,
             self.persistence,
             self._publish,
-            on_removed=self.subscriptions.collection_dropped,
+            on_removed=self._collection_removed,
             vectors_dir=vectors_dir,
         )
         self.ingest = Ingest(config, self.persistence, self.embedder, self.catalog)
@@ -256,10 +256,14 @@ class Engine:
 
     async def drop_collection(self, req: rq.DropCollection) -> None:
         self.catalog.get(req.name)
-        await self.ingest.drop_collection(req.name)
-        self.results.forget(req.name)
-        self.recall.forget(req.name)
-        self.subscriptions.collection_dropped(req.name)
+        await self.ingest.drop_collection(req.name)  # the catalog's removal calls _collection_removed
+
+    def _collection_removed(self, name: str) -> None:
+        """A collection left the catalog, dropped here or on another node (the follower): its
+        cached answers, recall figures and subscriptions go with it."""
+        self.results.forget(name)
+        self.recall.forget(name)
+        self.subscriptions.collection_dropped(name)
 
     async def upsert(self, req: rq.Upsert) -> tuple[int, int]:
         self.check_upsert(req)
