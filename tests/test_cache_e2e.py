@@ -223,3 +223,104 @@ async def test_keyword_and_hybrid_over_three_shards(small_cache_server: ServerPr
         )  # fmt: skip
         even_holders = {d["id"] for d in docs if d.get("metadata", {}).get("even") is True}
         assert {h["id"] for h in rare["hits"]} <= even_holders and len(rare["hits"]) == min(50, len(even_holders))
+
+
+# --- never stale, several clients --------------------------------------------------------------
+
+WRITERS = 4
+STEPS = 25
+
+
+class TagHistory:
+    """Each tag's live ids after each of its writer's acked writes (one writer per tag, so its
+    states are ordered). An answer read after state i must be state i or a later one."""
+
+    def __init__(self, tags: list[str]) -> None:
+        self.states: dict[str, list[frozenset[str]]] = {t: [frozenset()] for t in tags}
+
+    def now(self, tag: str) -> int:
+        return len(self.states[tag]) - 1
+
+    def acked(self, tag: str, live: set[str]) -> None:
+        self.states[tag].append(frozenset(live))
+
+    def fresh_enough(self, tag: str, since: int, got: set[str]) -> bool:
+        return any(got == state for state in self.states[tag][since:])
+
+
+async def test_interleaved_writers_and_readers_over_ws_and_http_never_see_a_stale_answer(
+    server: ServerProcess, client: ShoalClient
+) -> None:
+    coll = name("stale")
+    await client.create_collection(coll, dim=DIM)
+    tags = [f"tag{uuid.uuid4().hex[:6]}w{w}" for w in range(WRITERS)]
+    history = TagHistory(tags)
+    checked = {"replies": 0, "cached": 0, "stale": 0}
+
+    def modes(tag: str) -> list[dict[str, Any]]:
+        where = {"tag": tag}
+        return [
+            {"vector": unit(5), "k": 100, "where": where},
+            {"text": tag, "k": 100, "mode": "keyword"},
+            {"text": tag, "vector": unit(6), "k": 100, "mode": "hybrid", "where": where},
+        ]
+
+    async def read_all(ask: Any) -> None:
+        for tag in tags:
+            since = history.now(tag)
+            for q in modes(tag):
+                for _ in range(2):  # the repeat is usually a cache hit
+                    reply = await ask(q)
+                    checked["replies"] += 1
+                    checked["cached"] += reply["cached"] is True
+                    if not history.fresh_enough(tag, since, {h["id"] for h in reply["hits"]}):
+                        checked["stale"] += 1
+
+    async def writer(w: int, ws: ShoalClient | None, http: httpx.AsyncClient | None) -> None:
+        async def ask(q: dict[str, Any]) -> dict[str, Any]:
+            if ws is not None:
+                return await ws.request("query", collection=coll, **q)
+            assert http is not None
+            response = await http.post(f"/v1/collections/{coll}/query", json=q)
+            assert response.status_code == 200, response.text
+            reply: dict[str, Any] = response.json()
+            return reply
+
+        tag = tags[w]
+        live: set[str] = set()
+        rng = np.random.default_rng(w)
+        for step in range(STEPS):
+            if live and rng.random() < 0.3:
+                gone = sorted(live)[int(rng.integers(len(live)))]
+                body: dict[str, Any] = {"ids": [gone]}
+                live.discard(gone)
+                op = "delete"
+            else:
+                doc_id = f"{tag}-{step}"
+                vector = unit(1000 * w + step)
+                doc = {"id": doc_id, "text": f"{tag} step {step}", "vector": vector, "metadata": {"tag": tag}}
+                body = {"docs": [doc]}
+                live.add(doc_id)
+                op = "upsert"
+            if ws is not None:
+                await ws.request(op, collection=coll, **body)
+            else:
+                assert http is not None
+                assert (await http.post(f"/v1/collections/{coll}/{op}", json=body)).status_code == 200
+            history.acked(tag, live)
+            await read_all(ask)
+
+    async with (
+        ShoalClient.connect(server.ws_url) as ws0,
+        ShoalClient.connect(server.ws_url) as ws1,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(writer, 0, ws0, None)
+        tg.start_soon(writer, 1, ws1, None)
+        tg.start_soon(writer, 2, None, http)
+        tg.start_soon(writer, 3, None, http)
+    print(f"stale check: {checked}")
+    assert checked["replies"] == WRITERS * STEPS * WRITERS * 3 * 2
+    assert checked["cached"] > checked["replies"] // 4, checked
+    assert checked["stale"] == 0, checked
