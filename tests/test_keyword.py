@@ -6,6 +6,7 @@ import shutil
 import uuid
 
 import bm25s
+import httpx
 import numpy as np
 import pytest
 
@@ -175,6 +176,43 @@ async def test_keyword_index_is_rebuilt_on_restart() -> None:
             assert (await c.query(name, text="utf-8", mode="keyword")).hits == []
             assert (await c.query(name, text="v1.2", mode="keyword")).hits == []
             assert [h.id for h in (await c.query(name, text="v2.0", mode="keyword")).hits] == ["ver"]
+        # The stop wrote a snapshot and this start loaded it (it did not rebuild from the log).
+        assert await _metric(proc.url, 'shoal_snapshot_loads_total{result="loaded"}') >= 1
     finally:
         proc.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_keyword_index_after_sigkill_holds_every_acked_change() -> None:
+    """Changes acked after the last snapshot, then SIGKILL: the start loads the snapshot and
+    replays the log past it, and keyword search sees exactly the acked state."""
+    data_dir = temp_data_dir()
+    proc = ServerProcess(data_dir)
+    try:
+        proc.start()
+        async with ShoalClient.connect(proc.ws_url) as c:
+            name = await _collection(c)
+        proc.stop()  # a snapshot of the first state
+        proc.start()
+        async with ShoalClient.connect(proc.ws_url) as c:
+            await c.delete(name, ids=["xml"])
+            await c.upsert(name, [{"id": "ver", "text": "Release v3.1 ships libfoo3", "vector": vec(9)}])
+            await c.upsert(name, [{"id": f"new{i}", "text": f"crashproof entry {i}", "vector": vec(20 + i)}
+                                  for i in range(30)])  # fmt: skip
+        proc.kill()
+        proc.start()
+        async with ShoalClient.connect(proc.ws_url) as c:
+            assert (await c.query(name, text="libxml2", mode="keyword")).hits == []
+            assert "ver" not in {h.id for h in (await c.query(name, text="v1.2", mode="keyword")).hits}
+            assert [h.id for h in (await c.query(name, text="libfoo3", mode="keyword")).hits] == ["ver"]
+            found = (await c.query(name, text="crashproof", mode="keyword", k=100)).hits
+            assert sorted(h.id for h in found) == sorted(f"new{i}" for i in range(30))
+    finally:
+        proc.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _metric(url: str, line_start: str) -> float:
+    async with httpx.AsyncClient(base_url=url) as http:
+        text = (await http.get("/metrics")).text
+    return float(next(x.split()[-1] for x in text.splitlines() if x.startswith(line_start)))
