@@ -146,3 +146,30 @@ def test_http_wrapper_and_change_feed(server: ServerProcess) -> None:
         with pytest.raises(NotFound):
             db.count(unique("missing"))
         db.drop_collection(name)
+
+
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_blocking_paging_and_scan(server: ServerProcess, transport: str) -> None:
+    name = unique("syncpage")
+    client = SyncShoalClient(server.ws_url) if transport == "ws" else SyncShoalHTTP(server.url)
+    with client as db:
+        db.create_collection(name, dim=2)
+        ids = [f"p{i:02d}" for i in range(25)]
+        db.upsert(name, [{"id": i, "vector": unit(1.0, n), "metadata": {"odd": n % 2 == 1}} for n, i in enumerate(ids)])
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = db.get_page(name, limit=10, cursor=cursor)
+            seen += [d["id"] for d in page.docs]
+            pages += 1
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert seen == ids and pages == 3
+        odd = db.get_page(name, where={"odd": True}, limit=100)
+        assert [d["id"] for d in odd.docs] == ids[1::2] and odd.next_cursor is None
+        with db.scan(name, page=7) as scanned:
+            assert [d["id"] for p in scanned for d in p.docs] == ids
+        scanned = db.scan(name, page=4, where={"odd": False})
+        first = next(scanned)
+        scanned.close()  # stopped early: the pages not read are never fetched
+        assert [d["id"] for d in first.docs] == ids[0:8:2]

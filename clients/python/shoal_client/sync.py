@@ -37,7 +37,15 @@ from shoal_client.errors import ClientError
 from shoal_client.http import ShoalHTTP
 from shoal_client.ops import ShoalOps
 from shoal_client.sse import DEFAULT_READ_TIMEOUT, changes_sse, subscribe_sse
-from shoal_client.types import CollectionInfo, DeleteResult, QueryResult, SSEEvent, SubscriptionEvent, UpsertResult
+from shoal_client.types import (
+    CollectionInfo,
+    DeleteResult,
+    Page,
+    QueryResult,
+    SSEEvent,
+    SubscriptionEvent,
+    UpsertResult,
+)
 from shoal_client.ws import ShoalClient as AsyncShoalClient
 from shoal_client.ws import Subscription
 
@@ -282,6 +290,41 @@ class _SyncOps(Generic[OpsT]):
     ) -> list[dict[str, Any]]:
         """The documents among `ids` that exist, vectors as float32 numpy."""
         return self._portal.run(self._async.get(collection, ids, include))
+
+    def get_page(
+        self,
+        collection: str,
+        *,
+        where: Mapping[str, Any] | None = None,
+        where_text: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        include: Iterable[str] | str | None = None,
+    ) -> Page:
+        """One page of the live documents passing the filters, in id order, after the page
+        whose `next_cursor` is `cursor` (None: the first); only `next_cursor is None` ends."""
+        return self._portal.run(
+            self._async.get_page(
+                collection, where=where, where_text=where_text, limit=limit, cursor=cursor, include=include
+            )
+        )
+
+    def scan(
+        self,
+        collection: str,
+        *,
+        where: Mapping[str, Any] | None = None,
+        where_text: Mapping[str, Any] | None = None,
+        page: int | None = None,
+        include: Iterable[str] | str | None = None,
+        cursor: str | None = None,
+    ) -> SyncIterator[Page]:
+        """Every live document passing the filters, a page at a time, in id order (a blocking
+        iterator over `get_page`; close it, or use it as a context manager, to stop early)."""
+        pages = self._async.scan(
+            collection, where=where, where_text=where_text, page=page, include=include, cursor=cursor
+        )
+        return SyncIterator(self._portal, pages)
 
     def count(self, collection: str) -> int:
         return self._portal.run(self._async.count(collection))
