@@ -71,6 +71,29 @@ describe("every op", () => {
     assert.ok(!(await db.listCollections()).some((c) => c.name === name));
   });
 
+  test("get pages with where, limit and cursor: every id once, in id order", async () => {
+    const name = uniqueName("js_pages");
+    await db.createCollection(name, { dim: DIM });
+    const ids = Array.from({ length: 25 }, (_, i) => `p${String(i).padStart(2, "0")}`);
+    await db.upsert(name, ids.map((id, i) => ({ id, vector: unit(DIM, i % DIM, 0.1), metadata: { odd: i % 2 === 1 } })));
+    const seen = [];
+    let cursor;
+    let pages = 0;
+    do {
+      const page = await db.get(name, { limit: 10, ...(cursor ? { cursor } : {}) });
+      seen.push(...page.docs.map((d) => d.id));
+      pages += 1;
+      cursor = page.next_cursor;
+    } while (cursor);
+    assert.deepEqual(seen, ids);
+    assert.equal(pages, 3);
+    const odd = await db.get(name, { where: { odd: true }, limit: 100 });
+    assert.deepEqual(odd.docs.map((d) => d.id), ids.filter((_, i) => i % 2 === 1));
+    assert.ok(odd.next_cursor == null);
+    await assert.rejects(db.get(name, { cursor: "not-a-cursor" }), BadRequest);
+    await db.dropCollection(name);
+  });
+
   test("text documents are embedded by the server and found by meaning", async () => {
     const name = uniqueName("js_text");
     await db.createCollection(name);
