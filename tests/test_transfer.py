@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +155,39 @@ async def test_csv_import(sharded: ServerProcess, tmp_path: Path) -> None:
         ]
     missing = shoal("import", str(source), "--collection", "csvc", "--url", sharded.url)
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "'id' column" in missing.stderr
+
+
+def test_a_terminal_sees_the_progress_bar_with_docs_per_second(sharded: ServerProcess, tmp_path: Path) -> None:
+    """The bar shows only on a terminal (every other test pipes stderr): run the import with a
+    pseudo-terminal as its stderr and read what a user would see."""
+    source = tmp_path / "bar.jsonl"
+    write_jsonl(source, 1_500)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "clients" / "python"), str(ROOT)])}
+    master, slave = pty.openpty()
+    # A new pty is 0 columns wide, and tqdm fits its bar to the width: give it a terminal's.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "import", str(source), "--collection", "bar", "--url", sharded.url,
+             "--batch", "100"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=slave,
+        )  # fmt: skip
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its side
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=120) == 0, seen.decode(errors="replace")
+    finally:
+        os.close(master)
+    screen = seen.decode(errors="replace")
+    assert re.search(r"1500docs \[[0-9:]+, *[0-9.]+docs/s\]", screen), screen  # the bar's last state
+    assert "imported 1500 documents into bar" in screen
 
 
 def test_one_line_errors(sharded: ServerProcess, tmp_path: Path) -> None:
