@@ -69,8 +69,8 @@ from models.records import Change, DocId, Hit, Include, StoredDoc
 
 log = logging.getLogger("shoal.subscriptions")
 
-# Matching runs in a worker thread when queries x documents x dim reaches this (about 1 ms of
-# numpy); below it the thread hop costs more than it saves.
+# Matching runs in a worker thread when queries x documents x dim reaches this; below it the
+# thread hop costs more than the numpy work it moves off the loop.
 THREAD_MIN_WORK = 2_000_000
 # A change-feed event lists at most this many ids.
 CHANGE_EVENT_IDS = 500

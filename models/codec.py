@@ -19,8 +19,9 @@ from models.errors import BadFrame, BadRequest, ShoalError, TooLarge, echo
 RESERVED_KEYS = frozenset({"id", "op"})
 MAX_REQUEST_ID = 2**64 - 1
 # The most items any one array or map in a frame may hold (see `frame_items`), unless a limit
-# allows more: unpacking builds every item holding the GIL, and a frame of a million small
-# integers stalls the event loop for 60-100 ms while it is decoded, even in a worker thread.
+# allows more: unpacking builds every item holding the GIL, so a frame of a million small
+# integers stalls the event loop while it is decoded, even in a worker thread (README, "Hostile
+# input").
 MIN_FRAME_ITEMS = 100_000
 
 
