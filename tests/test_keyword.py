@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import bm25s
 import httpx
@@ -160,11 +162,21 @@ async def test_keyword_bad_input(client: ShoalClient) -> None:
             await client.request("query", collection=name, **args)
 
 
-async def test_keyword_index_is_rebuilt_on_restart() -> None:
+@contextmanager
+def own_server() -> Iterator[ServerProcess]:
+    """A server on a data directory of its own, for tests that stop, kill and restart it."""
     data_dir = temp_data_dir()
     proc = ServerProcess(data_dir)
     try:
         proc.start()
+        yield proc
+    finally:
+        proc.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_keyword_index_is_rebuilt_on_restart() -> None:
+    with own_server() as proc:
         async with ShoalClient.connect(proc.ws_url) as c:
             name = await _collection(c)
             await c.delete(name, ids=["enc"])
@@ -178,18 +190,12 @@ async def test_keyword_index_is_rebuilt_on_restart() -> None:
             assert [h.id for h in (await c.query(name, text="v2.0", mode="keyword")).hits] == ["ver"]
         # The stop wrote a snapshot and this start loaded it (it did not rebuild from the log).
         assert await _metric(proc.url, 'shoal_snapshot_loads_total{result="loaded"}') >= 1
-    finally:
-        proc.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def test_keyword_index_after_sigkill_holds_every_acked_change() -> None:
     """Changes acked after the last snapshot, then SIGKILL: the start loads the snapshot and
     replays the log past it, and keyword search sees exactly the acked state."""
-    data_dir = temp_data_dir()
-    proc = ServerProcess(data_dir)
-    try:
-        proc.start()
+    with own_server() as proc:
         async with ShoalClient.connect(proc.ws_url) as c:
             name = await _collection(c)
         proc.stop()  # a snapshot of the first state
@@ -207,9 +213,6 @@ async def test_keyword_index_after_sigkill_holds_every_acked_change() -> None:
             assert [h.id for h in (await c.query(name, text="libfoo3", mode="keyword")).hits] == ["ver"]
             found = (await c.query(name, text="crashproof", mode="keyword", k=100)).hits
             assert sorted(h.id for h in found) == sorted(f"new{i}" for i in range(30))
-    finally:
-        proc.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _metric(url: str, line_start: str) -> float:

@@ -132,21 +132,23 @@ def test_core_bench_tiny(server: ServerProcess, tmp_path: Path) -> None:
     assert r["ingest_text"]["rounds"][0]["shoal"]["error_count"] == 0
 
 
-def test_shoal_bench_runs_a_load_script(server: ServerProcess, tmp_path: Path) -> None:
-    out = tmp_path / "cli.json"
+def run_python(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` from the repository root, as a user runs a load script; asserts it exits 0."""
     done = subprocess.run(
-        [
-            *(sys.executable, "-m", "server.cli", "bench", "ingest", "--url", server.url),
-            *("--source", "synthetic", "--size", "100", "--docs", "100", "--batch", "50"),
-            *("--json", str(out), "--quiet"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_shoal_bench_runs_a_load_script(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "cli.json"
+    done = run_python(
+        *("-m", "server.cli", "bench", "ingest", "--url", server.url),
+        *("--source", "synthetic", "--size", "100", "--docs", "100", "--batch", "50"),
+        *("--json", str(out), "--quiet"),
+        timeout=60,
+    )
     assert "docs/s" in done.stdout
     assert _read(out)["docs"] == 100
 
@@ -217,18 +219,11 @@ def test_algos_quick(server: ServerProcess, tmp_path: Path) -> None:
 
 def test_js_roundtrip(server: ServerProcess, tmp_path: Path) -> None:
     out = tmp_path / "js.json"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "load.js_roundtrip", "--url", server.url),
-            *("--queries", "50", "--rounds", "2", "--docs", "200", "--json", str(out), "--quiet"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    done = run_python(
+        *("-m", "load.js_roundtrip", "--url", server.url),
+        *("--queries", "50", "--rounds", "2", "--docs", "200", "--json", str(out), "--quiet"),
         timeout=120,
-        check=False,
     )
-    assert done.returncode == 0, done.stderr
     assert "JS / Python median round trip" in done.stdout
     result = _read(out)
     assert [len(result["rounds"][c]) for c in ("js", "python")] == [2, 2]
