@@ -1,7 +1,7 @@
-"""The results and query-embedding caches through real servers: a write on another node of a
-cluster invalidates this node's answers, and a drop there frees them; every part of a query
-is part of its key; the byte bound evicts; the embedding cache serves repeated texts; and
-keyword and hybrid search hold over several shards."""
+"""The results and query-embedding caches through real servers: every part of a query is part
+of its key; the byte bound evicts; the embedding cache serves repeated texts; writers and
+readers over WebSocket and HTTP never see a stale answer; and keyword and hybrid search hold
+over several shards. Several nodes: tests/test_cache_cluster.py."""
 
 from __future__ import annotations
 
@@ -14,14 +14,10 @@ import httpx
 import numpy as np
 import pytest
 
-from load.server import PostgresProcess as Postgres
 from shoal_client import ShoalClient
-from shoal_client.errors import NotFound
 from tests.server_process import ServerProcess, local_server
-from tests.test_cluster import database, running_nodes
 
 pytestmark = pytest.mark.timeout(240)
-__all__ = ["database"]  # the cluster's PostgreSQL fixture, used here by name
 
 DIM = 8
 # Small enough that a few dozen k=50 answers overflow it.
@@ -60,51 +56,6 @@ QUERIES: list[dict[str, Any]] = [
     {"text": "river delta", "k": 3, "mode": "keyword"},
     {"text": "river delta", "vector": unit(2), "k": 3, "mode": "hybrid"},
 ]
-
-
-# --- several nodes ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def two_nodes(database: Postgres) -> Iterator[list[ServerProcess]]:
-    yield from running_nodes(database, 2)
-
-
-async def test_a_write_on_another_node_invalidates_and_a_drop_there_frees(two_nodes: list[ServerProcess]) -> None:
-    a, b = two_nodes
-    coll = name("xnode")
-    async with ShoalClient.connect(a.ws_url) as ca, ShoalClient.connect(b.ws_url) as cb:
-        await ca.create_collection(coll, dim=DIM)
-        seq = (await ca.upsert(coll, river_docs(12))).seq
-        for q in QUERIES:
-            first = await cb.request("query", collection=coll, min_seq=seq, **q)
-            again = await cb.request("query", collection=coll, **q)
-            assert (first["cached"], again["cached"]) == (False, True), q
-            assert "top" not in {h["id"] for h in again["hits"]}
-        # A document that tops every query, written on A.
-        top = {"id": "top", "text": "river delta river delta delta", "vector": unit(1)}
-        seq = (await ca.upsert(coll, [top])).seq
-        for q in QUERIES:
-            fresh = await cb.request("query", collection=coll, min_seq=seq, **q)
-            assert fresh["cached"] is False and "top" in {h["id"] for h in fresh["hits"]}, q
-            repeat = await cb.request("query", collection=coll, **q)
-            assert repeat["cached"] is True and repeat["hits"] == fresh["hits"], q
-        seq = (await ca.delete(coll, ids=["top"])).seq
-        for q in QUERIES:
-            after = await cb.request("query", collection=coll, min_seq=seq, **q)
-            assert after["cached"] is False and "top" not in {h["id"] for h in after["hits"]}, q
-        entries = 'shoal_results_cache_entries '
-        assert await metric(b.url, entries) >= len(QUERIES)
-        await ca.drop_collection(coll)
-        with anyio.fail_after(10):  # B follows the drop (notification, else its poll)
-            while True:
-                try:
-                    await cb.count(coll)
-                except NotFound:
-                    break
-                await anyio.sleep(0.05)
-        assert await metric(b.url, entries) == 0
-        assert await metric(b.url, "shoal_results_cache_bytes ") == 0
 
 
 # --- one node: the session's server ------------------------------------------------------------
