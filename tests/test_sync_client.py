@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from shoal_client import ClientError, ConnectionClosed, Exists, LaggedEvent, MatchEvent, NotFound
+from shoal_client import ClientError, ConnectionClosed, Exists, LaggedEvent, MatchEvent, NotFound, Page
 from shoal_client.sync import ShoalClient, SyncShoalClient, SyncShoalHTTP
 from tests.server_process import ServerProcess
 
@@ -155,10 +155,12 @@ def test_blocking_paging_and_scan(server: ServerProcess, transport: str) -> None
     with client as db:
         db.create_collection(name, dim=2)
         ids = [f"p{i:02d}" for i in range(25)]
-        db.upsert(name, [{"id": i, "vector": unit(1.0, n), "metadata": {"odd": n % 2 == 1}} for n, i in enumerate(ids)])
+        docs = [{"id": i, "vector": unit(1.0, n), "metadata": {"odd": n % 2 == 1}} for n, i in enumerate(ids)]
+        db.upsert(name, docs[::-1])  # written out of order: id order is the server's doing
         seen, cursor, pages = [], None, 0
         while True:
             page = db.get_page(name, limit=10, cursor=cursor)
+            assert isinstance(page, Page)  # the async client's type, not a look-alike
             seen += [d["id"] for d in page.docs]
             pages += 1
             if page.next_cursor is None:
@@ -169,6 +171,8 @@ def test_blocking_paging_and_scan(server: ServerProcess, transport: str) -> None
         assert [d["id"] for d in odd.docs] == ids[1::2] and odd.next_cursor is None
         with db.scan(name, page=7) as scanned:
             assert [d["id"] for p in scanned for d in p.docs] == ids
+        with db.scan(name, page=5, where={"odd": True}) as scanned:  # the filter goes with every page
+            assert [len(p.docs) for p in scanned] == [5, 5, 2]
         scanned = db.scan(name, page=4, where={"odd": False})
         first = next(scanned)
         scanned.close()  # stopped early: the pages not read are never fetched

@@ -133,9 +133,12 @@ export interface DeleteOptions extends CallOptions {
   whereText?: TextFilter;
 }
 
+/** By `ids`, or a page: `where` / `whereText`, `limit` and the `cursor` a previous page answered
+ * as `next_cursor` (ids with any of those is a BadRequest). */
 export interface GetOptions extends CallOptions {
   ids?: string[];
   where?: Filter;
+  whereText?: TextFilter;
   limit?: number;
   cursor?: string;
   include?: IncludeField | IncludeField[];

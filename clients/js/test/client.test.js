@@ -30,6 +30,22 @@ after(async () => {
   await db.close();
 });
 
+/** Follow next_cursor from the first page until it is null or absent; the ids seen and each
+ * page's size. */
+async function walkPages(name, options) {
+  const ids = [];
+  const sizes = [];
+  let cursor = null;
+  do {
+    const page = await db.get(name, { ...options, ...(cursor ? { cursor } : {}) });
+    ids.push(...page.docs.map((d) => d.id));
+    sizes.push(page.docs.length);
+    cursor = page.next_cursor;
+    assert.ok(sizes.length <= 30, "the cursor never ends");
+  } while (cursor != null);
+  return { ids, sizes };
+}
+
 describe("every op", () => {
   test("ping, create, list, upsert, get, count, query, delete, drop", async () => {
     const name = uniqueName("js_ops");
@@ -75,21 +91,25 @@ describe("every op", () => {
     const name = uniqueName("js_pages");
     await db.createCollection(name, { dim: DIM });
     const ids = Array.from({ length: 25 }, (_, i) => `p${String(i).padStart(2, "0")}`);
-    await db.upsert(name, ids.map((id, i) => ({ id, vector: unit(DIM, i % DIM, 0.1), metadata: { odd: i % 2 === 1 } })));
-    const seen = [];
-    let cursor;
-    let pages = 0;
-    do {
-      const page = await db.get(name, { limit: 10, ...(cursor ? { cursor } : {}) });
-      seen.push(...page.docs.map((d) => d.id));
-      pages += 1;
-      cursor = page.next_cursor;
-    } while (cursor);
-    assert.deepEqual(seen, ids);
-    assert.equal(pages, 3);
-    const odd = await db.get(name, { where: { odd: true }, limit: 100 });
-    assert.deepEqual(odd.docs.map((d) => d.id), ids.filter((_, i) => i % 2 === 1));
-    assert.ok(odd.next_cursor == null);
+    const docs = ids.map((id, i) => ({
+      id,
+      vector: unit(DIM, i % DIM, 0.1),
+      metadata: { odd: i % 2 === 1 },
+      ...(i % 5 === 0 ? { text: `fifth ${i}` } : {}),
+    }));
+    // Written out of order, so the id order of the pages is the server's doing, not ours.
+    await db.upsert(name, [...docs].reverse());
+    const all = await walkPages(name, { limit: 10 });
+    // Three pages and no fourth: the third answered next_cursor null (or left it out).
+    assert.deepEqual(all.sizes, [10, 10, 5]);
+    assert.deepEqual(all.ids, ids);
+    // The filter goes with every page, cursor included: 12 odd ids in pages of 5.
+    const odd = await walkPages(name, { where: { odd: true }, limit: 5 });
+    assert.deepEqual(odd.sizes, [5, 5, 2]);
+    assert.deepEqual(odd.ids, ids.filter((_, i) => i % 2 === 1));
+    const fifths = await db.get(name, { whereText: { $contains: "fifth" }, limit: 100, include: ["text"] });
+    assert.deepEqual(fifths.docs.map((d) => [d.id, d.text]), [0, 5, 10, 15, 20].map((i) => [ids[i], `fifth ${i}`]));
+    assert.ok(fifths.next_cursor == null);
     await assert.rejects(db.get(name, { cursor: "not-a-cursor" }), BadRequest);
     await db.dropCollection(name);
   });

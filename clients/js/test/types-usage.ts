@@ -9,6 +9,7 @@ import {
   ShoalError,
   changesSSE,
   subscribeSSE,
+  type GetResult,
   type Hit,
   type Push,
   type QueryResult,
@@ -24,6 +25,12 @@ export async function usage(url: string): Promise<number> {
   const n: number = await db.count("docs");
   const { docs } = await db.get("docs", ["a"], { include: "vector" });
   const v: Float32Array | undefined = docs[0]?.vector;
+  // Paging: the options form of get, following next_cursor until it is null.
+  let cursor: string | null | undefined;
+  do {
+    const page: GetResult = await db.get("docs", { where: { lang: "en" }, whereText: { $contains: "x" }, limit: 10, ...(cursor ? { cursor } : {}) });
+    cursor = page.next_cursor;
+  } while (cursor != null);
   await db.delete("docs", ["a"]);
   await db.delete("docs", { where: { lang: "en" } });
   const sub = await db.subscribe("docs", { text: "hello", threshold: 0.5, afterSeq: 10 });
@@ -49,6 +56,8 @@ export async function usage(url: string): Promise<number> {
   }
   // @ts-expect-error: upsert takes an array of documents, each with an id
   await db.upsert("docs", { text: "no id" });
+  // @ts-expect-error: a cursor is the opaque string a page answered, not a position
+  await db.get("docs", { limit: 10, cursor: 10 });
   // @ts-expect-error: include names only text, metadata, vector
   await db.query("docs", { text: "x", include: ["everything"] });
   await db.close();
