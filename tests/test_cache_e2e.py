@@ -183,17 +183,23 @@ STEPS = 25
 
 
 class TagHistory:
-    """Each tag's live ids after each of its writer's acked writes (one writer per tag, so its
-    states are ordered). An answer read after state i must be state i or a later one."""
+    """Each tag's live ids after each of its writer's writes (one writer per tag, so its states
+    are ordered). A write's state is recorded before it is sent (another client may see it
+    before its ack arrives) and marked acked after. An answer read once state i was acked must
+    be state i or a later one."""
 
     def __init__(self, tags: list[str]) -> None:
         self.states: dict[str, list[frozenset[str]]] = {t: [frozenset()] for t in tags}
+        self.acked_at: dict[str, int] = dict.fromkeys(tags, 0)
 
     def now(self, tag: str) -> int:
-        return len(self.states[tag]) - 1
+        return self.acked_at[tag]
 
-    def acked(self, tag: str, live: set[str]) -> None:
+    def sending(self, tag: str, live: set[str]) -> None:
         self.states[tag].append(frozenset(live))
+
+    def acked(self, tag: str) -> None:
+        self.acked_at[tag] = len(self.states[tag]) - 1
 
     def fresh_enough(self, tag: str, since: int, got: set[str]) -> bool:
         return any(got == state for state in self.states[tag][since:])
@@ -253,12 +259,13 @@ async def test_interleaved_writers_and_readers_over_ws_and_http_never_see_a_stal
                 body = {"docs": [doc]}
                 live.add(doc_id)
                 op = "upsert"
+            history.sending(tag, live)
             if ws is not None:
                 await ws.request(op, collection=coll, **body)
             else:
                 assert http is not None
                 assert (await http.post(f"/v1/collections/{coll}/{op}", json=body)).status_code == 200
-            history.acked(tag, live)
+            history.acked(tag)
             await read_all(ask)
 
     async with (
