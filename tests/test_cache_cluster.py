@@ -14,8 +14,8 @@ import pytest
 from load.server import PostgresProcess as Postgres
 from shoal_client import ShoalClient
 from shoal_client.errors import NotFound
-from tests.server_process import ServerProcess
-from tests.test_cache_e2e import DIM, metric, river_docs, unit
+from tests.server_process import ServerProcess, metric
+from tests.test_cache_e2e import DIM, river_docs, unit
 from tests.test_cache_e2e import name as unique
 from tests.test_cluster import database, running_nodes
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from shoal_client import ShoalClient
-from tests.server_process import ServerProcess, local_server
+from tests.server_process import ServerProcess, local_server, metric
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,12 +33,6 @@ def name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
-async def metric(url: str, line_start: str) -> float:
-    async with httpx.AsyncClient(base_url=url) as http:
-        text = (await http.get("/metrics")).text
-    return float(next(x.split()[-1] for x in text.splitlines() if x.startswith(line_start)))
-
-
 def river_docs(count: int) -> list[dict[str, Any]]:
     return [
         {
@@ -49,13 +43,6 @@ def river_docs(count: int) -> list[dict[str, Any]]:
         }
         for i in range(count)
     ]
-
-
-QUERIES: list[dict[str, Any]] = [
-    {"vector": unit(1), "k": 3},
-    {"text": "river delta", "k": 3, "mode": "keyword"},
-    {"text": "river delta", "vector": unit(2), "k": 3, "mode": "hybrid"},
-]
 
 
 # --- one node: the session's server ------------------------------------------------------------

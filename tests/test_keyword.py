@@ -8,14 +8,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import bm25s
-import httpx
 import numpy as np
 import pytest
 
 from actors.keyword_index import KeywordIndex, query_terms, tokenize
 from shoal_client import ShoalClient
 from shoal_client.errors import BadRequest
-from tests.server_process import ServerProcess, temp_data_dir
+from tests.server_process import ServerProcess, metric, temp_data_dir
 
 pytestmark = pytest.mark.timeout(180)
 DIM = 8
@@ -189,7 +188,7 @@ async def test_keyword_index_is_rebuilt_on_restart() -> None:
             assert (await c.query(name, text="v1.2", mode="keyword")).hits == []
             assert [h.id for h in (await c.query(name, text="v2.0", mode="keyword")).hits] == ["ver"]
         # The stop wrote a snapshot and this start loaded it (it did not rebuild from the log).
-        assert await _metric(proc.url, 'shoal_snapshot_loads_total{result="loaded"}') >= 1
+        assert await metric(proc.url, 'shoal_snapshot_loads_total{result="loaded"}') >= 1
 
 
 async def test_keyword_index_after_sigkill_holds_every_acked_change() -> None:
@@ -213,9 +212,3 @@ async def test_keyword_index_after_sigkill_holds_every_acked_change() -> None:
             assert [h.id for h in (await c.query(name, text="libfoo3", mode="keyword")).hits] == ["ver"]
             found = (await c.query(name, text="crashproof", mode="keyword", k=100)).hits
             assert sorted(h.id for h in found) == sorted(f"new{i}" for i in range(30))
-
-
-async def _metric(url: str, line_start: str) -> float:
-    async with httpx.AsyncClient(base_url=url) as http:
-        text = (await http.get("/metrics")).text
-    return float(next(x.split()[-1] for x in text.splitlines() if x.startswith(line_start)))
