@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -149,7 +150,9 @@ def test_create_add_filter_and_live_count_in_the_page(server: ServerProcess, bro
     badge following the change feed (also for a write made elsewhere), a filtered keyword search,
     and the favicon."""
     name = f"page_{uuid.uuid4().hex[:8]}"
-    wait = WebDriverWait(browser, 30)
+    # The page re-renders the collection list and counts as the change feed arrives: an element
+    # read mid-render is stale, and the wait looks again.
+    wait = WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException])
     try:
         browser.get(f"{server.url}/")
         icon = browser.find_element(By.CSS_SELECTOR, "link[rel='icon']").get_attribute("href")
