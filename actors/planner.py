@@ -11,21 +11,23 @@ import heapq
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal, TypeVar, get_args
 
 import anyio
+import numpy as np
 
 from actors import fusion
 from actors.indexes.base import QueryParams, query_params
 from actors.keyword_index import query_terms
 from models.config import EngineConfig
 from models.errors import ShoalError
-from models.records import Hit, Vector
+from models.records import Hit, Include, Vector
 
 if TYPE_CHECKING:
     from actors.catalog import Collection
     from models.requests import Query
 
+T = TypeVar("T")
 Plan = Literal["hnsw", "exact", "hnsw_filtered", "keyword"]
 PLANS: tuple[Plan, ...] = get_args(Plan)
 
@@ -135,10 +137,10 @@ async def execute(
     return fusion.rrf(vector, keyword, req.k, req.rrf_k)
 
 
-async def _gather(calls: Sequence[Callable[[], Awaitable[list[Hit]]]]) -> list[list[Hit]]:
+async def _gather(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
     """Every call's result, run at once; raises the first `ShoalError` itself (a task group
     would wrap it in an exception group, which no caller maps to a wire code)."""
-    results: list[list[Hit]] = [[] for _ in calls]
+    results: dict[int, T] = {}
     errors: list[ShoalError] = []
 
     async def one(i: int) -> None:
@@ -152,7 +154,7 @@ async def _gather(calls: Sequence[Callable[[], Awaitable[list[Hit]]]]) -> list[l
             tg.start_soon(one, i)
     if errors:
         raise errors[0]
-    return results
+    return [results[i] for i in range(len(calls))]
 
 
 def index_params(req: Query) -> QueryParams:
@@ -168,6 +170,18 @@ async def vector_side(collection: Collection, req: Query, vector: Vector, depth:
         return await shards[0].search(vector, depth, params, req.where, req.where_text, req.include)
     calls = [partial(s.search, vector, depth, params, req.where, req.where_text, req.include) for s in shards]
     return merge_hits(await _gather(calls), depth)
+
+
+async def vector_side_many(
+    collection: Collection, queries: np.ndarray, k: int, params: QueryParams, include: frozenset[Include]
+) -> list[list[Hit]]:
+    """The k nearest documents of each row of `queries` (n x dim), unfiltered, over every shard:
+    one `Shard.search_many` per shard, merged per query."""
+    shards = collection.shards
+    if len(shards) == 1:
+        return await shards[0].search_many(queries, k, params, include)
+    per_shard = await _gather([partial(s.search_many, queries, k, params, include) for s in shards])
+    return [merge_hits(lists, k) for lists in zip(*per_shard, strict=True)]
 
 
 async def keyword_side(collection: Collection, req: Query, terms: Sequence[str], depth: int) -> list[Hit]:

@@ -19,9 +19,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from models import requests as rq
+from models.errors import ShoalError
 from models.records import Hit, Vector
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 Version = tuple[object, ...]
+_Key = tuple[str, Version, Hashable]  # (collection name, version, query_key)
 
 # Fixed costs in the byte estimate: one cache entry with its key, and one hit.
 _ENTRY_BYTES = 512
@@ -161,10 +163,10 @@ class ResultsCache:
     """Query answers by (collection, version, query). `limit_bytes` 0 turns it off."""
 
     def __init__(self, limit_bytes: int) -> None:
-        self._lru: LruBytes[tuple[str, Version, Hashable], list[Hit]] = LruBytes(limit_bytes)
+        self._lru: LruBytes[_Key, list[Hit]] = LruBytes(limit_bytes)
         self._enabled = limit_bytes > 0
         # Per collection name: the version its entries were made at, and their keys.
-        self._current: dict[str, tuple[Version, list[tuple[str, Version, Hashable]]]] = {}
+        self._current: dict[str, tuple[Version, list[_Key]]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -181,28 +183,70 @@ class ResultsCache:
         """(hits, cached): the cached answer of this query at the collection's current version,
         or `compute()`'s (kept when the version held still meanwhile). Raises what `compute`
         raises (errors are never cached)."""
+        version, keys, found = self._look_up(collection, [req], scope)
+        if found[0] is not None:
+            return found[0], True
+        hits = await compute()
+        self._keep(collection, version, keys, [hits])
+        return hits, False
+
+    async def answer_many(
+        self,
+        collection: Collection,
+        reqs: Sequence[rq.Query],
+        scope: frozenset[str] | None,
+        compute: Callable[[list[int]], Awaitable[list[list[Hit] | ShoalError]]],
+    ) -> list[tuple[list[Hit], bool] | ShoalError]:
+        """What `answer` gives for each of `reqs`, with one `compute(positions)` for those not
+        cached: it returns, in the order of `positions`, each one's hits or its error."""
+        version, keys, found = self._look_up(collection, reqs, scope)
+        missing = [i for i, hits in enumerate(found) if hits is None]
+        computed = dict(zip(missing, await compute(missing) if missing else [], strict=True))
+        fresh = [i for i in missing if not isinstance(computed[i], ShoalError)]
+        if keys and fresh:
+            self._keep(collection, version, [keys[i] for i in fresh], [cast(list[Hit], computed[i]) for i in fresh])
+        out: list[tuple[list[Hit], bool] | ShoalError] = []
+        for i, hits in enumerate(found):
+            answer = computed.get(i)
+            if hits is not None:
+                out.append((hits, True))
+            elif isinstance(answer, ShoalError):
+                out.append(answer)
+            else:
+                out.append((cast(list[Hit], answer), False))
+        return out
+
+    def _look_up(
+        self, collection: Collection, reqs: Sequence[rq.Query], scope: frozenset[str] | None
+    ) -> tuple[Version | None, list[_Key], list[list[Hit] | None]]:
+        """(the collection's version, each query's key, each one's cached hits or None); no keys
+        when nothing can be cached (off, or a write is being applied)."""
         if not self._enabled:
-            return await compute(), False
+            return None, [], [None] * len(reqs)
         version = collection_version(collection)
         if version is None:  # a write is being applied: nothing cached can be current
-            self._lru.stats.misses += 1
-            return await compute(), False
+            self._lru.stats.misses += len(reqs)
+            return None, [], [None] * len(reqs)
         self._retire(collection.name, version)
-        key = (collection.name, version, query_key(req, scope))
-        found = self._lru.get(key)
-        if found is not None:
-            return found, True
-        hits = await compute()
-        if collection_version(collection) == version:
-            with self._lock:
-                current = self._current.get(collection.name)
-                if current is not None and current[0] == version:
-                    keys = current[1]
-                    keys.append(key)
-                    self._lru.put(key, hits, _hits_bytes(hits))
-                    if len(keys) > 2 * self._lru.stats.entries + 64:  # most were evicted
-                        keys[:] = [k for k in keys if k in self._lru]
-        return hits, False
+        keys = [(collection.name, version, query_key(req, scope)) for req in reqs]
+        return version, keys, [self._lru.get(key) for key in keys]
+
+    def _keep(
+        self, collection: Collection, version: Version | None, keys: list[_Key], answers: list[list[Hit]]
+    ) -> None:
+        """Cache each answer under its key if the collection is still at `version`."""
+        if not keys or version is None or collection_version(collection) != version:
+            return
+        with self._lock:
+            current = self._current.get(collection.name)
+            if current is None or current[0] != version:
+                return
+            kept = current[1]
+            for key, hits in zip(keys, answers, strict=True):
+                kept.append(key)
+                self._lru.put(key, hits, _hits_bytes(hits))
+            if len(kept) > 2 * self._lru.stats.entries + 64:  # most were evicted
+                kept[:] = [k for k in kept if k in self._lru]
 
     def forget(self, name: str) -> None:
         """Drop every entry of a collection (it was dropped)."""

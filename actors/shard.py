@@ -300,6 +300,44 @@ class Shard:
             self._mailbox.offer(_Search(vec, k, params, where, where_text, include, reply))
         return await reply.wait()
 
+    async def search_many(
+        self, queries: np.ndarray, k: int, params: QueryParams, include: frozenset[Include]
+    ) -> list[list[Hit]]:
+        """The k nearest live documents of each row of `queries` (n x dim float32), best first,
+        without filters: what `search` answers for each, taking the same paths, so the drain
+        jobs and the loop's batching group them into few index searches. Raises like `search`
+        (`Overloaded` when the mailbox cannot take them all; those already queued are answered
+        and dropped)."""
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise DimensionMismatch(f"queries have {queries.shape[-1]} dimensions, the collection {self.dim}")
+        replies: list[Reply[list[Hit]]] = [Reply() for _ in range(queries.shape[0])]
+        if self._idle and self._readers < self._max_reads and self._state.serves(params):
+            self._search_direct_many([_Direct(q, k, params, include, r) for q, r in zip(queries, replies, strict=True)])
+        else:
+            for q, reply in zip(queries, replies, strict=True):
+                self._mailbox.offer(_Search(q, k, params, None, None, include, reply))
+        return [await reply.wait() for reply in replies]
+
+    def _search_direct_many(self, searches: list[_Direct]) -> None:
+        """Queue unfiltered searches for the drain jobs at once, starting as many more drains as
+        the searches fill (`_MIN_PART` each) while fewer than `search_threads` are queued; with
+        every read slot taken and no drain queued, go through the mailbox."""
+        with self._direct_lock:
+            wanted = max(1, len(searches) // _MIN_PART)
+            room = self._max_reads - self._readers
+            starts = max(0, min(wanted, self._max_readers - self._drains_queued, room))
+            queued = starts > 0 or self._drains_queued > 0
+            if queued:
+                self._direct.extend(searches)
+            self._drains_queued += starts
+        if queued:
+            self.direct_searches += len(searches)
+            for _ in range(starts):
+                self._start_read(self._drain_direct, _answer_all, self._drain_not_run)
+        else:
+            for s in searches:
+                self._mailbox.offer(_Search(s.query, s.k, s.params, None, None, s.include, s.reply))
+
     def _search_direct(self, search: _Direct) -> None:
         """Queue an unfiltered search for the drain jobs, starting one more while fewer than
         `search_threads` are queued and not yet running; with every read slot taken and no

@@ -28,8 +28,9 @@ import heapq
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 import numpy as np
@@ -57,7 +58,7 @@ from models import requests as rq
 from models.config import EngineConfig, Limits
 from models.errors import BadRequest, DimensionMismatch, InvalidVector, NotFound, ShoalError, Unavailable, echo
 from models.index_spec import check_query_params
-from models.records import MODEL_DIM, CollectionInfo, DocId, Hit, Metric, StoredDoc, Vector
+from models.records import MODEL_DIM, CollectionInfo, DocId, Hit, Include, Metric, StoredDoc, Vector
 from models.reply_size import check_rows_fit
 
 log = logging.getLogger("shoal.engine")
@@ -396,6 +397,79 @@ class Engine:
             return hits
 
         return await self.results.answer(collection, req, scope, compute)
+
+    async def query_batch(
+        self, req: rq.QueryBatch, scope: frozenset[str] | None = None
+    ) -> list[tuple[list[Hit], bool] | ShoalError]:
+        """Each query's (hits, cached), as `query` answers it, or the error it alone met. The
+        unfiltered vector queries are searched together: one `planner.vector_side_many` per
+        (k, index parameters, include), so the index sees them as one batch; the others are
+        served by `query`, concurrently. Raises, for the whole batch, NotFound and Unavailable
+        (the collection, after every `min_seq` given)."""
+        min_seqs = [q.min_seq for q in req.queries if q.min_seq is not None]
+        collection = await self._read_target(req.collection, max(min_seqs) if min_seqs else None)
+        out: dict[int, tuple[list[Hit], bool] | ShoalError] = {}
+        plain: list[int] = []
+        for i, q in enumerate(req.queries):
+            if q.mode != "vector" or q.vector is None or q.where is not None or q.where_text is not None:
+                continue
+            try:
+                check_query_params(collection.index, collection.name, q.ef, q.nprobe)
+                _check_vector(collection, q.vector, f"queries[{i}]: the query vector")
+            except ShoalError as exc:
+                out[i] = exc
+                continue
+            plain.append(i)
+
+        async def one(i: int) -> None:
+            try:
+                out[i] = await self.query(req.queries[i], scope)
+            except ShoalError as exc:
+                out[i] = exc
+
+        searched = [req.queries[i] for i in plain]
+        served_alone = set(range(len(req.queries))) - set(plain) - set(out)
+        async with anyio.create_task_group() as tg:
+            for i in sorted(served_alone):
+                tg.start_soon(one, i)
+            if plain:
+                compute = partial(self._search_plain, collection, searched)
+                answers = await self.results.answer_many(collection, searched, scope, compute)
+                out.update(zip(plain, answers, strict=True))
+        return [out[i] for i in range(len(req.queries))]
+
+    async def _search_plain(
+        self, collection: Collection, reqs: Sequence[rq.Query], positions: list[int]
+    ) -> list[list[Hit] | ShoalError]:
+        """The hits of `reqs[p]` for each p of `positions` (unfiltered vector queries, checked),
+        those with the same (k, index parameters, include) searched as one batch; or the error
+        of each (its group's search failed, or its rows would not fit in a frame)."""
+        seq = collection.last_seq
+        groups: dict[tuple[int, object, frozenset[Include]], list[int]] = {}
+        for p in positions:
+            r = reqs[p]
+            groups.setdefault((r.k, planner.index_params(r), r.include), []).append(p)
+        found: dict[int, list[Hit] | ShoalError] = {}
+        for members in groups.values():
+            first = reqs[members[0]]
+            queries = np.stack([cast(Vector, reqs[p].vector) for p in members])
+            try:
+                lists = await planner.vector_side_many(
+                    collection, queries, first.k, planner.index_params(first), first.include
+                )
+            except ShoalError as exc:
+                error = self._read_failed(collection, exc) if isinstance(exc, Unavailable) else exc
+                found.update((p, error) for p in members)
+                continue
+            for p, hits in zip(members, lists, strict=True):
+                r = reqs[p]
+                self.recall.offer(collection, cast(Vector, r.vector), r.k, None, None, hits, seq)
+                try:
+                    check_rows_fit(hits, r.include, collection.dim, self.limits)
+                    found[p] = hits
+                except ShoalError as exc:
+                    found[p] = exc
+        return [found[p] for p in positions]
 
     async def _liked(self, collection: Collection, doc_id: DocId) -> StoredDoc:
         """The stored document a query by example names. Raises NotFound (no such document, or

@@ -41,6 +41,7 @@ class Limits:
     max_batch_docs: int = 10_000
     max_ids: int = 10_000
     max_k: int = 1_000
+    max_query_batch: int = field(default=1_000, metadata=bounds(1, 100_000))
     max_filter_depth: int = 8
     max_frame_bytes: int = 16 * MIB
     max_id_chars: int = 256

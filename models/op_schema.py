@@ -139,6 +139,56 @@ def op_args(limits: Limits) -> dict[str, Op]:
             "index": INDEX,
         },
     }
+    query = Op(
+        "the k best hits for a vector or a text",
+        {
+            "collection": collection,
+            "vector": vector,
+            "text": text,
+            "like": like,
+            "k": Arg({"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": 10}, "hits wanted"),
+            "where": where,
+            "where_text": where_text,
+            "include": include,
+            "ef": Arg({"type": "integer", "minimum": 1, "maximum": limits.max_ef}, "hnsw kind: search breadth"),
+            "nprobe": Arg({"type": "integer", "minimum": 1, "maximum": 65_536}, "ivf kind: lists searched"),
+            "mode": Arg(
+                {"type": "string", "enum": ["vector", "keyword", "hybrid"], "default": "vector"}, "search mode"
+            ),
+            "fusion": Arg({"type": "string", "enum": ["rrf", "weighted"], "default": "rrf"}, "hybrid fusion"),
+            "alpha": Arg(
+                {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5}, "hybrid, weighted: vector weight"
+            ),
+            "rrf_k": Arg({"type": "integer", "minimum": 0, "maximum": 1_000_000, "default": 60}, "hybrid, rrf: k"),
+            "vector_candidates": Arg(
+                {"type": "integer", "minimum": 1, "maximum": limits.max_k}, "hybrid: vector-side depth (>= k)"
+            ),
+            "keyword_candidates": Arg(
+                {"type": "integer", "minimum": 1, "maximum": limits.max_k}, "hybrid: keyword-side depth (>= k)"
+            ),
+            "min_seq": min_seq,
+        },
+        [
+            {"collection": "c", "text": "hello", "k": 5, "where": {"lang": "en"}, "include": ["text"]},
+            {"collection": "c", "vector": v4, "ef": 100, "where_text": {"$contains": "h"}, "mode": "vector"},
+            {"collection": "big", "vector": v4, "nprobe": 32},
+            {"collection": "c", "text": "hello", "mode": "hybrid", "fusion": "weighted", "alpha": 0.3},
+            {
+                "collection": "c",
+                "text": "hello",
+                "mode": "hybrid",
+                "rrf_k": 10,
+                "vector_candidates": 20,
+                "keyword_candidates": 30,
+            },
+            {"collection": "c", "text": "hello", "mode": "keyword", "k": 3, "min_seq": 5},
+            {"collection": "c", "like": "doc-1", "k": 5, "where": {"lang": "en"}},
+        ],
+        {
+            "type": "object",
+            "properties": {"hits": {"type": "array", "items": {"type": "object"}}, "took_ms": {"type": "number"}},
+        },
+    )
     return {
         "ping": Op("liveness of the connection", {}, [{}]),
         "auth": Op(
@@ -240,54 +290,36 @@ def op_args(limits: Limits) -> dict[str, Op]:
             [{"collection": "c"}, {"collection": "c", "min_seq": 12}],
             {"type": "object", "properties": {"count": {"type": "integer"}}},
         ),
-        "query": Op(
-            "the k best hits for a vector or a text",
+        "query": query,
+        "query_batch": Op(
+            "several queries of one collection in one request; each answered (or failed) on its own",
             {
                 "collection": collection,
-                "vector": vector,
-                "text": text,
-                "like": like,
-                "k": Arg({"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": 10}, "hits wanted"),
-                "where": where,
-                "where_text": where_text,
-                "include": include,
-                "ef": Arg({"type": "integer", "minimum": 1, "maximum": limits.max_ef}, "hnsw kind: search breadth"),
-                "nprobe": Arg({"type": "integer", "minimum": 1, "maximum": 65_536}, "ivf kind: lists searched"),
-                "mode": Arg(
-                    {"type": "string", "enum": ["vector", "keyword", "hybrid"], "default": "vector"}, "search mode"
+                "queries": Arg(
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": limits.max_query_batch,
+                        "items": args_schema(query, frozenset({"collection"})),
+                    },
+                    "the queries: each the arguments of `query` without `collection`",
+                    required=True,
                 ),
-                "fusion": Arg({"type": "string", "enum": ["rrf", "weighted"], "default": "rrf"}, "hybrid fusion"),
-                "alpha": Arg(
-                    {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5}, "hybrid, weighted: vector weight"
-                ),
-                "rrf_k": Arg({"type": "integer", "minimum": 0, "maximum": 1_000_000, "default": 60}, "hybrid, rrf: k"),
-                "vector_candidates": Arg(
-                    {"type": "integer", "minimum": 1, "maximum": limits.max_k}, "hybrid: vector-side depth (>= k)"
-                ),
-                "keyword_candidates": Arg(
-                    {"type": "integer", "minimum": 1, "maximum": limits.max_k}, "hybrid: keyword-side depth (>= k)"
-                ),
-                "min_seq": min_seq,
             },
             [
-                {"collection": "c", "text": "hello", "k": 5, "where": {"lang": "en"}, "include": ["text"]},
-                {"collection": "c", "vector": v4, "ef": 100, "where_text": {"$contains": "h"}, "mode": "vector"},
-                {"collection": "big", "vector": v4, "nprobe": 32},
-                {"collection": "c", "text": "hello", "mode": "hybrid", "fusion": "weighted", "alpha": 0.3},
-                {
-                    "collection": "c",
-                    "text": "hello",
-                    "mode": "hybrid",
-                    "rrf_k": 10,
-                    "vector_candidates": 20,
-                    "keyword_candidates": 30,
-                },
-                {"collection": "c", "text": "hello", "mode": "keyword", "k": 3, "min_seq": 5},
-                {"collection": "c", "like": "doc-1", "k": 5, "where": {"lang": "en"}},
+                {"collection": "c", "queries": [{"vector": v4, "k": 5}, {"vector": v4, "ef": 100}]},
+                {"collection": "c", "queries": [{"text": "hello", "mode": "hybrid"}, {"like": "doc-1"}]},
             ],
             {
                 "type": "object",
-                "properties": {"hits": {"type": "array", "items": {"type": "object"}}, "took_ms": {"type": "number"}},
+                "properties": {
+                    "results": {
+                        "type": "array",
+                        "description": "one per query, in order: {hits, cached} or {error: {code, message}}",
+                        "items": {"type": "object"},
+                    },
+                    "took_ms": {"type": "number"},
+                },
             },
         ),
         "subscribe": Op(
@@ -355,7 +387,7 @@ HTTP_OPS: list[tuple[str, str, str, str | None]] = [
     ("/v1/collections/{name}", "delete", "drop_collection", "name"),
     *[
         (f"/v1/collections/{{name}}/{op}", "post", op, "collection")
-        for op in ("upsert", "delete", "get", "query", "count")
+        for op in ("upsert", "delete", "get", "query", "query_batch", "count")
     ],
 ]
 _SSE_PARAMS = [

@@ -136,6 +136,15 @@ class Query:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryBatch:
+    """Several queries of one collection in one request; each is a `Query` of its own (its
+    `collection` is the batch's)."""
+
+    collection: str
+    queries: tuple[Query, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     collection: str
     vector: Vector | None
@@ -167,6 +176,7 @@ Request = (
     | Get
     | Count
     | Query
+    | QueryBatch
     | Subscribe
     | Unsubscribe
 )
@@ -622,6 +632,35 @@ def _query(a: Args) -> Query:
     )
 
 
+def _query_batch(a: Args) -> QueryBatch:
+    """`queries`: 1..`max_query_batch` maps, each the arguments of a `query` without
+    `collection`. A bad one rejects the request, naming its position (as a bad document rejects
+    an upsert)."""
+    name = a.collection_name()
+    raw = a._get("queries")
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("'queries' must be a non-empty list of query maps")
+    limit = a.limits.max_query_batch
+    if len(raw) > limit:
+        raise TooLarge(f"at most {limit} queries per query_batch")
+    queries = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise BadRequest(f"queries[{i}] must be a map of query arguments")
+        if "collection" in item:
+            raise BadRequest(f"queries[{i}]: give 'collection' once, beside 'queries'")
+        if not all(isinstance(key, str) for key in item):
+            raise BadRequest(f"queries[{i}]: argument names must be strings")
+        accessor = Args({**item, "collection": name}, a.limits)
+        try:
+            query = _query(accessor)
+            accessor.finish()
+        except (BadRequest, TooLarge, InvalidVector) as exc:
+            raise type(exc)(f"queries[{i}]: {exc.message}") from None
+        queries.append(query)
+    return QueryBatch(name, tuple(queries))
+
+
 def _subscribe(a: Args) -> Subscribe:
     name = a.collection_name()
     vector, text, like = _query_target(a)
@@ -668,6 +707,7 @@ PARSERS: dict[str, Callable[[Args], Request]] = {
     "get": _get,
     "count": lambda a: Count(a.collection_name(), a.integer("min_seq", low=0)),
     "query": _query,
+    "query_batch": _query_batch,
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,
 }

@@ -2,7 +2,7 @@
 
 Keys come from `SHOAL_API_KEYS`: either a comma-separated list of keys with full access, or a
 JSON list of `{"key": "...", "collections": ["a", "b"] | "*", "access": "read"|"write"|"admin",
-"metrics": true|false}`. `read` serves list/get/count/query/subscribe, `write` adds upsert/delete,
+"metrics": true|false}`. `read` serves list/get/count/query/query_batch/subscribe, `write` adds upsert/delete,
 `admin` adds create/drop. `/metrics` names every collection, so it needs `"metrics": true` or an
 admin key. With no keys configured, auth is off.
 
@@ -86,6 +86,8 @@ def required_access(request: rq.Request) -> tuple[Access, str | None]:
         case rq.ListCollections():
             return Access.READ, None
         case rq.Get(collection=name) | rq.Count(collection=name) | rq.Query(collection=name):
+            return Access.READ, name
+        case rq.QueryBatch(collection=name):
             return Access.READ, name
         case rq.Subscribe(collection=name):
             return Access.READ, name

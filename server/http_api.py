@@ -28,7 +28,7 @@ from server.ops import execute, parse
 from server.state import AppState
 
 MSGPACK = "application/msgpack"
-COLLECTION_OPS = frozenset({"upsert", "delete", "get", "query", "count"})
+COLLECTION_OPS = frozenset({"upsert", "delete", "get", "query", "query_batch", "count"})
 
 log = logging.getLogger("shoal.http")
 

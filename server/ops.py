@@ -18,7 +18,7 @@ from models import requests as rq
 from models.codec import MIN_FRAME_ITEMS, Frame, decode_frame, frame_items
 from models.config import Limits
 from models.cursor import encode_cursor
-from models.errors import BadRequest
+from models.errors import BadRequest, ShoalError
 from models.records import CollectionInfo, DocId, Hit, Include, StoredDoc
 from server.lifecycle import writes_in_flight
 
@@ -149,6 +149,16 @@ async def _dispatch(
             "took_ms": round(took_ms, 3),
             "cached": cached,
         }
+    if isinstance(request, rq.QueryBatch):
+        started = time.perf_counter()
+        answers = await engine.query_batch(request, visible)
+        results: list[dict[str, Any]] = []
+        for query, answer in zip(request.queries, answers, strict=True):
+            if isinstance(answer, ShoalError):
+                results.append({"error": answer.to_wire()})
+            else:
+                results.append({"hits": Hit.many_to_wire(answer[0], query.include, compact), "cached": answer[1]})
+        return {"results": results, "took_ms": round((time.perf_counter() - started) * 1000.0, 3)}
     if isinstance(request, rq.Upsert):
         count, seq = await engine.upsert(request)
         return {"count": count, "seq": seq}

@@ -94,9 +94,20 @@ _DEFAULT_GET_LIMIT = 100  # models.requests.DEFAULT_GET_LIMIT
 
 
 def vector_bytes_floor(op: object, args: Mapping[str, Any], dim_of: Callable[[str], int | None]) -> int:
-    """The bytes the vectors of a `query` / `get` reply are expected to take: its rows (`k`, or
-    the number of ids) times 4 bytes per value of the collection's vectors, when it asks for
-    `vector`; 0 for anything else, and for arguments that parsing will reject anyway."""
+    """The bytes the vectors of a `query` / `query_batch` / `get` reply are expected to take: its
+    rows (`k`, summed over a batch's queries, or the number of ids) times 4 bytes per value of
+    the collection's vectors, when it asks for `vector`; 0 for anything else, and for arguments
+    that parsing will reject anyway."""
+    if op == "query_batch":
+        queries = args.get("queries")
+        if not isinstance(queries, list):
+            return 0
+        shared = {"collection": args.get("collection")}
+        return sum(
+            vector_bytes_floor("query", {**q, **shared}, dim_of)
+            for q in queries
+            if isinstance(q, Mapping) and isinstance(q.get("include"), list)
+        )
     include = args.get("include")
     if not isinstance(include, list) or "vector" not in include:
         return 0

@@ -75,26 +75,27 @@ def vector_to_query_param(vector: Any) -> str:
 
 
 def _convert(args: Mapping[str, Any], vector: Callable[[Any], Any]) -> dict[str, Any]:
-    """Copy of `args` with the top-level `vector` and each `docs[i].vector` replaced by `vector(v)`.
+    """Copy of `args` with the top-level `vector`, each `docs[i].vector` and each
+    `queries[i].vector` replaced by `vector(v)`.
 
     Only those places hold a VECTOR; a metadata field that happens to be named `vector` is left alone.
     """
     out = dict(args)
     if out.get("vector") is not None:
         out["vector"] = vector(out["vector"])
-    docs = out.get("docs")
-    if isinstance(docs, list | tuple):
-        out["docs"] = [
-            {**d, "vector": vector(d["vector"])}
-            if isinstance(d, Mapping) and d.get("vector") is not None
-            else d
-            for d in docs
-        ]
+    for key in ("docs", "queries"):
+        items = out.get(key)
+        if isinstance(items, list | tuple):
+            out[key] = [
+                {**d, "vector": vector(d["vector"])} if isinstance(d, Mapping) and d.get("vector") is not None else d
+                for d in items
+            ]
     return out
 
 
 def pack_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    """Request args ready for msgpack: every `vector` (top level, or inside `docs`) as float32 `bin`."""
+    """Request args ready for msgpack: every `vector` (top level, or inside `docs` / `queries`) as
+    float32 `bin`."""
     return _convert(args, encode_vector)
 
 

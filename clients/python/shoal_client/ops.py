@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from shoal_client.errors import ClientError, ProtocolError
+from shoal_client.errors import ClientError, ProtocolError, ShoalError
 from shoal_client.types import (
     CollectionInfo,
     DeleteResult,
@@ -23,6 +23,7 @@ from shoal_client.types import (
     parse_delete,
     parse_doc,
     parse_query,
+    parse_query_batch,
     parse_upsert,
 )
 
@@ -257,3 +258,23 @@ class ShoalOps(abc.ABC):
         )
         reply = await self.request("query", collection=collection, k=k, **args)
         return parse_query(reply)
+
+    async def query_batch(
+        self, collection: str, queries: Iterable[Mapping[str, Any]]
+    ) -> list[QueryResult | ShoalError]:
+        """Several queries of `collection` in one request. Each map takes `query`'s keyword
+        arguments (`vector`, `text` or `like`, `k`, `where`, `include`, `ef`, `mode`, ...;
+        None means absent). Returns, in order, each query's result or the `ShoalError` it alone
+        met (an unknown `like` id, a vector of the wrong width); an argument the server refuses
+        fails the whole call, naming the query (`queries[3]: ...`)."""
+        items = []
+        for query in queries:
+            item = compact(**query)
+            if "include" in item:
+                item["include"] = include_list(item["include"])
+            for key in ("where", "where_text"):
+                if key in item:
+                    item[key] = dict(item[key])
+            items.append(item)
+        reply = await self.request("query_batch", collection=collection, queries=items)
+        return parse_query_batch(reply)

@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from shoal_client.errors import ClientError
+from shoal_client.errors import ClientError, ShoalError
 from shoal_client.http import ShoalHTTP
 from shoal_client.ops import ShoalOps
 from shoal_client.sse import DEFAULT_READ_TIMEOUT, changes_sse, subscribe_sse
@@ -365,6 +365,10 @@ class _SyncOps(Generic[OpsT]):
                 like=like,
             )
         )
+
+    def query_batch(self, collection: str, queries: Iterable[Mapping[str, Any]]) -> list[QueryResult | ShoalError]:
+        """Several queries in one request: each query's result, or the error it alone met."""
+        return self._portal.run(self._async.query_batch(collection, list(queries)))
 
 
 _SelfT = TypeVar("_SelfT", bound=_SyncOps[Any])

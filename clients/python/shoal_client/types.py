@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from shoal_client.codec import decode_vector
-from shoal_client.errors import ProtocolError
+from shoal_client.errors import ProtocolError, ShoalError, error_from_wire
 
 Vector: TypeAlias = NDArray[np.float32]
 # A metadata value: str | int | float | bool | list of str (PROTOCOL.md).
@@ -216,6 +216,21 @@ def parse_query(body: Mapping[str, Any]) -> QueryResult:
         took_ms=float(took) if isinstance(took, int | float) else 0.0,
         cached=body.get("cached") is True,
     )
+
+
+def parse_query_batch(body: Mapping[str, Any]) -> list[QueryResult | ShoalError]:
+    """Each query's result, or the error it alone met, in order; every result carries the
+    batch's `took_ms`."""
+    took = body.get("took_ms", 0.0)
+    out: list[QueryResult | ShoalError] = []
+    for item in _field(body, "results", list):
+        if not isinstance(item, Mapping):
+            raise ProtocolError(f"query_batch result is not a map: {item!r}")
+        if "error" in item:
+            out.append(error_from_wire(item["error"]))
+        else:
+            out.append(parse_query({**item, "took_ms": took}))
+    return out
 
 
 def parse_upsert(body: Mapping[str, Any]) -> UpsertResult:
