@@ -224,6 +224,12 @@ export declare class ShoalClient {
   get(collection: string, options: GetOptions): Promise<GetResult>;
   count(collection: string, options?: CallOptions): Promise<number>;
   query(collection: string, options: QueryOptions): Promise<QueryResult>;
+  /** Several queries in one request: each query's result, or the error it alone met. */
+  queryBatch(
+    collection: string,
+    queries: Omit<QueryOptions, "timeoutMs">[],
+    options?: CallOptions,
+  ): Promise<(QueryResult | ShoalError)[]>;
   subscribe(collection: string, options: SubscribeOptions): Promise<Subscription>;
   unsubscribe(sub: Subscription | string): Promise<void>;
 }

@@ -48,13 +48,16 @@ export function decodeVector(value) {
   throw new ProtocolError(`vector of unexpected type ${typeof value}`);
 }
 
-/** Copy of request args with the top-level `vector` and every `docs[i].vector` in wire form
- * (only those places hold a VECTOR; a metadata field named `vector` is left alone). */
+/** Copy of request args with the top-level `vector`, every `docs[i].vector` and every
+ * `queries[i].vector` in wire form (only those places hold a VECTOR; a metadata field named
+ * `vector` is left alone). */
 export function packArgs(args) {
   const out = { ...args };
   if (out.vector != null) out.vector = encodeVector(out.vector);
-  if (Array.isArray(out.docs)) {
-    out.docs = out.docs.map((d) => (d && d.vector != null ? { ...d, vector: encodeVector(d.vector) } : d));
+  for (const key of ["docs", "queries"]) {
+    if (Array.isArray(out[key])) {
+      out[key] = out[key].map((d) => (d && d.vector != null ? { ...d, vector: encodeVector(d.vector) } : d));
+    }
   }
   return out;
 }
@@ -98,6 +101,7 @@ export function decodeVectors(message) {
   if (Array.isArray(out.hits)) out.hits = out.hits.map(decodeHit);
   if (Array.isArray(out.docs)) out.docs = out.docs.map(decodeHit);
   if (out.hit) out.hit = decodeHit(out.hit);
+  if (Array.isArray(out.results)) out.results = out.results.map((r) => (r && !r.error ? decodeVectors(r) : r));
   return out;
 }
 

@@ -87,6 +87,32 @@ describe("every op", () => {
     assert.ok(!(await db.listCollections()).some((c) => c.name === name));
   });
 
+  test("queryBatch answers each query as query does, and keeps one query's error in its slot", async () => {
+    const name = uniqueName("js_batch");
+    await db.createCollection(name, { dim: DIM });
+    await db.upsert(name, [0, 1, 2, 3, 4, 5].map((i) => ({ id: `b${i}`, vector: unit(DIM, i, 0.1), metadata: { i } })));
+    const queries = [
+      { vector: unit(DIM, 2), k: 3, include: "vector" },
+      { vector: new Float32Array(unit(DIM, 4)), k: 2, where: { i: { $lt: 4 } } },
+      { like: "b1", k: 2 },
+      { like: "missing" },
+      { vector: unit(DIM + 1, 0) },
+    ];
+    const batch = await db.queryBatch(name, queries);
+    assert.equal(batch.length, 5);
+    for (const i of [0, 1, 2]) {
+      const alone = await db.query(name, queries[i]);
+      assert.deepEqual(batch[i].hits.map((h) => [h.id, h.score]), alone.hits.map((h) => [h.id, h.score]));
+      assert.equal(typeof batch[i].took_ms, "number");
+    }
+    assert.ok(batch[0].hits[0].vector instanceof Float32Array && batch[0].hits[0].vector.length === DIM);
+    assert.ok(!batch[2].hits.some((h) => h.id === "b1"));
+    assert.ok(batch[3] instanceof NotFound && batch[3] instanceof ShoalError);
+    assert.ok(batch[4] instanceof DimensionMismatch);
+    await assert.rejects(db.queryBatch(name, [{ vector: unit(DIM, 0), k: 0 }]), (err) => err instanceof BadRequest && /queries\[0\]/.test(err.message));
+    await db.dropCollection(name);
+  });
+
   test("get pages with where, limit and cursor: every id once, in id order", async () => {
     const name = uniqueName("js_pages");
     await db.createCollection(name, { dim: DIM });

@@ -22,6 +22,8 @@ export async function usage(url: string): Promise<number> {
   await db.upsert("docs", [{ id: "a", vector: new Float32Array([1, 0, 0]), metadata: { lang: "en", tags: ["x"] } }]);
   const result: QueryResult = await db.query("docs", { vector: [1, 0, 0], k: 5, where: { lang: "en" }, include: ["metadata"], timeoutMs: 2000 });
   const best: Hit | undefined = result.hits[0];
+  const batch = await db.queryBatch("docs", [{ vector: [1, 0, 0], k: 2 }, { like: "a", where: { lang: "en" } }]);
+  const firstOfBatch: QueryResult | ShoalError | undefined = batch[0];
   const n: number = await db.count("docs");
   const { docs } = await db.get("docs", ["a"], { include: "vector" });
   const v: Float32Array | undefined = docs[0]?.vector;
@@ -61,5 +63,5 @@ export async function usage(url: string): Promise<number> {
   // @ts-expect-error: include names only text, metadata, vector
   await db.query("docs", { text: "x", include: ["everything"] });
   await db.close();
-  return dim + n + (best?.score ?? 0) + (v?.length ?? 0);
+  return dim + n + (best?.score ?? 0) + (v?.length ?? 0) + (firstOfBatch instanceof ShoalError ? 1 : 0);
 }

@@ -371,6 +371,16 @@ export class ShoalClient {
     return this.request("query", { collection, ...includeList(wireArgs(args)) }, call);
   }
 
+  /** Several queries of one collection in one request: `queries` is an array of `query`
+   * options (without timeoutMs). Resolves with an array, in order, of each query's
+   * {hits, took_ms, cached} or of the error it alone met (a ShoalError instance); a bad argument
+   * rejects the whole call, naming the query (`queries[3]: ...`). */
+  async queryBatch(collection, queries, options = {}) {
+    const items = queries.map((q) => includeList(wireArgs(q)));
+    const reply = await this.request("query_batch", { collection, queries: items }, options);
+    return reply.results.map((r) => (r.error ? errorFromWire(r.error) : { ...r, took_ms: reply.took_ms }));
+  }
+
   /**
    * Start a standing query: options {text | vector | like, threshold | k, where, whereText,
    * include, afterSeq}. Resolves with a Subscription (async iterator of push maps) once the
