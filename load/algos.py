@@ -2,7 +2,7 @@
 rate and memory per vector for every kind and quantisation through Shoal, and the same libraries
 searched in this process as the anchors.
 
-    python -m load.algos [--url URL] [--size 20000] [--queries 500] [--clients 8]
+    python -m load.algos [--url URL] [--size 20000] [--queries 500] [--clients 8] [--batch-queries 32]
                          [--json results/algos.json] [--plot results/algos.png] [--quick]
 
 Corpus: real passages embedded by Shoal's model (`load.corpus`, 384-d, exact top-100 ground
@@ -25,13 +25,16 @@ when durable and searchable), build time (first upsert to indexed: every documen
 gauges, the shard mailbox empty and the index gauges steady), memory per vector (the collection's
 `shoal_*_bytes` gauges on /metrics, and the growth of the server's resident memory,
 `process_resident_memory_bytes`), and per sweep point recall@10 (one pass over the queries) and
-QPS (`--clients` connections, one query in flight each, ids and scores only, for `--seconds`).
+QPS (`--clients` connections, one query in flight each, ids and scores only, for `--seconds`),
+then the same queries as `query_batch` requests of `--batch-queries` (one request in flight per
+connection, for `--seconds`: `batch`).
 
 Anchors (`load.algos_anchors`), in this process while the server idles, on `search_threads`
 threads (the server's search pool), searched two ways: in calls of `--clients` queries (the most
 the clients ever have in flight, so the most the server can group into one library call: the
 `ratio`), and the whole query set in one call per pass (the best the library reaches here:
-`ratio_whole`). Each Shoal point is compared with its anchor at equal recall
+`ratio_whole`; a `batch` phase, which hands the server as many queries at a time, is compared
+with this one). Each Shoal point is compared with its anchor at equal recall
 (`load.algos_report.qps_at_recall`). The load generator shares the cores
 with the server: the CPU each used is in the JSON.
 """
@@ -210,6 +213,17 @@ def _requests(ds: Dataset, name: str, param: str | None, value: int | None) -> l
     return [{"collection": name, "k": K, "vector": v, "include": [], **extra} for v in vectors]
 
 
+def _batched(requests: Sequence[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """`requests` as `query_batch` requests of `size` queries each (the last one may be
+    smaller): the same queries, in the same order."""
+    out = []
+    for start in range(0, len(requests), size):
+        part = requests[start : start + size]
+        queries = [{key: value for key, value in r.items() if key != "collection"} for r in part]
+        out.append({"collection": part[0]["collection"], "queries": queries})
+    return out
+
+
 async def _shape(client: ShoalClient, name: str) -> dict[str, Any]:
     reply = await client.request("list_collections")
     for c in reply.get("collections", []):
@@ -240,6 +254,7 @@ async def _sweep_point(
     param: str | None,
     value: int | None,
     seconds: float,
+    batch: int,
 ) -> dict[str, Any]:
     point: dict[str, Any] = {} if param is None else {param: value}
     requests = _requests(ds, name, param, value)
@@ -268,7 +283,33 @@ async def _sweep_point(
         server_s = phase["cpu"].get("server_cpu_s")
         if server_s is not None and phase["requests"]:
             point["server_cpu_us_per_query"] = round(server_s / phase["requests"] * 1e6, 1)
+    if batch > 1 and seconds > 0:
+        point["batch"] = await _batch_phase(t, conns, requests, batch, seconds)
     return point
+
+
+async def _batch_phase(
+    t: Target, conns: Sequence[ShoalClient], requests: Sequence[dict[str, Any]], size: int, seconds: float
+) -> dict[str, Any]:
+    """The same queries sent as `query_batch` requests of `size` (one in flight per client):
+    queries per second, failed queries, and the server's CPU per query."""
+    whole = len(requests) - len(requests) % size or len(requests)  # whole batches only
+    batches = _batched(requests[:whole], size)
+    meter = CpuMeter(t.pid, t.postgres_pid).start()
+    timed = await run_closed(conns, batches, max_requests=10**9, seconds=seconds, op="query_batch")
+    cpu = meter.stop()
+    queries = timed.ok * len(batches[0]["queries"])
+    failed = timed.failed_queries
+    out: dict[str, Any] = {
+        "queries_per_request": size,
+        "qps": round(queries / timed.seconds, 1) if timed.seconds > 0 else 0.0,
+        "latency_ms": {"p50": timed.latency.percentile_ms(50), "p99": timed.latency.percentile_ms(99)},
+        "errors": {**timed.errors.as_dict(), **({"failed_queries": failed} if failed else {})},
+    }
+    server_s = cpu.get("server_cpu_s")
+    if server_s is not None and queries:
+        out["server_cpu_us_per_query"] = round(server_s / queries * 1e6, 1)
+    return out
 
 
 async def shoal_variant(
@@ -370,7 +411,7 @@ async def _sweep(
         plans_before = (await scrape(http, name)).plans
         points = []
         for value in [None, *v.sweep]:
-            point = await _sweep_point(t, http, conns, ds, name, v.param, value, args.seconds)
+            point = await _sweep_point(t, http, conns, ds, name, v.param, value, args.seconds, args.batch_queries)
             shown = "default" if value is None else f"{v.param}={value}"
             log(f"{v.label}, {shown}: {_brief(point)}", enabled=not args.quiet)
             points.append(point)
@@ -384,7 +425,9 @@ async def _sweep(
 def _brief(point: dict[str, Any]) -> str:
     if point.get("status") != "ok":
         return f"{point.get('status')}: {point.get('reason', '')}"
-    return f"recall@10 {point['recall']}, {point['qps']} QPS"
+    batch = point.get("batch")
+    batched = "" if batch is None else f", {batch['qps']} QPS in batches of {batch['queries_per_request']}"
+    return f"recall@10 {point['recall']}, {point['qps']} QPS{batched}"
 
 
 def _memory(before: Gauges, after: Gauges, docs: int) -> dict[str, Any]:
@@ -493,6 +536,8 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
         default_qps=default.get("qps"),
         default_ratio=default.get("ratio"),
         default_ratio_whole=default.get("ratio_whole"),
+        default_batch_qps=(default.get("batch") or {}).get("qps"),
+        default_batch_ratio_whole=(default.get("batch") or {}).get("ratio_whole"),
         best_recall=None if best is None else best["recall"],
         build_s=r["build"]["build_s"],
         inserts_per_s=r["build"]["inserts_per_s"],
@@ -582,6 +627,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--writers", type=int, default=2, help="WebSocket upsert clients (default 2)")
     p.add_argument("--batch", type=int, default=500, help="documents per upsert (default 500)")
     p.add_argument("--seconds", type=float, default=None, help="timed QPS phase per point (default 3; --quick 0)")
+    p.add_argument(
+        "--batch-queries",
+        type=int,
+        default=32,
+        help="also time each point with query_batch requests of this many queries (default 32; 1: not)",
+    )
     p.add_argument("--anchor-seconds", type=float, default=None, help="anchor QPS per point (default 2; --quick 0)")
     p.add_argument("--warmup", type=float, default=None, help="seconds of queries before a sweep (default 1)")
     p.add_argument("--kinds", default=None, help="comma-separated kinds to run (hnsw,flat,ivf,lsh; default all)")

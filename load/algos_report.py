@@ -27,6 +27,8 @@ SHOAL_HEADERS = [
     "ratio",
     "anchor QPS, whole set",
     "ratio, whole set",
+    "batch QPS",
+    "batch / whole set",
     "CPU ratio",
     "build s",
     "inserts/s",
@@ -100,7 +102,8 @@ def compare(variant: dict[str, Any], anchor: dict[str, Any] | None) -> None:
     whole query set per call: the library's ceiling here); and `anchor_cpu_us_per_query` and
     `cpu_ratio` (the anchor's CPU per query, `clients` per call, over the server's: queries per
     CPU-second, Shoal over the anchor), which a busy neighbour on a shared machine moves much less
-    than QPS."""
+    than QPS; and to a point timed with `query_batch` requests, `batch.ratio_whole` (its QPS over
+    the whole-set anchor's: both hand the library many queries at a time)."""
     curve, cpu_curve = anchor_curve(anchor), anchor_curve(anchor, per_cpu=True)
     whole = anchor_curve(anchor, calls="whole")
     for point in variant.get("points", []):
@@ -114,6 +117,10 @@ def compare(variant: dict[str, Any], anchor: dict[str, Any] | None) -> None:
         ceiling, _ = qps_at_recall(whole, recall)
         point["anchor_qps_whole"] = None if ceiling is None else round(ceiling, 1)
         point["ratio_whole"] = None if ceiling is None else round(float(point["qps"]) / ceiling, 4)
+        batch = point.get("batch")
+        if batch is not None and batch.get("qps"):
+            # A batch is as many queries at a time as a library call of the whole set can be.
+            batch["ratio_whole"] = None if ceiling is None else round(float(batch["qps"]) / ceiling, 4)
         per_cpu, _ = qps_at_recall(cpu_curve, recall)
         server_us = point.get("server_cpu_us_per_query")
         point["anchor_cpu_us_per_query"] = None if per_cpu is None else round(1e6 / per_cpu, 1)
@@ -147,13 +154,13 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for v in result["shoal"]:
         if v["status"] != "ok":
-            rows.append([v["label"], f"{v['status']}: {v.get('reason', '')}"[:70], *["-"] * 11])
+            rows.append([v["label"], f"{v['status']}: {v.get('reason', '')}"[:70], *["-"] * 13])
             continue
         build = v["build"]
         first = True
         for point in v["points"]:
             if point.get("status", "ok") != "ok":
-                rows.append([v["label"], f"{_params(point, v)}: {point['status']}", *["-"] * 11])
+                rows.append([v["label"], f"{_params(point, v)}: {point['status']}", *["-"] * 13])
                 continue
             rows.append(
                 [
@@ -165,6 +172,8 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
                     _ratio(point),
                     point.get("anchor_qps_whole"),
                     _ratio(point, "ratio_whole"),
+                    (point.get("batch") or {}).get("qps"),
+                    _ratio({**point, **(point.get("batch") or {})}, "ratio_whole") if point.get("batch") else "-",
                     _ratio(point, "cpu_ratio"),
                     build["build_s"] if first else "",
                     build["inserts_per_s"] if first else "",
@@ -231,7 +240,9 @@ def report(result: dict[str, Any]) -> str:
         "",
         "ratio: Shoal QPS / the anchor's QPS interpolated at the recall Shoal reached ('<=': the anchor's "
         "fastest setting already has more recall), the anchor called with as many queries at a time as "
-        "the clients have in flight; whole set: the anchor called with every query at once. CPU ratio: "
+        "the clients have in flight; whole set: the anchor called with every query at once. batch QPS: "
+        "the same queries in query_batch requests (one in flight per client); batch / whole set: its "
+        "ratio to the whole-set anchor at the same recall. CPU ratio: "
         "the same with queries per CPU-second (the "
         "server's CPU, the anchor's). B/vector: the server's index and vector gauges (/metrics) per "
         "vector; RSS B/vector: growth of the server's resident memory per vector.",

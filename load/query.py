@@ -71,6 +71,7 @@ class RunResult:
     found: dict[int, list[str]] = field(default_factory=dict)  # query index -> hit ids (first reply)
     seconds: float = 0.0
     scheduled: int = 0
+    failed_queries: int = 0  # queries of `query_batch` replies answered with an error
 
     @property
     def ok(self) -> int:
@@ -84,6 +85,9 @@ class RunResult:
         took = reply.get("took_ms")
         if isinstance(took, int | float):
             self.took.record(took / 1000.0)
+        results = reply.get("results")
+        if results is not None:
+            self.failed_queries += sum(1 for r in results if "error" in r)
         if q not in self.found:
             self.found[q] = [h["id"] for h in reply.get("hits", ())]
 
