@@ -193,6 +193,12 @@ async def test_a_repeated_batch_is_answered_from_the_results_cache(server: Serve
         assert [r.cached for r in first if isinstance(r, QueryResult)] == [False] * 6
         assert [r.cached for r in again if isinstance(r, QueryResult)] == [True, True, True, False]
         assert [wire(r) for r in again[:3]] == [wire(r) for r in first[:3]]  # type: ignore[arg-type]
+        # One cache for both ops: a batch's answer serves `query`, and the other way round.
+        assert (await c.query(name, vector=QUERIES[4], k=5)).cached is True
+        alone = await c.query(name, vector=QUERIES[9], k=5)
+        mixed = await c.query_batch(name, [{"vector": QUERIES[9], "k": 5}, {"like": "missing"}])
+        assert isinstance(mixed[0], QueryResult) and mixed[0].cached and wire(mixed[0]) == wire(alone)
+        assert isinstance(mixed[1], NotFound)
         # A write moves the collection on: nothing of before is served, and the new document shows.
         await c.upsert(name, [{"id": "new", "vector": QUERIES[0].tolist()}])
         after = await c.query_batch(name, queries[:2])
