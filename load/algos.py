@@ -72,7 +72,7 @@ from load.common import (
 )
 from load.dataset import Dataset, load_dataset
 from load.ingest import run_ingest
-from load.query import close_clients, open_clients, recall_of, run_closed
+from load.query import as_query_batches, close_clients, open_clients, recall_of, run_closed
 from load.query import summarize as query_summary
 from models.config import EngineConfig
 from server.settings import load_settings
@@ -213,17 +213,6 @@ def _requests(ds: Dataset, name: str, param: str | None, value: int | None) -> l
     return [{"collection": name, "k": K, "vector": v, "include": [], **extra} for v in vectors]
 
 
-def _batched(requests: Sequence[dict[str, Any]], size: int) -> list[dict[str, Any]]:
-    """`requests` as `query_batch` requests of `size` queries each (the last one may be
-    smaller): the same queries, in the same order."""
-    out = []
-    for start in range(0, len(requests), size):
-        part = requests[start : start + size]
-        queries = [{key: value for key, value in r.items() if key != "collection"} for r in part]
-        out.append({"collection": part[0]["collection"], "queries": queries})
-    return out
-
-
 async def _shape(client: ShoalClient, name: str) -> dict[str, Any]:
     reply = await client.request("list_collections")
     for c in reply.get("collections", []):
@@ -294,7 +283,7 @@ async def _batch_phase(
     """The same queries sent as `query_batch` requests of `size` (one in flight per client):
     queries per second, failed queries, and the server's CPU per query."""
     whole = len(requests) - len(requests) % size or len(requests)  # whole batches only
-    batches = _batched(requests[:whole], size)
+    batches = as_query_batches(requests[:whole], size)
     meter = CpuMeter(t.pid, t.postgres_pid).start()
     timed = await run_closed(conns, batches, max_requests=10**9, seconds=seconds, op="query_batch")
     cpu = meter.stop()

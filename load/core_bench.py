@@ -2,7 +2,7 @@
 and the text pipeline against raw onnxruntime.
 
     python -m load.core_bench [--url URL] [--size 20000] [--queries 1000] [--clients 8]
-                              [--rounds 3] [--json results/core_bench.json]
+                              [--rounds 5] [--batch-queries 32] [--json results/core_bench.json]
 
 1. Vector ingest: the real corpus (`load.corpus`: passages found on this machine, embedded by
    Shoal's model, exact top-100 ground truth) is upserted over WebSocket in batches of 500, each
@@ -14,7 +14,9 @@ and the text pipeline against raw onnxruntime.
    ids and scores only (`include: []`, what hnswlib returns), against raw hnswlib in this process
    on the same vectors with the same M / ef_construction, at the smallest ef whose recall@10
    reaches Shoal's: `knn_query` over the whole query set with num_threads=2 (both cores), and a
-   single-query loop on one and on two threads. Measured in `--rounds` interleaved rounds (raw,
+   single-query loop on one and on two threads. Each round also times the same queries sent as
+   `query_batch` requests of `--batch-queries` (one in flight per client), against the same
+   whole-set call. Measured in `--rounds` interleaved rounds (raw,
    then Shoal, each round): every ratio is taken within a round, the median is reported. Beside
    the QPS ratio, the CPU each side spent per query (the server's, from /proc; raw hnswlib's, from
    this process) gives a ratio of queries per CPU-second that a busy neighbour on a shared machine
@@ -70,7 +72,7 @@ from load.common import (
 from load.dataset import BUCKETS, Dataset, load_dataset
 from load.ingest import make_batches, run_ingest
 from load.ingest import summarize as ingest_summary
-from load.query import close_clients, open_clients, query_requests, recall_of, run_closed
+from load.query import as_query_batches, close_clients, open_clients, query_requests, recall_of, run_closed
 from load.query import summarize as query_summary
 from models.config import EngineConfig
 from server.settings import load_settings
@@ -283,6 +285,9 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
     # 2. recall ----------------------------------------------------------------------------------
     say("recall at the default ef (unfiltered and 1% filter)")
     plain = query_requests(ds, name, k=K, include=[])
+    # The same queries in query_batch requests (whole batches only, so each carries as many).
+    whole = len(plain) - len(plain) % args.batch_queries or len(plain)
+    query_batches = as_query_batches(plain[:whole], args.batch_queries)
     filtered = query_requests(ds, name, k=K, include=[], filtered=True)
     conns = await open_clients(t.url, args.clients)
     try:
@@ -330,6 +335,16 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
         shoal = await shoal_query_phase(
             t, plain, args.clients, args.query_seconds, quiet=quiet, label=f"shoal query, round {r + 1}"
         )
+        batched = await shoal_query_phase(
+            t,
+            query_batches,
+            args.clients,
+            args.query_seconds / 2,
+            quiet=quiet,
+            label=f"shoal query_batch of {args.batch_queries}, round {r + 1}",
+            op="query_batch",
+        )
+        batch_qps = batched["qps"] * args.batch_queries
         server_us = _per_request_us(shoal, "server_cpu_s")
         client_us = _per_request_us(shoal, "client_cpu_s")
         rounds.append(
@@ -346,6 +361,9 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
                 "ratio_vs_batch_2_threads": round(shoal["qps"] / raw_b, 4),
                 "ratio_vs_single_1_thread": round(shoal["qps"] / raw_1, 4),
                 "ratio_vs_single_2_threads": round(shoal["qps"] / raw_2, 4),
+                "shoal_batch": batched,
+                "shoal_batch_qps": round(batch_qps, 1),
+                "batch_ratio_vs_batch_2_threads": round(batch_qps / raw_b, 4),
                 # Queries per CPU-second, Shoal's server against raw hnswlib's batch call: the
                 # ratio both would reach if each had the cores to itself and kept them busy.
                 "cpu_ratio_vs_batch": None if server_us is None else round(cpu_b / server_us, 4),
@@ -377,6 +395,8 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
         "ratio_vs_batch_2_threads",
         "ratio_vs_single_1_thread",
         "ratio_vs_single_2_threads",
+        "shoal_batch_qps",
+        "batch_ratio_vs_batch_2_threads",
         "cpu_ratio_vs_batch",
         "cpu_ratio_vs_batch_with_client",
     )
@@ -395,6 +415,7 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
         "include": [],
         "server_ef": config.hnsw_ef_search,
         "raw_ef": raw_ef,
+        "batch_queries": args.batch_queries,
         "rounds": rounds,
         "median": median,
         "include_default": default_include,
@@ -504,6 +525,14 @@ def report(r: dict[str, Any]) -> str:
             med["ratio_vs_batch_2_threads"],
             ">= 0.3",
             _ok(med["ratio_vs_batch_2_threads"], 0.3),
+        ],
+        [
+            f"QPS, {r['clients']} clients x query_batch of {q['batch_queries']} vs hnswlib batch, 2 threads",
+            med["shoal_batch_qps"],
+            med["raw_batch_2_threads_qps"],
+            med["batch_ratio_vs_batch_2_threads"],
+            "(>= 0.3)",
+            _ok(med["batch_ratio_vs_batch_2_threads"], 0.3),
         ],
         [
             "QPS vs hnswlib single-query loop, 2 threads",
@@ -618,6 +647,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="interleaved query rounds (default 5: the machine is noisy)")
     p.add_argument("--query-seconds", type=float, default=8.0, help="Shoal query phase per round")
     p.add_argument("--raw-seconds", type=float, default=3.0, help="each raw hnswlib phase per round")
+    p.add_argument(
+        "--batch-queries", type=int, default=32, help="queries per query_batch request, batched phase (default 32)"
+    )
     p.add_argument("--text-docs", type=int, default=2_000, help="texts for the text ingest (default 2000)")
     p.add_argument("--text-clients", type=int, default=2, help="clients for the text ingest (default 2)")
     p.add_argument("--text-rounds", type=int, default=2, help="interleaved text rounds (default 2)")

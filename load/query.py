@@ -121,6 +121,17 @@ def query_requests(
     return out
 
 
+def as_query_batches(requests: Sequence[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """`query` requests (all of one collection) as `query_batch` requests of `size` queries
+    each, the last one possibly smaller: the same queries, in the same order."""
+    out = []
+    for start in range(0, len(requests), size):
+        part = requests[start : start + size]
+        queries = [{key: value for key, value in r.items() if key != "collection"} for r in part]
+        out.append({"collection": part[0]["collection"], "queries": queries})
+    return out
+
+
 async def _one(client: ShoalClient, args: dict[str, Any], op: str = "query") -> dict[str, Any]:
     async with asyncio.timeout(REQUEST_TIMEOUT):
         return await client.request(op, **args)
@@ -316,6 +327,7 @@ def summarize(result: RunResult, cpu: dict[str, Any] | None = None) -> dict[str,
         "requests": result.ok,
         "errors": result.errors.as_dict(),
         "error_count": result.errors.total,
+        "failed_queries": result.failed_queries,
         "seconds": round(result.seconds, 3),
         "qps": round(result.qps, 1),
         "latency_ms": result.latency.summary_ms(),

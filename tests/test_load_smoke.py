@@ -124,9 +124,18 @@ def test_core_bench_tiny(server: ServerProcess, tmp_path: Path) -> None:
     assert r["recall"]["unfiltered"] == 1.0 and r["recall"]["filtered_1pct"] == 1.0
     assert r["recall"]["errors"] == 0
     median = r["query"]["median"]
-    for key in ("shoal_qps", "raw_batch_2_threads_qps", "ratio_vs_batch_2_threads", "ratio_vs_single_1_thread"):
+    for key in (
+        "shoal_qps",
+        "raw_batch_2_threads_qps",
+        "ratio_vs_batch_2_threads",
+        "ratio_vs_single_1_thread",
+        "shoal_batch_qps",
+        "batch_ratio_vs_batch_2_threads",
+    ):
         assert median[key] > 0, key
-    assert r["query"]["rounds"][0]["shoal"]["error_count"] == 0
+    first = r["query"]["rounds"][0]
+    assert first["shoal"]["error_count"] == 0
+    assert first["shoal_batch"]["error_count"] == 0 and first["shoal_batch"]["failed_queries"] == 0
     assert r["ingest_vector"]["clients_1"]["count_check"] is True
     assert r["ingest_text"]["median"]["ratio"] > 0
     assert r["ingest_text"]["rounds"][0]["shoal"]["error_count"] == 0
@@ -181,8 +190,8 @@ def test_algos_quick(server: ServerProcess, tmp_path: Path) -> None:
     out, png = tmp_path / "algos.json", tmp_path / "algos.png"
     code = algos.main(
         [
-            *("--url", server.url, "--quick", "--source", "synthetic"),
-            *("--json", str(out), "--plot", str(png), "--quiet"),
+            *("--url", server.url, "--quick", "--source", "synthetic", "--seconds", "0.1"),
+            *("--batch-queries", "16", "--json", str(out), "--plot", str(png), "--quiet"),
         ]
     )
     r = _read(out)
@@ -205,6 +214,9 @@ def test_algos_quick(server: ServerProcess, tmp_path: Path) -> None:
         measured = [p for p in v["points"] if p["status"] == "ok"]
         assert measured and all(0.0 <= p["recall"] <= 1.0 and p["qps"] > 0 for p in measured), v["points"]
         assert all(not p["errors"] for p in measured)
+        # Each point timed again in query_batch requests: every query answered, none failed.
+        batches = [p["batch"] for p in measured]
+        assert all(b["qps"] > 0 and b["queries_per_request"] == 16 and not b["errors"] for b in batches), batches
     # The server's default index (hnsw) is always measured.
     assert next(v for v in r["shoal"] if v["label"] == "hnsw")["status"] == "ok"
     for family, anchor in r["anchors"].items():
