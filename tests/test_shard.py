@@ -386,6 +386,47 @@ async def test_concurrent_searches_are_batched_and_match_sequential() -> None:
         assert max(batch_sizes) > 8, batch_sizes  # queued queries went out together
 
 
+async def test_search_many_answers_what_search_answers_on_both_paths() -> None:
+    """Idle and with the index serving its parameters, `search_many` takes the direct path and
+    hands the drains several queries per index call; with another `ef` (which the loop sets
+    while no read runs) it goes through the mailbox, whose drain batches them too."""
+    vecs = clustered(3_000, 32, seed=21)
+    queries = near(vecs, 40, seed=22)
+    async with running(32, Metric.COSINE, FORCE_HNSW) as shard:
+        await load(shard, docs_for(vecs))
+        alone = [await search(shard, q, 7, include=VEC) for q in queries]
+        batch_sizes: list[int] = []
+        real = shard._state.search_unfiltered
+
+        def spy(
+            qs: Sequence[NDArray[np.float32]],
+            k: int,
+            include: frozenset[Include],
+            threads: int,
+            params: QueryParams = (),
+        ) -> list[list[Hit]]:
+            batch_sizes.append(len(qs))
+            return real(qs, k, include, threads, params)
+
+        shard._state.search_unfiltered = spy  # type: ignore[method-assign]
+        direct_before = shard.direct_searches
+        many = await shard.search_many(queries, 7, query_params(), VEC)
+        assert [ids_of(h) for h in many] == [ids_of(h) for h in alone]
+        assert [[x.score for x in h] for h in many] == [[x.score for x in h] for h in alone]
+        assert shard.direct_searches - direct_before == len(queries)
+        assert sum(batch_sizes) == len(queries) and max(batch_sizes) > 1, batch_sizes
+        wide = [await search(shard, q, 7, ef=300, include=VEC) for q in queries]
+        await search(shard, queries[0], 7)  # the index is back at its default ef
+        batch_sizes.clear()
+        direct_before = shard.direct_searches
+        queued = await shard.search_many(queries, 7, query_params(ef=300), VEC)
+        assert [ids_of(h) for h in queued] == [ids_of(h) for h in wide]
+        assert shard.direct_searches == direct_before  # the mailbox path
+        assert sum(batch_sizes) == len(queries) and max(batch_sizes) > 1, batch_sizes
+        with pytest.raises(DimensionMismatch):
+            await shard.search_many(np.zeros((2, 31), dtype=np.float32), 7, query_params(), VEC)
+
+
 # -- the read/write discipline -------------------------------------------------------------------
 
 
