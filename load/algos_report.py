@@ -260,8 +260,9 @@ def _curve(points: Sequence[dict[str, Any]], key: str = "qps") -> tuple[list[flo
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """recall@10 against QPS (log x), one panel per kind: Shoal solid, its anchor dashed (called
-    with the clients' queries at a time) and dotted (the whole set per call)."""
+    """recall@10 against QPS (log x), one panel per kind: Shoal solid (one query per request) and
+    dash-dotted (query_batch requests), its anchor dashed (called with the clients' queries at a
+    time) and dotted (the whole set per call)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,6 +281,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         x, y = _curve(shoal_points)
         if x:
             ax.plot(x, y, "o-", color="tab:blue", label="Shoal")
+        batched = [{**p["batch"], "recall": p["recall"]} for p in shoal_points if p.get("batch")]
+        bx, by = _curve(batched)
+        if bx:
+            size = batched[0].get("queries_per_request")
+            ax.plot(bx, by, "D-.", color="tab:green", label=f"Shoal, query_batch of {size}")
         anchor = result["anchors"].get(family)
         ax_y: list[float] = []
         if anchor:
