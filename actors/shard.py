@@ -305,18 +305,23 @@ class Shard:
     ) -> list[list[Hit]]:
         """The k nearest live documents of each row of `queries` (n x dim float32), best first,
         without filters: what `search` answers for each, taking the same paths, so the drain
-        jobs and the loop's batching group them into few index searches. Raises like `search`
-        (`Overloaded` when the mailbox cannot take them all; those already queued are answered
-        and dropped)."""
+        jobs and the loop's batching group them into few index searches. Through the mailbox
+        they go `search_batch` at a time, each part answered before the next is queued, so one
+        big batch takes no more of the mailbox than one drain of the loop. Raises like `search`
+        (`Overloaded` when the mailbox is full)."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise DimensionMismatch(f"queries have {queries.shape[-1]} dimensions, the collection {self.dim}")
-        replies: list[Reply[list[Hit]]] = [Reply() for _ in range(queries.shape[0])]
         if self._idle and self._readers < self._max_reads and self._state.serves(params):
+            replies: list[Reply[list[Hit]]] = [Reply() for _ in range(queries.shape[0])]
             self._search_direct_many([_Direct(q, k, params, include, r) for q, r in zip(queries, replies, strict=True)])
-        else:
-            for q, reply in zip(queries, replies, strict=True):
+            return [await reply.wait() for reply in replies]
+        out: list[list[Hit]] = []
+        for start in range(0, queries.shape[0], self._batch):
+            part = [(q, Reply[list[Hit]]()) for q in queries[start : start + self._batch]]
+            for q, reply in part:
                 self._mailbox.offer(_Search(q, k, params, None, None, include, reply))
-        return [await reply.wait() for reply in replies]
+            out.extend([await reply.wait() for _, reply in part])
+        return out
 
     def _search_direct_many(self, searches: list[_Direct]) -> None:
         """Queue unfiltered searches for the drain jobs at once, starting as many more drains as

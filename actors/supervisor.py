@@ -63,6 +63,10 @@ from models.reply_size import check_rows_fit
 
 log = logging.getLogger("shoal.engine")
 
+# Queries of one `query_batch` that are not searched together (filtered, text, keyword, hybrid,
+# by example) served at once.
+BATCH_QUERIES_AT_ONCE = 16
+
 
 class Actor(Protocol):
     async def run(self, *, task_status: TaskStatus[Any] = ...) -> None: ...
@@ -404,8 +408,8 @@ class Engine:
         """Each query's (hits, cached), as `query` answers it, or the error it alone met. The
         unfiltered vector queries are searched together: one `planner.vector_side_many` per
         (k, index parameters, include), so the index sees them as one batch; the others are
-        served by `query`, concurrently. Raises, for the whole batch, NotFound and Unavailable
-        (the collection, after every `min_seq` given)."""
+        served by `query`, `BATCH_QUERIES_AT_ONCE` at a time. Raises, for the whole batch,
+        NotFound and Unavailable (the collection, after every `min_seq` given)."""
         min_seqs = [q.min_seq for q in req.queries if q.min_seq is not None]
         collection = await self._read_target(req.collection, max(min_seqs) if min_seqs else None)
         out: dict[int, tuple[list[Hit], bool] | ShoalError] = {}
@@ -429,9 +433,17 @@ class Engine:
 
         searched = [req.queries[i] for i in plain]
         served_alone = set(range(len(req.queries))) - set(plain) - set(out)
+        # A batch of many filtered or text queries must not become that many searches and
+        # embeddings queued at once.
+        limiter = anyio.CapacityLimiter(BATCH_QUERIES_AT_ONCE)
+
+        async def one_at_a_time(i: int) -> None:
+            async with limiter:
+                await one(i)
+
         async with anyio.create_task_group() as tg:
             for i in sorted(served_alone):
-                tg.start_soon(one, i)
+                tg.start_soon(one_at_a_time, i)
             if plain:
                 compute = partial(self._search_plain, collection, searched)
                 answers = await self.results.answer_many(collection, searched, scope, compute)

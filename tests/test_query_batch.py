@@ -113,6 +113,15 @@ async def test_every_answer_is_the_one_query_gives(server: ServerProcess) -> Non
         assert [r.hits[0].id for r in own if isinstance(r, QueryResult)] == [f"d{i}" for i in range(0, N, 40)]
 
 
+async def test_many_filtered_queries_are_each_answered_as_query_answers_them(server: ServerProcess) -> None:
+    # Served a few at a time (not searched together), in order, whatever their number.
+    queries = [{"vector": QUERIES[i % len(QUERIES)], "k": 6, "where": {"b": i % 4}} for i in range(MAX_BATCH)]
+    async with ShoalClient.connect(server.ws_url, key="admin-key") as c:
+        batch = await c.query_batch("qb_vec", queries)
+        assert answered(batch) == await one_by_one(c, "qb_vec", queries)
+    assert all(h.metadata == {"b": i % 4} for i, r in enumerate(batch) if isinstance(r, QueryResult) for h in r.hits)
+
+
 async def test_text_keyword_and_hybrid_queries_in_one_batch(server: ServerProcess) -> None:
     queries: list[dict[str, Any]] = [
         {"text": "herring boats", "k": 3},

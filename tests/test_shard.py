@@ -389,9 +389,10 @@ async def test_concurrent_searches_are_batched_and_match_sequential() -> None:
 async def test_search_many_answers_what_search_answers_on_both_paths() -> None:
     """Idle and with the index serving its parameters, `search_many` takes the direct path and
     hands the drains several queries per index call; with another `ef` (which the loop sets
-    while no read runs) it goes through the mailbox, whose drain batches them too."""
+    while no read runs) it goes through the mailbox `search_batch` at a time, whose drains batch
+    them too."""
     vecs = clustered(3_000, 32, seed=21)
-    queries = near(vecs, 40, seed=22)
+    queries = near(vecs, 150, seed=22)
     async with running(32, Metric.COSINE, FORCE_HNSW) as shard:
         await load(shard, docs_for(vecs))
         alone = [await search(shard, q, 7, include=VEC) for q in queries]
@@ -422,7 +423,7 @@ async def test_search_many_answers_what_search_answers_on_both_paths() -> None:
         queued = await shard.search_many(queries, 7, query_params(ef=300), VEC)
         assert [ids_of(h) for h in queued] == [ids_of(h) for h in wide]
         assert shard.direct_searches == direct_before  # the mailbox path
-        assert sum(batch_sizes) == len(queries) and max(batch_sizes) > 1, batch_sizes
+        assert sum(batch_sizes) == len(queries) and 1 < max(batch_sizes) <= FORCE_HNSW.search_batch, batch_sizes
         with pytest.raises(DimensionMismatch):
             await shard.search_many(np.zeros((2, 31), dtype=np.float32), 7, query_params(), VEC)
 
