@@ -99,6 +99,26 @@ async def search(
     return await shard.search(q, k, query_params(ef=ef), where, where_text, include)
 
 
+def count_index_batches(shard: Shard) -> list[int]:
+    """A list that collects the number of queries of each unfiltered index search the shard makes
+    from now on."""
+    batch_sizes: list[int] = []
+    real = shard._state.search_unfiltered
+
+    def spy(
+        qs: Sequence[NDArray[np.float32]],
+        k: int,
+        include: frozenset[Include],
+        threads: int,
+        params: QueryParams = (),
+    ) -> list[list[Hit]]:
+        batch_sizes.append(len(qs))
+        return real(qs, k, include, threads, params)
+
+    shard._state.search_unfiltered = spy  # type: ignore[method-assign]
+    return batch_sizes
+
+
 def ids_of(hits: Sequence[Hit]) -> list[str]:
     return [h.id for h in hits]
 
@@ -359,20 +379,7 @@ async def test_concurrent_searches_are_batched_and_match_sequential() -> None:
         await load(shard, docs_for(vecs))
         efs = [None, 16, 128]
         sequential = [await search(shard, q, 10, ef=efs[i % 3]) for i, q in enumerate(queries)]
-        batch_sizes: list[int] = []
-        real = shard._state.search_unfiltered
-
-        def spy(
-            qs: Sequence[NDArray[np.float32]],
-            k: int,
-            include: frozenset[Include],
-            threads: int,
-            params: QueryParams = (),
-        ) -> list[list[Hit]]:
-            batch_sizes.append(len(qs))
-            return real(qs, k, include, threads, params)
-
-        shard._state.search_unfiltered = spy  # type: ignore[method-assign]
+        batch_sizes = count_index_batches(shard)
         concurrent: list[list[Hit]] = [[] for _ in queries]
 
         async def one(i: int) -> None:
@@ -396,20 +403,7 @@ async def test_search_many_answers_what_search_answers_on_both_paths() -> None:
     async with running(32, Metric.COSINE, FORCE_HNSW) as shard:
         await load(shard, docs_for(vecs))
         alone = [await search(shard, q, 7, include=VEC) for q in queries]
-        batch_sizes: list[int] = []
-        real = shard._state.search_unfiltered
-
-        def spy(
-            qs: Sequence[NDArray[np.float32]],
-            k: int,
-            include: frozenset[Include],
-            threads: int,
-            params: QueryParams = (),
-        ) -> list[list[Hit]]:
-            batch_sizes.append(len(qs))
-            return real(qs, k, include, threads, params)
-
-        shard._state.search_unfiltered = spy  # type: ignore[method-assign]
+        batch_sizes = count_index_batches(shard)
         direct_before = shard.direct_searches
         many = await shard.search_many(queries, 7, query_params(), VEC)
         assert [ids_of(h) for h in many] == [ids_of(h) for h in alone]
