@@ -43,6 +43,7 @@ from actors.compactor import Compactor
 from actors.db_health import DatabaseHealth
 from actors.embedder import Embedder
 from actors.follower import Follower, FollowerStats
+from actors.indexes.base import QueryParams
 from actors.ingest import Ingest
 from actors.matching import StandingQuery
 from actors.persistence import CatalogRow, Persistence
@@ -457,7 +458,7 @@ class Engine:
         those with the same (k, index parameters, include) searched as one batch; or the error
         of each (its group's search failed, or its rows would not fit in a frame)."""
         seq = collection.last_seq
-        groups: dict[tuple[int, object, frozenset[Include]], list[int]] = {}
+        groups: dict[tuple[int, QueryParams, frozenset[Include]], list[int]] = {}
         for p in positions:
             r = reqs[p]
             groups.setdefault((r.k, planner.index_params(r), r.include), []).append(p)
