@@ -255,7 +255,9 @@ def report(result: dict[str, Any]) -> str:
 
 def _curve(points: Sequence[dict[str, Any]], key: str = "qps") -> tuple[list[float], list[float]]:
     measured = [p for p in points if p.get("recall") is not None and p.get(key)]
-    measured.sort(key=lambda p: float(p[key]))
+    # In recall order, as a sweep trades one for the other: QPS measured on a shared machine is
+    # not monotone, and a line in QPS order zig-zags.
+    measured.sort(key=lambda p: (float(p["recall"]), -float(p[key])))
     return [float(p[key]) for p in measured], [float(p["recall"]) for p in measured]
 
 

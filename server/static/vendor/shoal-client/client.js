@@ -378,6 +378,7 @@ export class ShoalClient {
   async queryBatch(collection, queries, options = {}) {
     const items = queries.map((q) => includeList(wireArgs(q)));
     const reply = await this.request("query_batch", { collection, queries: items }, options);
+    if (!Array.isArray(reply.results)) throw new ProtocolError("query_batch reply without a results list");
     return reply.results.map((r) => (r.error ? errorFromWire(r.error) : { ...r, took_ms: reply.took_ms }));
   }
 
