@@ -295,7 +295,7 @@ class Shard:
         ):
             # The loop waits on an empty mailbox, so no write is in hand and none can start
             # before this read is counted: go to the pool without waking the loop.
-            self._search_direct(_Direct(vec, k, params, include, reply))
+            self._search_direct([_Direct(vec, k, params, include, reply)])
         else:
             self._mailbox.offer(_Search(vec, k, params, where, where_text, include, reply))
         return await reply.wait()
@@ -313,7 +313,7 @@ class Shard:
             raise DimensionMismatch(f"queries have {queries.shape[-1]} dimensions, the collection {self.dim}")
         if self._idle and self._readers < self._max_reads and self._state.serves(params):
             replies: list[Reply[list[Hit]]] = [Reply() for _ in range(queries.shape[0])]
-            self._search_direct_many([_Direct(q, k, params, include, r) for q, r in zip(queries, replies, strict=True)])
+            self._search_direct([_Direct(q, k, params, include, r) for q, r in zip(queries, replies, strict=True)])
             return [await reply.wait() for reply in replies]
         out: list[list[Hit]] = []
         for start in range(0, queries.shape[0], self._batch):
@@ -323,10 +323,11 @@ class Shard:
             out.extend([await reply.wait() for _, reply in part])
         return out
 
-    def _search_direct_many(self, searches: list[_Direct]) -> None:
+    def _search_direct(self, searches: list[_Direct]) -> None:
         """Queue unfiltered searches for the drain jobs at once, starting as many more drains as
-        the searches fill (`_MIN_PART` each) while fewer than `search_threads` are queued; with
-        every read slot taken and no drain queued, go through the mailbox."""
+        the searches fill (`_MIN_PART` each, at least one) while fewer than `search_threads` are
+        queued and not yet running; with every read slot taken and no drain queued, go through
+        the mailbox."""
         with self._direct_lock:
             wanted = max(1, len(searches) // _MIN_PART)
             room = self._max_reads - self._readers
@@ -342,26 +343,6 @@ class Shard:
         else:
             for s in searches:
                 self._mailbox.offer(_Search(s.query, s.k, s.params, None, None, s.include, s.reply))
-
-    def _search_direct(self, search: _Direct) -> None:
-        """Queue an unfiltered search for the drain jobs, starting one more while fewer than
-        `search_threads` are queued and not yet running; with every read slot taken and no
-        drain queued, go through the mailbox."""
-        with self._direct_lock:
-            start = self._drains_queued < self._max_readers and self._readers < self._max_reads
-            queued = start or self._drains_queued > 0
-            if queued:
-                self._direct.append(search)
-            if start:
-                self._drains_queued += 1
-        if queued:
-            self.direct_searches += 1
-        if start:
-            self._start_read(self._drain_direct, _answer_all, self._drain_not_run)
-        elif not queued:
-            self._mailbox.offer(
-                _Search(search.query, search.k, search.params, None, None, search.include, search.reply)
-            )
 
     def _drain_direct(self) -> list[tuple[Reply[list[Hit]], list[Hit] | BaseException]]:
         """In a pool thread: answer every search queued for the direct path so far, those with
