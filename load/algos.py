@@ -282,8 +282,7 @@ async def _batch_phase(
 ) -> dict[str, Any]:
     """The same queries sent as `query_batch` requests of `size` (one in flight per client):
     queries per second, failed queries, and the server's CPU per query."""
-    whole = len(requests) - len(requests) % size or len(requests)  # whole batches only
-    batches = as_query_batches(requests[:whole], size)
+    batches = as_query_batches(requests, size)
     meter = CpuMeter(t.pid, t.postgres_pid).start()
     timed = await run_closed(conns, batches, max_requests=10**9, seconds=seconds, op="query_batch")
     cpu = meter.stop()

@@ -285,9 +285,7 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
     # 2. recall ----------------------------------------------------------------------------------
     say("recall at the default ef (unfiltered and 1% filter)")
     plain = query_requests(ds, name, k=K, include=[])
-    # The same queries in query_batch requests (whole batches only, so each carries as many).
-    whole = len(plain) - len(plain) % args.batch_queries or len(plain)
-    query_batches = as_query_batches(plain[:whole], args.batch_queries)
+    query_batches = as_query_batches(plain, args.batch_queries)
     filtered = query_requests(ds, name, k=K, include=[], filtered=True)
     conns = await open_clients(t.url, args.clients)
     try:

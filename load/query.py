@@ -123,9 +123,11 @@ def query_requests(
 
 def as_query_batches(requests: Sequence[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     """`query` requests (all of one collection) as `query_batch` requests of `size` queries
-    each, the last one possibly smaller: the same queries, in the same order."""
+    each, in the same order. Only whole batches, so every request carries as many queries (the
+    remainder is left out), unless there are fewer than `size`: then one batch of them all."""
+    whole = len(requests) - len(requests) % size or len(requests)
     out = []
-    for start in range(0, len(requests), size):
+    for start in range(0, whole, size):
         part = requests[start : start + size]
         queries = [{key: value for key, value in r.items() if key != "collection"} for r in part]
         out.append({"collection": part[0]["collection"], "queries": queries})
