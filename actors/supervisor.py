@@ -415,8 +415,10 @@ class Engine:
         collection = await self._read_target(req.collection, max(min_seqs) if min_seqs else None)
         out: dict[int, tuple[list[Hit], bool] | ShoalError] = {}
         plain: list[int] = []
+        alone: list[int] = []
         for i, q in enumerate(req.queries):
             if q.mode != "vector" or q.vector is None or q.where is not None or q.where_text is not None:
+                alone.append(i)
                 continue
             try:
                 check_query_params(collection.index, collection.name, q.ef, q.nprobe)
@@ -425,26 +427,21 @@ class Engine:
                 out[i] = exc
                 continue
             plain.append(i)
-
-        async def one(i: int) -> None:
-            try:
-                out[i] = await self.query(req.queries[i], scope)
-            except ShoalError as exc:
-                out[i] = exc
-
-        searched = [req.queries[i] for i in plain]
-        served_alone = set(range(len(req.queries))) - set(plain) - set(out)
         # A batch of many filtered or text queries must not become that many searches and
         # embeddings queued at once.
         limiter = anyio.CapacityLimiter(BATCH_QUERIES_AT_ONCE)
 
-        async def one_at_a_time(i: int) -> None:
+        async def one(i: int) -> None:
             async with limiter:
-                await one(i)
+                try:
+                    out[i] = await self.query(req.queries[i], scope)
+                except ShoalError as exc:
+                    out[i] = exc
 
+        searched = [req.queries[i] for i in plain]
         async with anyio.create_task_group() as tg:
-            for i in sorted(served_alone):
-                tg.start_soon(one_at_a_time, i)
+            for i in alone:
+                tg.start_soon(one, i)
             if plain:
                 compute = partial(self._search_plain, collection, searched)
                 answers = await self.results.answer_many(collection, searched, scope, compute)
