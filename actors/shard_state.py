@@ -548,6 +548,14 @@ class ShardState:
         """Hits of many queries at once: this is per-hit Python work, so it is kept lean."""
         # Labels come from the index or the live mask, so they always name a document.
         ids = cast(list[DocId], self.ids)
+        if not include:
+            # Ids and scores only, the common case: `tuple.__new__` is a C call, where the named
+            # tuple's own `__new__` and the `_NONES` lookups are three Python calls per hit.
+            new = _tuple_new
+            return [
+                [new(Hit, (ids[x], s, d, None, None, None, None)) for x, s, d in zip(lab, sco, dis, strict=True)]
+                for lab, sco, dis in zip(labels, scores, dists, strict=True)
+            ]
         texts = self.texts if Include.TEXT in include else _NONES
         metas = self.metas if Include.METADATA in include else _NONES
         if Include.VECTOR in include:
@@ -691,3 +699,4 @@ class _Nones:
 
 
 _NONES = _Nones()
+_tuple_new = tuple.__new__
