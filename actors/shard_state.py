@@ -700,3 +700,6 @@ class _Nones:
 
 _NONES = _Nones()
 _tuple_new = tuple.__new__
+# `_hits_rows` builds ids-and-scores hits as raw 7-tuples, which nothing checks against the fields.
+if Hit._fields != ("id", "score", "distance", "text", "metadata", "vector", "scores"):
+    raise ImportError("Hit's fields changed: update the fast path of ShardState._hits_rows")
