@@ -79,11 +79,27 @@ def candidate_scores(vectors: F32, norms: F32, queries: F32, rows: NDArray[np.in
     if metric is Metric.L1:
         neg_l1: F32 = -np.abs(picked - queries[:, None, :]).sum(axis=2, dtype=np.float32)
         return neg_l1
-    if queries.shape[0] == 1:  # one query: a matrix-vector product, cheaper than the einsum
-        dots: F32 = (picked[0] @ queries[0])[None, :]
-    else:
-        dots = np.einsum("bcd,bd->bc", picked, queries, dtype=np.float32)
+    if queries.shape[0] == 1:
+        return _one_query_scores(picked[0], queries[0], norms[rows[0]], metric)[None, :]
+    dots: F32 = np.matmul(picked, queries[:, :, None])[..., 0]  # a stacked product: half einsum's time
     return _from_dots(dots, queries, norms[rows], metric)
+
+
+def _one_query_scores(picked: F32, query: F32, norms: F32, metric: Metric) -> F32:
+    """The ip / cosine / l2 scores of one query against its candidate rows `picked` (norms
+    `norms`): a matrix-vector product and the query's norm as a scalar. The batch formulas'
+    einsum and broadcasts cost more than this arithmetic on a single query (py-spy of a
+    quantised hnsw under single-query load: the re-rank took half the search threads' time)."""
+    dots: F32 = picked @ query
+    if metric is Metric.IP:
+        return dots
+    q_norm = np.sqrt(np.dot(query, query))  # a float32 scalar: the arithmetic stays float32
+    if metric is Metric.COSINE:
+        cos: F32 = dots / np.maximum(norms * q_norm, _TINY)
+        return cos
+    sq: F32 = norms * norms - 2.0 * dots + q_norm * q_norm
+    neg: F32 = np.negative(np.sqrt(np.maximum(sq, 0.0)))
+    return neg
 
 
 def _from_dots(dots: F32, queries: F32, norms: F32, metric: Metric) -> F32:

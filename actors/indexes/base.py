@@ -226,26 +226,31 @@ def rerank(
     cand = np.asarray(candidates, dtype=np.int64)
     if k <= 0 or cand.shape[1] < k:
         return None
-    usable = cand >= 0
-    if allowed is not None:
-        usable &= cand < allowed.shape[0]
-        usable[usable] = allowed[cand[usable]]
-    every = bool(usable.all())
-    if not every and int(np.count_nonzero(usable, axis=1).min()) < k:
-        return None
-    rows = cand if every else np.where(usable, cand, 0)
-    got = exact.candidate_scores(store.plain_vectors(), store.norms, queries, rows, metric)
+    # The common case, every candidate a live label and no filter, costs one reduction.
+    every = allowed is None and int(cand.min()) >= 0
+    usable = None
     if not every:
+        usable = cand >= 0
+        if allowed is not None:
+            usable &= cand < allowed.shape[0]
+            usable[usable] = allowed[cand[usable]]
+        every = bool(usable.all())
+        if not every and int(np.count_nonzero(usable, axis=1).min()) < k:
+            return None
+    rows = cand if usable is None or every else np.where(usable, cand, 0)
+    got = exact.candidate_scores(store.plain_vectors(), store.norms, queries, rows, metric)
+    if usable is not None and not every:
         got[~usable] = -np.inf  # after every usable one: k of those come first
     # Best first; ties keep the candidate order (the index's), as a stable sort of -score does.
-    order = np.argsort(-got, axis=1, kind="stable")[:, :k]
-    if cand.shape[0] == 1:  # plain column indexing, cheaper than the 2-D gather below
-        labels, scores = cand[:, order[0]], got[:, order[0]]
+    if cand.shape[0] == 1:  # 1-D sort and plain column indexing, cheaper than the 2-D gather
+        best = np.argsort(np.negative(got[0]), kind="stable")[:k]
+        labels, scores = cand[:, best], got[:, best]
     else:
+        order = np.argsort(np.negative(got), axis=1, kind="stable")[:, :k]
         rows_of = np.arange(cand.shape[0])[:, None]
         labels, scores = cand[rows_of, order], got[rows_of, order]
-    if metric is Metric.COSINE:
-        np.clip(scores, -1.0, 1.0, out=scores)
+    if metric is Metric.COSINE:  # plain ufuncs: np.clip's argument handling costs more
+        np.maximum(np.minimum(scores, 1.0, out=scores), -1.0, out=scores)
     return Found(labels, scores, exact.distance_of(scores, metric))
 
 

@@ -200,7 +200,10 @@ class HnswSqIndex(VectorIndex):
         use_threads(queries.shape[0], threads)
         _, entries = graph.index.search(prepared(queries, self.metric), depth, params=search_params)
         del packed
-        labels = np.where(entries >= 0, graph.label_of[np.maximum(entries, 0)], -1)
+        if int(entries.min()) >= 0:  # the common case: every slot found an entry
+            labels = graph.label_of[entries]
+        else:
+            labels = np.where(entries >= 0, graph.label_of[np.maximum(entries, 0)], -1)
         return rerank(self.store, self.metric, queries, labels, k, allowed)
 
     def save(self, directory: Path) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from actors import exact
 from actors.indexes.base import (
     F32,
     Found,
@@ -67,9 +68,9 @@ def default_nprobe(nlist: int) -> int:
 def prepared(vectors: F32, metric: Metric) -> F32:
     """Vectors as faiss sees them: unit length under cosine (inner product then is cosine)."""
     out = np.ascontiguousarray(vectors, dtype=np.float32)
-    if metric is Metric.COSINE:
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        out = (out / np.maximum(norms, np.float32(1e-30))).astype(np.float32)
+    if metric is Metric.COSINE:  # row_norms: np.linalg.norm costs more per call
+        unit: F32 = np.divide(out, np.maximum(exact.row_norms(out), np.float32(1e-30))[:, None], dtype=np.float32)
+        return unit
     return out
 
 
