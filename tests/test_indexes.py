@@ -395,3 +395,15 @@ def test_a_rerank_keeps_each_querys_k_best_usable_candidates_by_the_true_metric(
         one = rerank(store, metric, queries[:1], candidates[:1], 5, mask)
         assert one is not None and one.labels.tolist() == found.labels[:1].tolist()
     assert rerank(store, metric, queries, candidates, 30, allowed) is None  # fewer than k usable
+    # Every candidate a label and no filter (the common case), one query and several.
+    full = candidates[:, :35]
+    for n in (1, 3):
+        found = rerank(store, metric, queries[:n], full[:n], 5, None)
+        assert found is not None and found.scores.dtype == np.float32 and found.distances.dtype == np.float32
+        for i in range(n):
+            rows = full[i].tolist()
+            want = exact.scores_of(store.vectors[rows], store.norms[rows], queries[i : i + 1], metric)[0]
+            best = np.argsort(-want, kind="stable")[:5]
+            assert found.labels[i].tolist() == [rows[j] for j in best]
+            expected = np.clip(want[best], -1, 1) if metric is Metric.COSINE else want[best]
+            np.testing.assert_allclose(found.scores[i], expected, rtol=1e-4, atol=1e-5)
