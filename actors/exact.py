@@ -81,15 +81,15 @@ def candidate_scores(vectors: F32, norms: F32, queries: F32, rows: NDArray[np.in
         return neg_l1
     if queries.shape[0] == 1:
         return _one_query_scores(picked[0], queries[0], norms[rows[0]], metric)[None, :]
-    dots: F32 = np.matmul(picked, queries[:, :, None])[..., 0]  # a stacked product: half einsum's time
+    dots: F32 = np.matmul(picked, queries[:, :, None])[..., 0]  # a stacked product: cheaper than einsum
     return _from_dots(dots, queries, norms[rows], metric)
 
 
 def _one_query_scores(picked: F32, query: F32, norms: F32, metric: Metric) -> F32:
     """The ip / cosine / l2 scores of one query against its candidate rows `picked` (norms
     `norms`): a matrix-vector product and the query's norm as a scalar. The batch formulas'
-    einsum and broadcasts cost more than this arithmetic on a single query (py-spy of a
-    quantised hnsw under single-query load: the re-rank took half the search threads' time)."""
+    einsum and broadcasts cost more than this arithmetic on a single query, and every query of
+    a quantised or lsh index is re-ranked (README, "What bounds one query per request")."""
     dots: F32 = picked @ query
     if metric is Metric.IP:
         return dots

@@ -1,8 +1,8 @@
 """Kind `hnsw` with `quantization`: faiss IndexHNSWSQ (int8 or float16 codes; hnswlib has no
 quantisation). Candidates are re-ranked on the full-precision vectors: 4·k of them (at least 40)
 for int8 codes, whose 256 steps per dimension reorder close neighbours; the k found for float16
-codes, which rank as the full vectors do but for near-ties (on the benchmark corpus, recall@10
-was the same re-ranking 10 as 40 candidates), so the re-rank only makes their scores exact.
+codes, which rank as the full vectors do but for near-ties (README, "Index kinds": recall@10
+re-ranking k candidates and 4·k), so the re-rank only makes their scores exact.
 
 faiss's HNSW cannot remove a vector, so the graph's entries are its own ids, mapped to labels:
 a delete (or the old vector of a replaced document) marks its entry dead and searches skip dead
