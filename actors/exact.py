@@ -79,39 +79,26 @@ def candidate_scores(vectors: F32, norms: F32, queries: F32, rows: NDArray[np.in
     if metric is Metric.L1:
         neg_l1: F32 = -np.abs(picked - queries[:, None, :]).sum(axis=2, dtype=np.float32)
         return neg_l1
-    if queries.shape[0] == 1:
-        return _one_query_scores(picked[0], queries[0], norms[rows[0]], metric)[None, :]
+    if queries.shape[0] == 1:  # a matrix-vector product: cheaper than the stacked one below
+        return _from_dots(picked[0] @ queries[0], queries[0], norms[rows[0]], metric)[None, :]
     dots: F32 = np.matmul(picked, queries[:, :, None])[..., 0]  # a stacked product: cheaper than einsum
     return _from_dots(dots, queries, norms[rows], metric)
 
 
-def _one_query_scores(picked: F32, query: F32, norms: F32, metric: Metric) -> F32:
-    """The ip / cosine / l2 scores of one query against its candidate rows `picked` (norms
-    `norms`): a matrix-vector product and the query's norm as a scalar. The batch formulas'
-    einsum and broadcasts cost more than this arithmetic on a single query, and every query of
-    a quantised or lsh index is re-ranked (README, "What bounds one query per request")."""
-    dots: F32 = picked @ query
-    if metric is Metric.IP:
-        return dots
-    q_norm = np.sqrt(np.dot(query, query))  # a float32 scalar: the arithmetic stays float32
-    if metric is Metric.COSINE:
-        cos: F32 = dots / np.maximum(norms * q_norm, _TINY)
-        return cos
-    sq: F32 = norms * norms - 2.0 * dots + q_norm * q_norm
-    neg: F32 = np.negative(np.sqrt(np.maximum(sq, 0.0)))
-    return neg
-
-
 def _from_dots(dots: F32, queries: F32, norms: F32, metric: Metric) -> F32:
     """ip / cosine / l2 scores from the dot products of each query (a row of `dots`) with its
-    rows, whose norms `norms` holds in the same shape (or broadcast to it)."""
+    rows, whose norms `norms` holds in the same shape (or broadcast to it). A single query may
+    come 1-D, with 1-D `dots`: its norm is then a scalar, which costs less than `row_norms` and
+    its broadcasts, and every query of a quantised or lsh index is re-ranked one at a time
+    (README, "What bounds one query per request")."""
     if metric is Metric.IP:
         return dots
-    q_norms = row_norms(queries)
+    # float32 scalar or column: the arithmetic below stays float32
+    q_norms = np.sqrt(np.dot(queries, queries)) if queries.ndim == 1 else row_norms(queries)[:, None]
     if metric is Metric.COSINE:
-        cos: F32 = dots / np.maximum(q_norms[:, None] * norms, _TINY)
+        cos: F32 = dots / np.maximum(q_norms * norms, _TINY)
         return cos
-    sq: F32 = norms * norms - 2.0 * dots + (q_norms * q_norms)[:, None]
+    sq: F32 = norms * norms - 2.0 * dots + q_norms * q_norms
     neg: F32 = -np.sqrt(np.maximum(sq, np.float32(0.0)))
     return neg
 

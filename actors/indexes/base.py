@@ -226,20 +226,20 @@ def rerank(
     cand = np.asarray(candidates, dtype=np.int64)
     if k <= 0 or cand.shape[1] < k:
         return None
-    # The common case, every candidate a live label and no filter, costs one reduction.
-    every = allowed is None and int(cand.min()) >= 0
-    usable = None
-    if not every:
-        usable = cand >= 0
+    # The candidates that may be answered, or None when all may: the common case, every
+    # candidate a live label and no filter, costs one reduction.
+    usable = None if allowed is None and int(cand.min()) >= 0 else cand >= 0
+    if usable is not None:
         if allowed is not None:
             usable &= cand < allowed.shape[0]
             usable[usable] = allowed[cand[usable]]
-        every = bool(usable.all())
-        if not every and int(np.count_nonzero(usable, axis=1).min()) < k:
+        if bool(usable.all()):
+            usable = None
+        elif int(np.count_nonzero(usable, axis=1).min()) < k:
             return None
-    rows = cand if usable is None or every else np.where(usable, cand, 0)
+    rows = cand if usable is None else np.where(usable, cand, 0)
     got = exact.candidate_scores(store.plain_vectors(), store.norms, queries, rows, metric)
-    if usable is not None and not every:
+    if usable is not None:
         got[~usable] = -np.inf  # after every usable one: k of those come first
     # Best first; ties keep the candidate order (the index's), as a stable sort of -score does.
     if cand.shape[0] == 1:  # 1-D sort and plain column indexing, cheaper than the 2-D gather
