@@ -3,7 +3,7 @@ rate and memory per vector for every kind and quantisation through Shoal, and th
 searched in this process as the anchors.
 
     python -m load.algos [--url URL] [--size 20000] [--queries 500] [--clients 8] [--batch-queries 32]
-                         [--json results/algos.json] [--plot results/algos.png] [--quick]
+                         [--rounds 3] [--json results/algos.json] [--plot results/algos.png] [--quick]
 
 Corpus: real passages embedded by Shoal's model (`load.corpus`, 384-d, exact top-100 ground
 truth), or random unit vectors with `--source synthetic`. Documents are upserted with their
@@ -37,6 +37,12 @@ the clients ever have in flight, so the most the server can group into one libra
 with this one). Each Shoal point is compared with its anchor at equal recall
 (`load.algos_report.qps_at_recall`). The load generator shares the cores
 with the server: the CPU each used is in the JSON.
+
+Rounds (`load.algos_rounds`, `--rounds`): once its anchor is swept, each variant's default point
+is timed again in rounds that alternate Shoal (one query per request, then `query_batch`) with the
+anchor at the settings bracketing Shoal's recall, so a slow spell of the machine falls on both
+sides of each round's ratio; the headline ratios are the medians of the rounds (`rounds` in each
+variant's summary). The collections are kept until then.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +65,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from load import algos_anchors as anchors
 from load.algos_report import compare, plot, report
+from load.algos_rounds import run_rounds
 from load.common import (
     RESULTS_DIR,
     CpuMeter,
@@ -308,9 +316,12 @@ async def shoal_variant(
     args: argparse.Namespace,
     query_defaults: dict[str, int],
 ) -> dict[str, Any]:
-    """Build, measure and drop one variant's collection: `status` is `ok`, `refused` (the server
-    answered bad_request to the collection) or `failed` (writes lost or refused), with `reason`."""
+    """Build and measure one variant's collection: `status` is `ok`, `refused` (the server
+    answered bad_request to the collection) or `failed` (writes lost or refused), with `reason`.
+    A measured collection is kept for the rounds against its anchor (its name in `collection`;
+    `drop` it after them); any other is dropped here."""
     name = unique_name("algos")
+    kept = False
     out: dict[str, Any] = {"family": v.family, "label": v.label, "index_requested": v.index, "param": v.param}
     async with httpx.AsyncClient(base_url=http_base(t.url), timeout=30.0) as http, ShoalClient.connect(t.url) as admin:
         before = await scrape(http, name)
@@ -332,12 +343,53 @@ async def shoal_variant(
             if out["status"] != "ok":
                 return out
             out.update(await _sweep(t, http, name, ds, v, args))
+            out["collection"], kept = name, True
             return out
         finally:
-            try:
-                await admin.drop_collection(name)
-            except ShoalError as exc:
-                log(f"could not drop {name}: {exc}")
+            if not kept:
+                await drop(t, name)
+
+
+async def drop(t: Target, name: str) -> None:
+    """Drop collection `name` (a failure is logged: the run goes on)."""
+    try:
+        async with ShoalClient.connect(t.url) as admin:
+            await admin.drop_collection(name)
+    except ShoalError as exc:
+        log(f"could not drop {name}: {exc}")
+
+
+async def _rounds(
+    t: Target,
+    ds: Dataset,
+    name: str,
+    r: dict[str, Any],
+    anchor: dict[str, Any],
+    search_at: anchors.SearchAt,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The default point of measured variant `r` (collection `name`) against its anchor, in
+    `--rounds` interleaved rounds (`load.algos_rounds`)."""
+    requests = _requests(ds, name, None, None)
+    batches = as_query_batches(requests, args.batch_queries) if args.batch_queries > 1 else []
+    conns = await open_clients(t.url, args.clients)
+    try:
+        if args.warmup > 0:  # the collection idled while the rest of its family was measured
+            await run_closed(conns, requests, max_requests=10**9, seconds=args.warmup)
+        return await run_rounds(
+            conns,
+            requests,
+            batches,
+            anchor,
+            search_at,
+            unit(ds.query_vectors),
+            float(r["points"][0]["recall"]),
+            rounds=args.rounds,
+            seconds=args.round_seconds,
+            clients=args.clients,
+        )
+    finally:
+        await close_clients(conns)
 
 
 async def _build(
@@ -461,9 +513,9 @@ def run_anchor(
     sweeps: dict[str, tuple[int, ...]],
     config: EngineConfig,
     args: argparse.Namespace,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], anchors.SearchAt | None]:
     """The in-process anchor of `family`, built and swept (`status` `failed` with `reason` if the
-    library raised)."""
+    library raised), and its search at a value of the swept parameter (None if it failed)."""
     vectors, queries, truth = unit(ds.vectors), unit(ds.query_vectors), ds.truth
     common: dict[str, Any] = {"threads": config.search_threads, "seconds": args.anchor_seconds, "clients": args.clients}
     kind, _, quantization = family.partition(" ")
@@ -476,15 +528,17 @@ def run_anchor(
                 **common,
             }
             if quantization:
-                out = anchors.faiss_hnsw_sq_anchor(vectors, queries, truth, quantization=quantization, **hnsw)
+                out, search_at = anchors.faiss_hnsw_sq_anchor(
+                    vectors, queries, truth, quantization=quantization, **hnsw
+                )
             else:
-                out = anchors.hnswlib_anchor(vectors, queries, truth, **hnsw)
+                out, search_at = anchors.hnswlib_anchor(vectors, queries, truth, **hnsw)
         elif kind == "flat":
-            out = anchors.faiss_flat_anchor(vectors, queries, truth, **common)
+            out, search_at = anchors.faiss_flat_anchor(vectors, queries, truth, **common)
         elif kind == "ivf":
             reported = _reported(results, "nlist")
             nlist = reported[0] if reported else default_nlist(len(vectors))
-            out = anchors.faiss_ivf_anchor(
+            out, search_at = anchors.faiss_ivf_anchor(
                 vectors,
                 queries,
                 truth,
@@ -497,14 +551,14 @@ def run_anchor(
         elif kind == "lsh":
             nbits = {ds.dim, *_reported(results, "nbits")}
             nbits |= {int(r["index_requested"]["nbits"]) for r in results if "nbits" in r["index_requested"]}
-            out = anchors.faiss_lsh_anchor(vectors, queries, truth, nbits_values=sorted(nbits), **common)
+            out, search_at = anchors.faiss_lsh_anchor(vectors, queries, truth, nbits_values=sorted(nbits), **common)
         else:
             raise ValueError(f"no anchor for {family!r}")
     except Exception as exc:
-        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "points": []}
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "points": []}, None
     out["status"] = "ok"
     out["threads"] = config.search_threads
-    return out
+    return out, search_at
 
 
 # ----------------------------------------------------------------------------- the run
@@ -526,6 +580,7 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
         default_ratio_whole=default.get("ratio_whole"),
         default_batch_qps=(default.get("batch") or {}).get("qps"),
         default_batch_ratio_whole=(default.get("batch") or {}).get("ratio_whole"),
+        rounds=_rounds_line(r.get("rounds")),
         best_recall=None if best is None else best["recall"],
         build_s=r["build"]["build_s"],
         inserts_per_s=r["build"]["inserts_per_s"],
@@ -533,6 +588,28 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
         rss_bytes_per_vector=r["memory"]["rss_bytes_per_vector"],
     )
     return line
+
+
+def _rounds_line(rounds: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The rounds of a default point in brief: the spreads of the ratios and of the rates."""
+    if not rounds or not rounds.get("per_round"):
+        return None
+    per_round = rounds["per_round"]
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in per_round if r.get(key) is not None]
+        return round(statistics.median(values), 1) if values else None
+
+    return {
+        "rounds": len(per_round),
+        "anchor_match": rounds["anchor_match"],
+        "qps": median("qps"),
+        "anchor_qps": median("anchor_qps"),
+        "ratio": rounds.get("ratio"),
+        "batch_qps": median("batch_qps"),
+        "anchor_qps_whole": median("anchor_qps_whole"),
+        "batch_ratio_whole": rounds.get("batch_ratio_whole"),
+    }
 
 
 def _memory_ratios(summary: list[dict[str, Any]]) -> dict[str, float]:
@@ -590,12 +667,19 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
                 say(f"Shoal {v.label}: {r['status']}: {r.get('reason')}")
             family_results.append(r)
         say(f"anchor for {family}, in-process")
-        anchor = await asyncio.to_thread(run_anchor, family, ds, family_results, sweeps, config, args)
+        anchor, search_at = await asyncio.to_thread(run_anchor, family, ds, family_results, sweeps, config, args)
         if anchor["status"] != "ok":
             say(f"anchor for {family} failed: {anchor['reason']}")
         found_anchors[family] = anchor
         for r in family_results:
             compare(r, anchor)
+            name = r.pop("collection", None)
+            if name is None:
+                continue
+            if search_at is not None and args.rounds > 0 and r["points"][0].get("recall") is not None:
+                say(f"{r['label']}: {args.rounds} rounds against the anchor, interleaved")
+                r["rounds"] = await _rounds(t, ds, name, r, anchor, search_at, args)
+            await drop(t, name)
         results.extend(family_results)
     out["shoal"] = results
     out["anchors"] = found_anchors
@@ -623,6 +707,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--anchor-seconds", type=float, default=None, help="anchor QPS per point (default 2; --quick 0)")
     p.add_argument("--warmup", type=float, default=None, help="seconds of queries before a sweep (default 1)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of each default point against its anchor, interleaved (default 3; --quick 1; 0: none)",
+    )
+    p.add_argument("--round-seconds", type=float, default=None, help="each timing of a round (default 2; --quick 0.2)")
     p.add_argument("--kinds", default=None, help="comma-separated kinds to run (hnsw,flat,ivf,lsh; default all)")
     p.add_argument("--source", choices=["corpus", "synthetic"], default="corpus")
     p.add_argument(
@@ -639,6 +730,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         "seconds": 0.0 if quick else 3.0,
         "anchor_seconds": 0.0 if quick else 2.0,
         "warmup": 0.2 if quick else 1.0,
+        "rounds": 1 if quick else 3,
+        "round_seconds": 0.2 if quick else 2.0,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -18,6 +18,9 @@ dict with its build time, insert rate, serialised bytes per vector and one point
   candidates that are re-ranked here by the exact inner product; one point per nbits.
 
 Vectors are unit rows, so inner product is cosine. The quantised faiss anchors do not re-rank.
+
+Each also returns its `SearchAt`: the built index searched at one value of its swept parameter,
+so `load.algos` can time it again later, between Shoal's timed phases (`timed`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ LSH_CANDIDATES = 100
 _RERANK_CHUNK = 128
 
 Search = Callable[[NDArray[np.float32]], NDArray[np.int64]]
+# An anchor's search at one value of its swept parameter (ef, nprobe, nbits; None for flat).
+SearchAt = Callable[[int | None], Search]
 
 
 def _measure(
@@ -80,6 +85,13 @@ def _passes(search: Search, calls: Sequence[NDArray[np.float32]], seconds: float
     return round(done / elapsed, 1), round(cpu_s / done * 1e6, 1)
 
 
+def timed(search: Search, queries: NDArray[np.float32], seconds: float, clients: int) -> dict[str, float]:
+    """Queries per second of `search` over at least `seconds`, in calls of `clients` queries
+    (`qps_clients`) and with the whole set per call (`qps`), as `_measure` times them."""
+    cut = [queries[i : i + clients] for i in range(0, len(queries), max(1, clients))]
+    return {"qps_clients": _passes(search, cut, seconds)[0], "qps": _passes(search, [queries], seconds)[0]}
+
+
 def _serialised_bytes(index: Any) -> int:
     return len(faiss.serialize_index(index))
 
@@ -106,7 +118,7 @@ def hnswlib_anchor(
     threads: int,
     seconds: float,
     clients: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], SearchAt]:
     """Raw hnswlib: `add_items` on `threads` threads, then `knn_query` per ef of `sweep`."""
     n, dim = vectors.shape
     index = hnswlib.Index(space="cosine", dim=dim)
@@ -125,14 +137,21 @@ def hnswlib_anchor(
         labels, _ = index.knn_query(q, k=K, num_threads=threads)
         return np.asarray(labels, dtype=np.int64)
 
+    def search_at(ef: int | None) -> Search:
+        index.set_ef(max(ef or K, K))
+        return search
+
     for ef in sweep:
-        index.set_ef(max(ef, K))
-        out["points"].append({"ef": ef, **_measure(search, queries, truth, seconds, clients)})
-    return out
+        out["points"].append({"ef": ef, **_measure(search_at(ef), queries, truth, seconds, clients)})
+    return out, search_at
 
 
-def _faiss_search(index: Any) -> Search:
+def _faiss_search(index: Any, threads: int) -> Search:
+    """`index.search` for the top K; `threads` is set on every call: OpenMP keeps it per calling
+    thread, and the later timings may run on another one."""
+
     def search(q: NDArray[np.float32]) -> NDArray[np.int64]:
+        faiss.omp_set_num_threads(threads)
         _, labels = index.search(q, K)
         return np.asarray(labels, dtype=np.int64)
 
@@ -154,7 +173,7 @@ def faiss_hnsw_sq_anchor(
     threads: int,
     seconds: float,
     clients: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], SearchAt]:
     """faiss `IndexHNSWSQ` (inner product) with the `quantization` scalar quantiser."""
     faiss.omp_set_num_threads(threads)
     n, dim = vectors.shape
@@ -168,10 +187,15 @@ def faiss_hnsw_sq_anchor(
     params = {"m": m, "ef_construction": ef_construction, "quantization": quantization}
     out = _result(f"faiss IndexHNSWSQ {_SQ_TYPES[quantization]}", params, build_s, n, _serialised_bytes(index))
     out["param"] = "ef"
+    search = _faiss_search(index, threads)
+
+    def search_at(ef: int | None) -> Search:
+        index.hnsw.efSearch = max(ef or K, K)
+        return search
+
     for ef in sweep:
-        index.hnsw.efSearch = max(ef, K)
-        out["points"].append({"ef": ef, **_measure(_faiss_search(index), queries, truth, seconds, clients)})
-    return out
+        out["points"].append({"ef": ef, **_measure(search_at(ef), queries, truth, seconds, clients)})
+    return out, search_at
 
 
 def faiss_flat_anchor(
@@ -182,7 +206,7 @@ def faiss_flat_anchor(
     threads: int,
     seconds: float,
     clients: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], SearchAt]:
     """faiss `IndexFlatIP`: exact search, one point."""
     faiss.omp_set_num_threads(threads)
     n, dim = vectors.shape
@@ -192,8 +216,9 @@ def faiss_flat_anchor(
     build_s = time.perf_counter() - started
     out = _result("faiss IndexFlatIP", {}, build_s, n, _serialised_bytes(index))
     out["param"] = None
-    out["points"].append(_measure(_faiss_search(index), queries, truth, seconds, clients))
-    return out
+    search = _faiss_search(index, threads)
+    out["points"].append(_measure(search, queries, truth, seconds, clients))
+    return out, lambda _value: search
 
 
 def faiss_ivf_anchor(
@@ -207,7 +232,7 @@ def faiss_ivf_anchor(
     threads: int,
     seconds: float,
     clients: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], SearchAt]:
     """faiss `IndexIVFFlat` (or `IndexIVFScalarQuantizer` with `quantization`), trained on every
     vector, nprobe per value of `sweep` (at most nlist)."""
     faiss.omp_set_num_threads(threads)
@@ -229,10 +254,15 @@ def faiss_ivf_anchor(
         params["quantization"] = quantization
     out = _result(library, params, build_s, n, _serialised_bytes(index))
     out["param"] = "nprobe"
+    search = _faiss_search(index, threads)
+
+    def search_at(nprobe: int | None) -> Search:
+        index.nprobe = min(nprobe or 1, nlist)
+        return search
+
     for nprobe in sweep:
-        index.nprobe = min(nprobe, nlist)
-        out["points"].append({"nprobe": nprobe, **_measure(_faiss_search(index), queries, truth, seconds, clients)})
-    return out
+        out["points"].append({"nprobe": nprobe, **_measure(search_at(nprobe), queries, truth, seconds, clients)})
+    return out, search_at
 
 
 def faiss_lsh_anchor(
@@ -245,7 +275,7 @@ def faiss_lsh_anchor(
     seconds: float,
     clients: int,
     candidates: int = LSH_CANDIDATES,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], SearchAt]:
     """faiss `IndexLSH` per nbits: `candidates` nearest by Hamming distance, re-ranked by the exact
     inner product on the float32 vectors (kept beside the index: `rerank_bytes_per_vector`)."""
     faiss.omp_set_num_threads(threads)
@@ -258,6 +288,7 @@ def faiss_lsh_anchor(
         "builds": [],
         "points": [],
     }
+    searches: dict[int, Search] = {}
     for nbits in nbits_values:
         index = faiss.IndexLSH(dim, nbits)
         started = time.perf_counter()
@@ -274,6 +305,7 @@ def faiss_lsh_anchor(
         )
 
         def search(q: NDArray[np.float32], index: Any = index) -> NDArray[np.int64]:
+            faiss.omp_set_num_threads(threads)
             _, found = index.search(q, candidates)
             found = np.asarray(found, dtype=np.int64)
             best = np.empty((len(q), K), dtype=np.int64)
@@ -286,6 +318,7 @@ def faiss_lsh_anchor(
                 best[start : start + len(part)] = np.take_along_axis(part, order, axis=1)
             return best
 
+        searches[nbits] = search
         out["points"].append({"nbits": nbits, **_measure(search, queries, truth, seconds, clients)})
     # The headline build is the one with one bit per dimension (the issue's reference), if run.
     same = [b for b in out["builds"] if b["nbits"] == dim]
@@ -293,4 +326,4 @@ def faiss_lsh_anchor(
     out["build_s"] = first.get("build_s")
     out["inserts_per_s"] = first.get("inserts_per_s")
     out["bytes_per_vector"] = first.get("bytes_per_vector")
-    return out
+    return out, lambda nbits: searches[nbits if nbits is not None else dim]

@@ -35,6 +35,17 @@ SHOAL_HEADERS = [
     "B/vector",
     "RSS B/vector",
 ]
+ROUND_HEADERS = [
+    "kind",
+    "recall@10",
+    "rounds",
+    "QPS",
+    "anchor QPS",
+    "ratio (min-max)",
+    "batch QPS",
+    "anchor QPS, whole set",
+    "batch / whole set (min-max)",
+]
 ANCHOR_HEADERS = [
     "anchor",
     "library",
@@ -185,6 +196,37 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _spread(spread: dict[str, float] | None, match: str) -> str:
+    if not spread:
+        return "-"
+    bound = "<=" if match == "above" else ""
+    return f"{bound}{spread['median']:.3f} ({spread['min']:.3f}-{spread['max']:.3f})"
+
+
+def round_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """One row per variant timed in rounds against its anchor: medians of the rounds."""
+    rows: list[list[Any]] = []
+    for line in result.get("summary", []):
+        r = line.get("rounds")
+        if not r:
+            continue
+        match = r["anchor_match"]
+        rows.append(
+            [
+                line["label"],
+                line["default_recall"],
+                r["rounds"],
+                r["qps"],
+                r["anchor_qps"],
+                _spread(r["ratio"], match),
+                r["batch_qps"] if r["batch_qps"] is not None else "-",
+                r["anchor_qps_whole"],
+                _spread(r["batch_ratio_whole"], match),
+            ]
+        )
+    return rows
+
+
 def anchor_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for family, a in result["anchors"].items():
@@ -247,6 +289,15 @@ def report(result: dict[str, Any]) -> str:
         "server's CPU, the anchor's). B/vector: the server's index and vector gauges (/metrics) per "
         "vector; RSS B/vector: growth of the server's resident memory per vector.",
     ]
+    rounds = round_rows(result)
+    if rounds:
+        lines += [
+            "",
+            "default parameters, timed against the anchor in interleaved rounds (medians; each round: "
+            "Shoal one query per request, the anchor at the settings bracketing Shoal's recall in calls "
+            "of as many queries as the clients have in flight and with the whole set, Shoal query_batch):",
+            format_table(ROUND_HEADERS, rounds),
+        ]
     plans = [f"{v['label']} {v['plans']}" for v in result["shoal"] if v.get("plans")]
     if plans:
         lines.append("Shoal's searches by plan over each sweep: " + "; ".join(plans))

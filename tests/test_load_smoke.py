@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from load import algos, core_bench, ingest, mixed, query
+from load.algos_rounds import bracket
 from load.common import Histogram, format_table
 from load.server import ROOT
 from tests.server_process import ServerProcess
@@ -47,6 +48,20 @@ def test_histogram_percentiles_match_the_order_statistics() -> None:
     summary = hist.summary_ms()
     assert set(summary) == LATENCY_KEYS and summary["p50"] <= summary["p99"] <= summary["max"]
     assert "p50" in format_table(["metric", "value"], [["p50", 1.5]])
+
+
+def test_rounds_bracket_shoal_recall_with_the_nearest_anchor_settings() -> None:
+    sweep = {
+        "param": "ef",
+        "points": [{"ef": 10, "recall": 0.8}, {"ef": 40, "recall": 0.95}, {"ef": 80, "recall": 0.99}],
+    }
+    used, match = bracket(sweep, 0.97)
+    assert match == "interpolated" and [p["ef"] for p in used] == [40, 80]
+    used, match = bracket(sweep, 0.95)  # a setting matches: timed alone
+    assert match == "interpolated" and [p["ef"] for p in used] == [40]
+    used, match = bracket(sweep, 0.5)  # the anchor's fastest setting already has more recall
+    assert match == "above" and [p["ef"] for p in used] == [10]
+    assert bracket(sweep, 0.995) == ([], "unreached")
 
 
 def test_query_closed_loop(server: ServerProcess, tmp_path: Path) -> None:
@@ -226,6 +241,15 @@ def test_algos_quick(server: ServerProcess, tmp_path: Path) -> None:
         assert all(p["qps_clients"] > 0 and p["cpu_us_per_query_clients"] > 0 for p in anchor["points"])
         assert anchor["bytes_per_vector"] > 0
     assert r["anchors"]["flat"]["points"][0]["recall"] == 1.0
+    # Every measured default point is timed again against its anchor in interleaved rounds;
+    # flat's (recall 1.0, which its anchor reaches) always has an anchor to be timed against.
+    for v in (v for v in r["shoal"] if v["status"] == "ok"):
+        assert v["rounds"]["anchor_match"] in ("interpolated", "above", "unreached"), v["rounds"]
+    flat = next(v for v in r["shoal"] if v["family"] == "flat")["rounds"]
+    assert flat["anchor_match"] == "interpolated" and len(flat["per_round"]) == 1 and flat["errors"] == 0
+    one = flat["per_round"][0]
+    assert one["qps"] > 0 and one["anchor_qps"] > 0 and one["ratio"] > 0 and one["batch_ratio_whole"] > 0
+    assert flat["ratio"]["median"] == one["ratio"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
