@@ -17,6 +17,7 @@ Callers run these in a worker thread: over large matrices they are "big numpy".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -28,6 +29,8 @@ F32 = NDArray[np.float32]
 Labels = NDArray[np.int64]
 Mask = NDArray[np.bool_]
 
+# faiss's bundled stubs do not list its by-index kernels (`candidate_dots`).
+_faiss_kernels: Any = faiss
 # Below this norm a row is treated as empty (unused slots are zero); it never divides by zero.
 _TINY = np.float32(1e-30)
 # Scores computed per chunk stay under this many elements (queries x rows), to bound memory.
@@ -75,14 +78,37 @@ def candidate_scores(vectors: F32, norms: F32, queries: F32, rows: NDArray[np.in
     """Score of each query against its own candidate rows: `rows` is (queries, candidates) of
     row indices into `vectors`, the result the same shape; higher is better. The formulas of
     `scores_of`, for a batch whose queries each have other rows (a re-rank)."""
-    picked = vectors[rows]  # (queries, candidates, dim): one gather for the batch
     if metric is Metric.L1:
+        picked = vectors[rows]  # (queries, candidates, dim): one gather for the batch
         neg_l1: F32 = -np.abs(picked - queries[:, None, :]).sum(axis=2, dtype=np.float32)
         return neg_l1
-    if queries.shape[0] == 1:  # a matrix-vector product: cheaper than the stacked one below
-        return _from_dots(picked[0] @ queries[0], queries[0], norms[rows[0]], metric)[None, :]
-    dots: F32 = np.matmul(picked, queries[:, :, None])[..., 0]  # a stacked product: cheaper than einsum
+    dots = candidate_dots(vectors, queries, rows)
+    if queries.shape[0] == 1:  # a 1-D query: its norm is a scalar (see `_from_dots`)
+        return _from_dots(dots[0], queries[0], norms[rows[0]], metric)[None, :]
     return _from_dots(dots, queries, norms[rows], metric)
+
+
+def candidate_dots(vectors: F32, queries: F32, rows: NDArray[np.int64]) -> F32:
+    """The inner product of each query with each of its candidate rows (`rows` as in
+    `candidate_scores`), read where they lie: faiss's by-index kernel skips the copy that a numpy
+    gather makes of every candidate row, which cost more than the products (README, "Index
+    kinds"). Raises IndexError for a row outside `vectors`: the kernel reads unchecked."""
+    if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= vectors.shape[0]):
+        raise IndexError(f"candidate rows outside 0..{vectors.shape[0] - 1}")
+    base = np.ascontiguousarray(vectors, dtype=np.float32)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    ids = np.ascontiguousarray(rows, dtype=np.int64)
+    dots: F32 = np.empty(ids.shape, np.float32)
+    _faiss_kernels.fvec_inner_products_by_idx(
+        faiss.swig_ptr(dots),
+        faiss.swig_ptr(q),
+        faiss.swig_ptr(base),
+        faiss.swig_ptr(ids),
+        q.shape[1],
+        ids.shape[0],
+        ids.shape[1],
+    )
+    return dots
 
 
 def _from_dots(dots: F32, queries: F32, norms: F32, metric: Metric) -> F32:

@@ -112,6 +112,30 @@ def test_batched_queries_match_one_at_a_time() -> None:
 
 
 @pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("queries", [1, 5])
+def test_candidate_scores_match_reference(metric: Metric, queries: int) -> None:
+    """Each query against its own candidate rows (a re-rank), repeats included, read in place."""
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((300, 24)).astype(np.float32)
+    qs = rng.standard_normal((queries, 24)).astype(np.float32)
+    rows = rng.integers(0, 300, (queries, 40)).astype(np.int64)
+    rows[:, 1] = rows[:, 0]
+    got = exact.candidate_scores(vectors, exact.row_norms(vectors), qs, rows, metric)
+    assert got.shape == rows.shape and got.dtype == np.float32
+    for i in range(queries):
+        np.testing.assert_allclose(got[i], reference(vectors[rows[i]], qs[i], metric), rtol=1e-5, atol=1e-4)
+
+
+def test_candidate_dots_refuse_rows_outside_the_matrix() -> None:
+    vectors = np.ones((10, 4), np.float32)
+    query = np.ones((1, 4), np.float32)
+    np.testing.assert_array_equal(exact.candidate_dots(vectors, query, np.array([[0, 9]])), [[4.0, 4.0]])
+    for bad in ([[0, 10]], [[-1, 2]]):
+        with pytest.raises(IndexError):
+            exact.candidate_dots(vectors, query, np.array(bad, np.int64))
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_from_hnsw_conversions(metric: Metric) -> None:
     import hnswlib
 
