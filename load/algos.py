@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +64,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from load import algos_anchors as anchors
 from load.algos_report import compare, plot, report
-from load.algos_rounds import run_rounds
+from load.algos_rounds import rounds_summary, run_rounds
 from load.common import (
     RESULTS_DIR,
     CpuMeter,
@@ -580,7 +579,7 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
         default_ratio_whole=default.get("ratio_whole"),
         default_batch_qps=(default.get("batch") or {}).get("qps"),
         default_batch_ratio_whole=(default.get("batch") or {}).get("ratio_whole"),
-        rounds=_rounds_line(r.get("rounds")),
+        rounds=rounds_summary(r.get("rounds")),
         best_recall=None if best is None else best["recall"],
         build_s=r["build"]["build_s"],
         inserts_per_s=r["build"]["inserts_per_s"],
@@ -588,28 +587,6 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
         rss_bytes_per_vector=r["memory"]["rss_bytes_per_vector"],
     )
     return line
-
-
-def _rounds_line(rounds: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The rounds of a default point in brief: the spreads of the ratios and of the rates."""
-    if not rounds or not rounds.get("per_round"):
-        return None
-    per_round = rounds["per_round"]
-
-    def median(key: str) -> float | None:
-        values = [r[key] for r in per_round if r.get(key) is not None]
-        return round(statistics.median(values), 1) if values else None
-
-    return {
-        "rounds": len(per_round),
-        "anchor_match": rounds["anchor_match"],
-        "qps": median("qps"),
-        "anchor_qps": median("anchor_qps"),
-        "ratio": rounds.get("ratio"),
-        "batch_qps": median("batch_qps"),
-        "anchor_qps_whole": median("anchor_qps_whole"),
-        "batch_ratio_whole": rounds.get("batch_ratio_whole"),
-    }
 
 
 def _memory_ratios(summary: list[dict[str, Any]]) -> dict[str, float]:
@@ -676,10 +653,12 @@ async def bench(t: Target, ds: Dataset, config: EngineConfig, args: argparse.Nam
             name = r.pop("collection", None)
             if name is None:
                 continue
-            if search_at is not None and args.rounds > 0 and r["points"][0].get("recall") is not None:
-                say(f"{r['label']}: {args.rounds} rounds against the anchor, interleaved")
-                r["rounds"] = await _rounds(t, ds, name, r, anchor, search_at, args)
-            await drop(t, name)
+            try:
+                if search_at is not None and args.rounds > 0 and r["points"][0].get("recall") is not None:
+                    say(f"{r['label']}: {args.rounds} rounds against the anchor, interleaved")
+                    r["rounds"] = await _rounds(t, ds, name, r, anchor, search_at, args)
+            finally:
+                await drop(t, name)
         results.extend(family_results)
     out["shoal"] = results
     out["anchors"] = found_anchors

@@ -102,3 +102,26 @@ async def run_rounds(
     )
     out["errors"] = sum(r["errors"] + r.get("batch_errors", 0) for r in per_round)
     return out
+
+
+def rounds_summary(rounds: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What `run_rounds` measured, in brief: the medians of the rates and the spreads of the
+    ratios (None when no round ran)."""
+    if not rounds or not rounds.get("per_round"):
+        return None
+    per_round = rounds["per_round"]
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in per_round if r.get(key) is not None]
+        return round(statistics.median(values), 1) if values else None
+
+    return {
+        "rounds": len(per_round),
+        "anchor_match": rounds["anchor_match"],
+        "qps": median("qps"),
+        "anchor_qps": median("anchor_qps"),
+        "ratio": rounds.get("ratio"),
+        "batch_qps": median("batch_qps"),
+        "anchor_qps_whole": median("anchor_qps_whole"),
+        "batch_ratio_whole": rounds.get("batch_ratio_whole"),
+    }
