@@ -53,21 +53,10 @@ SearchAt = Callable[[int | None], Search]
 def _measure(
     search: Search, queries: NDArray[np.float32], truth: NDArray[np.int64], seconds: float, clients: int
 ) -> dict[str, Any]:
-    """recall@10 of the first pass; queries per second and CPU microseconds per query (this
-    process, every thread) over at least `seconds` of passes, with the whole set per call and
-    with `clients` queries per call."""
+    """recall@10 of the first pass, then `timed`."""
     labels = search(queries)
     recall = recall_at_k(labels[:, :K].tolist(), truth, K)
-    whole = _passes(search, [queries], seconds)
-    cut = [queries[i : i + clients] for i in range(0, len(queries), max(1, clients))]
-    per_clients = _passes(search, cut, seconds)
-    return {
-        "recall": round(recall, 4),
-        "qps": whole[0],
-        "cpu_us_per_query": whole[1],
-        "qps_clients": per_clients[0],
-        "cpu_us_per_query_clients": per_clients[1],
-    }
+    return {"recall": round(recall, 4), **timed(search, queries, seconds, clients)}
 
 
 def _passes(search: Search, calls: Sequence[NDArray[np.float32]], seconds: float) -> tuple[float, float]:
@@ -86,10 +75,18 @@ def _passes(search: Search, calls: Sequence[NDArray[np.float32]], seconds: float
 
 
 def timed(search: Search, queries: NDArray[np.float32], seconds: float, clients: int) -> dict[str, float]:
-    """Queries per second of `search` over at least `seconds`, in calls of `clients` queries
-    (`qps_clients`) and with the whole set per call (`qps`), as `_measure` times them."""
+    """Queries per second and CPU microseconds per query (this process, every thread) of `search`
+    over at least `seconds` of passes, with the whole set per call (`qps`, `cpu_us_per_query`) and
+    with `clients` queries per call (`qps_clients`, `cpu_us_per_query_clients`)."""
+    whole = _passes(search, [queries], seconds)
     cut = [queries[i : i + clients] for i in range(0, len(queries), max(1, clients))]
-    return {"qps_clients": _passes(search, cut, seconds)[0], "qps": _passes(search, [queries], seconds)[0]}
+    per_clients = _passes(search, cut, seconds)
+    return {
+        "qps": whole[0],
+        "cpu_us_per_query": whole[1],
+        "qps_clients": per_clients[0],
+        "cpu_us_per_query_clients": per_clients[1],
+    }
 
 
 def _serialised_bytes(index: Any) -> int:

@@ -196,7 +196,7 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _spread(spread: dict[str, float] | None, match: str) -> str:
+def _spread_cell(spread: dict[str, float] | None, match: str) -> str:
     if not spread:
         return "-"
     bound = "<=" if match == "above" else ""
@@ -218,10 +218,10 @@ def round_rows(result: dict[str, Any]) -> list[list[Any]]:
                 r["rounds"],
                 r["qps"],
                 r["anchor_qps"],
-                _spread(r["ratio"], match),
+                _spread_cell(r["ratio"], match),
                 r["batch_qps"] if r["batch_qps"] is not None else "-",
                 r["anchor_qps_whole"],
-                _spread(r["batch_ratio_whole"], match),
+                _spread_cell(r["batch_ratio_whole"], match),
             ]
         )
     return rows
